@@ -243,6 +243,10 @@ class Decoder:
         self.uncached &= ~(decoded_in & right & self.live[:, None])
         self.warm &= ~self.live
 
+        if o.show:
+            kept_grid = torch.zeros_like(process)
+            kept_grid[seq, col] = kept
+            self.last_step = (process, kept_grid, chosen, masked_in)
         n_decoded = chosen.sum(1)
         self.decoded_sum += n_decoded
         self.decoded_steps += n_decoded > 0                       # steps that decode nothing do not count
@@ -320,7 +324,10 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     owner = [-1] * slots
     results = [None] * len(prompt_ids)
     history = {i: {"computed": [], "computed_deep": [], "decoded": [], "target": []} for i in queue}
-    bar = _progress_bar(len(prompt_ids)) if opts.progress else None
+    bar = _progress_bar(len(prompt_ids)) if opts.progress and not opts.show else None
+    color = sys.stderr.isatty()
+    if opts.show:
+        print(show_legend(color), file=sys.stderr)
 
     def fill(free):
         take = [(s, queue.pop(0)) for s in free[:len(queue)]]
@@ -337,8 +344,8 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
             if r >= 0:
                 for k in history[r]:
                     history[r][k].append(stats[k][s])
-        if opts.show and owner[0] >= 0:
-            print(show_line(dec, stats, 0), file=sys.stderr)
+        if opts.show and owner[0] == 0:
+            print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
         ended = dec.finish_blocks(torch.tensor(stats["committing"], device=dec.device))
         free = []
         for s, end in ended:
@@ -355,9 +362,29 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     return results
 
 
-def show_line(dec: Decoder, stats: dict, slot: int) -> str:
-    """One line per step for one sequence's block: decoded, kept, evicted, still masked."""
-    return f"step: computed {stats['computed'][slot]:2d} deep {stats['computed_deep'][slot]:2d} decoded {stats['decoded'][slot]}"
+SHOW_LEGEND = {"decoded": ("#", "32"), "kept": ("o", "33"), "evicted": ("x", "31"), "recomputed": ("+", "36"),
+               "cached": (".", "2"), "skipped": ("_", "2")}
+
+
+def show_line(dec: Decoder, stats: dict, slot: int, step: int, color: bool) -> str:
+    """One sequence's block after a step, one character a slot: decoded this step, masked and kept in all
+    layers, masked and evicted after layer 1, decoded earlier and recomputed, decoded earlier and cached."""
+    process, kept, chosen, masked_in = (t[slot].tolist() for t in dec.last_step)
+    chars = []
+    for p, k, c, m in zip(process, kept, chosen, masked_in):
+        kind = ("decoded" if c else "kept" if m and k else "evicted" if m and p else "skipped" if m
+                else "recomputed" if p else "cached")
+        ch, code = SHOW_LEGEND[kind]
+        chars.append(f"\033[{code}m{ch}\033[0m" if color else ch)
+    block = int(dec.block_start[slot]) // dec.block_size
+    return (f"step {step:4d} block {block:3d} |{''.join(chars)}| computed {stats['computed'][slot]:2d}  "
+            f"layers 2..L {stats['computed_deep'][slot]:2d}  target {stats['target'][slot]:2d}  "
+            f"decoded {stats['decoded'][slot]}")
+
+
+def show_legend(color: bool) -> str:
+    items = [f"\033[{code}m{ch}\033[0m {name}" if color else f"{ch} {name}" for name, (ch, code) in SHOW_LEGEND.items()]
+    return "legend: " + "  ".join(items)
 
 
 def _progress_bar(total):

@@ -14,7 +14,6 @@ the token at that same position.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -206,10 +205,7 @@ class Rows:
     @staticmethod
     def build(seq, pos, key_end, num_slots: int) -> "Rows":
         """seq, pos, key_end: (T,) with rows grouped by sequence (seq ascending). Syncs once with the host."""
-        active, counts = torch.unique_consecutive(seq, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(len(active), device=seq.device), counts)
-        slot = torch.arange(len(seq), device=seq.device) - starts[group]
+        active, counts, group, slot = ragged_layout(seq)
         q_max, kv_max, k_min, c_min = torch.stack([counts.max(), key_end.max(), key_end.min(), counts.min()]).tolist()
         return Rows(seq, pos, group, slot, key_end, active, q_max, kv_max,
                     all_slots=len(active) == num_slots, dense=(q_max == c_min and kv_max == k_min))
@@ -217,6 +213,16 @@ class Rows:
     def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int) -> "Rows":
         """The subset of rows at indices `keep` (ascending), with new key ends."""
         return Rows.build(self.seq[keep], self.pos[keep], key_end, num_slots)
+
+
+def ragged_layout(seq: torch.Tensor):
+    """For rows grouped by sequence, seq (T,) ascending -> the sequences present (A,), their row counts (A,),
+    and each row's place in a padded (A, max count) grid: group (T,) and slot (T,)."""
+    active, counts = torch.unique_consecutive(seq, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    group = torch.repeat_interleave(torch.arange(len(active), device=seq.device), counts)
+    slot = torch.arange(len(seq), device=seq.device) - starts[group]
+    return active, counts, group, slot
 
 
 def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):

@@ -1,0 +1,158 @@
+"""FOCUS (arXiv 2601.23278): predict after layer 1 which masked tokens will be decoded, and compute only
+those in layers 2..L.
+
+Each step of a block, per sequence, over its mask set M (the block's still-masked slots, in block order):
+1. token importance at layers 0 and 1 from the attention scores among M       token_importance()
+2. the delta dI_j = I^(1)_j - I^(0)_j ranks the tokens                          importance_delta()
+3. keep about alpha x (average tokens decoded per step) of them                retain_target()
+4. selection: top-target or the mean+std set, adjacency, fallback, progress    select_retained()
+5. compact the running state and run layers 1 (attention) .. L on the kept     forward_focus()
+
+Everything works on a batch at once: the mask sets of all sequences are laid out on a padded grid
+(A sequences x m slots) with a `valid` mask. Rules follow the public reference implementation (an LMDeploy
+fork); where this code differs it says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import Rows, cached_attention
+
+
+def token_importance(q, k, valid, scale: float):
+    """Eq. (importance): I_j = sum_h sum_i softmax_j( MaxPool1D( S^(h)_{i,j} ) ),  S^(h)_{i,j} = q_i.k_j * scale.
+
+    q: (A, m, heads, head_dim) and k: (A, m, kv_heads, head_dim), post-norm and post-RoPE, of the masked
+    tokens only, in block order; valid (A, m) marks real slots. Returns I (A, m) in fp32.
+    - keys are the mask set alone (no context, no decoded tokens) and there is no causal mask;
+    - the max-pool (window 3) runs along the key axis in set order: the neighbours of a masked slot are the
+      previous and next masked slots, whatever decoded tokens lie between; missing ends count as -inf;
+    - grouped-query attention: query head h reads kv head h // (heads / kv_heads), as the model does.
+    """
+    A, m, heads, _ = q.shape
+    k = k.repeat_interleave(heads // k.shape[2], dim=2)                       # (A, m, heads, head_dim)
+    scores = torch.einsum("aihd,ajhd->ahij", q.float(), k.float()) * scale   # (A, heads, m queries, m keys)
+    key_ok = valid[:, None, None, :]
+    scores = scores.masked_fill(~key_ok, float("-inf"))
+    pooled = F.max_pool1d(scores.reshape(-1, 1, m), kernel_size=3, stride=1, padding=1).view(A, heads, m, m)
+    pooled = pooled.masked_fill(~key_ok, float("-inf"))                       # pooling spreads into padding
+    probs = torch.softmax(pooled, dim=-1) * valid[:, None, :, None]           # only masked queries vote
+    return probs.sum(dim=(1, 2))
+
+
+def importance_delta(importance_1, importance_0):
+    """dI_j = I^(1)_j - I^(0)_j. Both are rounded to the model's dtype first, as the reference does
+    (importance.to(query dtype)); the difference is taken in fp32. Subtracting layer 0 removes what both
+    layers share ("common-mode rejection"), leaving what layer 1 learned about decodability."""
+    return importance_1.float() - importance_0.float()
+
+
+def retain_target(avg_decoded, mask_count, alpha: float):
+    """How many masked tokens to keep: min(L, max(1, ceil(max(avg, 1) * alpha))), and 0 when L = 0.
+
+    avg_decoded (S,): running average of tokens decoded per step in this block (1.0 before any step counted);
+    mask_count (S,): L, the size of the mask set. A sequence evicts only if L > target."""
+    target = torch.ceil(avg_decoded.clamp(min=1.0) * alpha).long().clamp(min=1)
+    return torch.where(mask_count > 0, torch.minimum(target, mask_count), 0)
+
+
+def select_retained(delta, valid, position, target, progress):
+    """Which masked tokens stay in layers 2..L. All (A, m) on the mask-set grid except target and progress (A,).
+
+    position: each slot's position in the block; progress: the rightmost block position kept by an earlier
+    step of this block (-1 at the block's start). The rules, in the reference's order:
+    1. no eviction unless L > target: keep the whole mask set;
+    2. base set: the `target` largest deltas (ties to the lower position), unless at least `target` tokens
+       reach mean + std of the deltas (population std), in which case exactly those;
+    3. adjacency, one leftward pass against the base set: a token whose right neighbour in the set sits at
+       the next block position and is in the base set is kept too (no cascade);
+    4. nothing kept: keep everything;
+    5. progress: a never-computed token left of the rightmost kept one cannot be skipped, so every masked
+       token between `progress` and the rightmost kept position is kept.
+    """
+    m = delta.shape[1]
+    count = valid.sum(1)
+    evicting = (target > 0) & (count > target)
+    d = delta.masked_fill(~valid, float("-inf"))
+    order = torch.sort(d, dim=1, descending=True, stable=True).indices      # stable: ties keep set order
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=d.device).expand_as(order))
+    top = valid & (rank < target[:, None])
+    n = count.clamp(min=1)[:, None]
+    mean = (delta * valid).sum(1, keepdim=True) / n
+    std = (((delta - mean) ** 2) * valid).sum(1, keepdim=True).div(n).sqrt()
+    over = valid & (delta >= mean + std)
+    base = torch.where((over.sum(1) >= target)[:, None], over, top)
+    base = torch.where(evicting[:, None], base, valid)
+    right_kept = torch.zeros_like(base)
+    right_kept[:, :-1] = base[:, 1:] & (position[:, 1:] == position[:, :-1] + 1)
+    kept = base | (valid & right_kept)
+    kept = torch.where(kept.any(1, keepdim=True), kept, valid)
+    rightmost = position.masked_fill(~kept, -1).amax(1, keepdim=True)
+    return kept | (valid & (position < rightmost) & (position > progress[:, None]))
+
+
+@dataclass
+class FocusOutput:
+    logits: torch.Tensor         # (R, vocab) for the kept masked rows
+    logit_rows: torch.Tensor     # (R,) their indices among the step's rows
+    kept: torch.Tensor           # (T,) bool: row computed in layers 2..L
+    rightmost_kept: torch.Tensor  # (S,) block position of each sequence's last kept row (-1: none)
+
+
+def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target, fns):
+    """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
+    progress, target: (S,) per cache slot; fns: the importance and compaction functions (kernels.py).
+
+    Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
+    (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
+    the state is compacted and layer 1's attention and layers 2..L run the kept rows only. Evicted tokens
+    keep, in layers 2..L, the keys/values of the last step that computed them, and kept rows attend up to
+    the rightmost kept position of their block (the reference's kv_len after eviction).
+    """
+    num_slots = block_start.shape[0]
+    mask_rows = is_mask_row.nonzero().squeeze(1)                       # the mask sets, in set order
+    mask_count = torch.zeros(num_slots, dtype=torch.long, device=col.device).index_add_(0, rows.seq[mask_rows],
+                                                                                      torch.ones_like(mask_rows))
+    if not ((target > 0) & (mask_count > target)).any():               # batch gate: nobody can evict
+        logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows)
+        return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), _rightmost(rows, col, None, num_slots))
+
+    grid = fns.grid(rows.seq[mask_rows])
+    cos, sin = model.rope(rows.pos)
+    x = model.embed_tokens(input_ids)
+    importance = []
+    for i in (0, 1):
+        layer = model.layers[i]
+        q, k, v = layer.qkv(x, cos, sin)
+        cache.write(i, rows, k, v)
+        importance.append(fns.importance(q[mask_rows], k[mask_rows], grid, layer.self_attn.scale).to(q.dtype))
+        if i == 0:
+            x = layer.finish(x, cached_attention(q, 0, rows, cache, layer.self_attn.scale))
+    delta = importance_delta(importance[1], importance[0])
+
+    position = fns.to_grid(col[mask_rows], grid, fill=-1)
+    kept_grid = select_retained(delta, grid.valid, position, target[grid.active], progress[grid.active])
+    kept = torch.ones_like(is_mask_row)
+    kept[mask_rows] = kept_grid[grid.group, grid.slot]                  # decoded, uncached rows always stay
+    keep = kept.nonzero().squeeze(1)
+    rightmost = _rightmost(rows, col, kept, num_slots)
+    key_end = (block_start + rightmost + 1)[rows.seq[keep]]
+    x, q, cos, sin = fns.compact(keep, x, q, cos, sin)
+    rows = rows.take(keep, key_end, num_slots)
+
+    layer = model.layers[1]
+    x = layer.finish(x, cached_attention(q, 1, rows, cache, layer.self_attn.scale))
+    for i in range(2, len(model.layers)):
+        x = model.layer_rows(i, x, cos, sin, rows, cache)
+    logit_rows = is_mask_row[keep].nonzero().squeeze(1)                  # kept masked rows, compacted index
+    return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, rightmost)
+
+
+def _rightmost(rows: Rows, col, kept, num_slots: int):
+    """(S,) the block position of each sequence's last kept row; -1 where a sequence has none."""
+    c = col if kept is None else torch.where(kept, col, -1)
+    out = torch.full((num_slots,), -1, dtype=col.dtype, device=col.device)
+    return out.scatter_reduce(0, rows.seq, c, reduce="amax")

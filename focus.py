@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from model import Rows, cached_attention
 
@@ -37,10 +36,17 @@ def token_importance(q, k, valid, scale: float):
     scores = torch.einsum("aihd,ajhd->ahij", q.float(), k.float()) * scale   # (A, heads, m queries, m keys)
     key_ok = valid[:, None, None, :]
     scores = scores.masked_fill(~key_ok, float("-inf"))
-    pooled = F.max_pool1d(scores.reshape(-1, 1, m), kernel_size=3, stride=1, padding=1).view(A, heads, m, m)
-    pooled = pooled.masked_fill(~key_ok, float("-inf"))                       # pooling spreads into padding
+    pooled = max_pool3(scores).masked_fill(~key_ok, float("-inf"))           # pooling spreads into padding
     probs = torch.softmax(pooled, dim=-1) * valid[:, None, :, None]           # only masked queries vote
     return probs.sum(dim=(1, 2))
+
+
+def max_pool3(scores):
+    """MaxPool1D, window 3, stride 1, along the last axis: out_j = max(s_{j-1}, s_j, s_{j+1}), -inf past the ends."""
+    pad = torch.full_like(scores[..., :1], float("-inf"))
+    left = torch.cat([pad, scores[..., :-1]], dim=-1)
+    right = torch.cat([scores[..., 1:], pad], dim=-1)
+    return torch.maximum(scores, torch.maximum(left, right))
 
 
 def importance_delta(importance_1, importance_0):

@@ -243,17 +243,16 @@ class Decoder:
         self.uncached &= ~(decoded_in & right & self.live[:, None])
         self.warm &= ~self.live
 
-        if o.show:
-            kept_grid = torch.zeros_like(process)
-            kept_grid[seq, col] = kept
-            self.last_step = (process, kept_grid, chosen, masked_in)
+        kept_grid = torch.zeros_like(process)
+        kept_grid[seq, col] = kept
+        self.last_step = (process, kept_grid, chosen, masked_in)  # for --show and bench.py's analysis
         n_decoded = chosen.sum(1)
         self.decoded_sum += n_decoded
         self.decoded_steps += n_decoded > 0                       # steps that decode nothing do not count
         computed = process.sum(1)
         deep = torch.zeros_like(computed).index_add_(0, seq, kept.long())
         return {"computed": computed, "computed_deep": deep, "decoded": n_decoded, "target": target,
-                "committing": self.live & ~masked_in.any(1)}
+                "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1)}
 
     def finish_blocks(self, committed) -> list[tuple[int, int]]:
         """After a step: blocks that were committed this step start a new block or end their sequence.
@@ -306,8 +305,12 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 
 
 @torch.inference_mode()
-def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int], opts: Options):
-    """Token-level generation. Returns, per prompt, (generated ids, stats dict of per-step lists)."""
+def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int], opts: Options,
+                 clock: dict | None = None, step_hook=None):
+    """Token-level generation. Returns, per prompt, (generated ids, stats dict of per-step lists).
+
+    clock, if given, receives the seconds spent in prefill and in decode steps (device synchronised);
+    step_hook(decoder) is called before every step (bench.py's analysis uses it)."""
     opts.check()
     cfg, bs = model.config, opts.block_size or model.config.block_size
     for i, ids in enumerate(prompt_ids):
@@ -323,7 +326,7 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     queue = list(range(len(prompt_ids)))
     owner = [-1] * slots
     results = [None] * len(prompt_ids)
-    history = {i: {"computed": [], "computed_deep": [], "decoded": [], "target": []} for i in queue}
+    history = {i: {"computed": [], "computed_deep": [], "decoded": [], "target": [], "context": []} for i in queue}
     bar = _progress_bar(len(prompt_ids)) if opts.progress and not opts.show else None
     color = sys.stderr.isatty()
     if opts.show:
@@ -334,12 +337,16 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
         for s, r in take:
             owner[s] = r
         if take:
-            dec.admit([s for s, _ in take], [prompt_ids[r] for _, r in take])
+            with _timed(clock, "prefill_s", dec.device):
+                dec.admit([s for s, _ in take], [prompt_ids[r] for _, r in take])
 
     fill(list(range(slots)))
     while any(o >= 0 for o in owner):
-        stats = dec.step()
-        stats = {k: v.tolist() for k, v in stats.items()}
+        if step_hook is not None:
+            step_hook(dec)
+        with _timed(clock, "decode_s", dec.device):
+            stats = dec.step()
+            stats = {k: v.tolist() for k, v in stats.items()}
         for s, r in enumerate(owner):
             if r >= 0:
                 for k in history[r]:
@@ -364,6 +371,23 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
 
 SHOW_LEGEND = {"decoded": ("#", "32"), "kept": ("o", "33"), "evicted": ("x", "31"), "recomputed": ("+", "36"),
                "cached": (".", "2"), "skipped": ("_", "2")}
+
+
+class _timed:
+    """Adds the seconds of a `with` block to clock[key] (no-op when clock is None)."""
+
+    def __init__(self, clock, key, device):
+        self.clock, self.key, self.cuda = clock, key, device.type == "cuda"
+
+    def __enter__(self):
+        if self.clock is not None:
+            self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.clock is not None:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.clock[self.key] = self.clock.get(self.key, 0.0) + time.perf_counter() - self.t0
 
 
 def show_line(dec: Decoder, stats: dict, slot: int, step: int, color: bool) -> str:

@@ -226,21 +226,28 @@ def ragged_layout(seq: torch.Tensor):
 
 
 def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):
-    """q: (T, heads, head_dim) -> (T, heads, head_dim). Keys/values for this step must be in the cache."""
-    n_active = len(rows.active)
+    """q: (T, heads, head_dim) -> (T, heads, head_dim). Keys/values for this step must be in the cache.
+
+    Grouped-query attention without copying the cache: the query heads that share a kv head are stacked
+    along the query axis, so each kv head is read once, as is, by whichever SDPA kernel runs."""
+    n_active, kv_heads = len(rows.active), cache.k.shape[2]
+    group = q.shape[1] // kv_heads
     keys, values = cache.k[layer, :, :, :rows.kv_max], cache.v[layer, :, :, :rows.kv_max]
     if not rows.all_slots:
         keys, values = keys[rows.active], values[rows.active]  # (A, kv_heads, kv_max, head_dim)
-    grid = q.new_zeros(n_active, rows.q_max, *q.shape[1:])
+    grid = q.new_zeros(n_active, rows.q_max, *q.shape[1:])   # (A, q_max, heads, head_dim)
     grid[rows.group, rows.slot] = q
+    grid = grid.view(n_active, rows.q_max, kv_heads, group, -1).permute(0, 2, 3, 1, 4)
+    grid = grid.reshape(n_active, kv_heads, group * rows.q_max, -1)  # head h = kv head h // group
     mask = None
     if not rows.dense:
         ends = torch.ones(n_active, rows.q_max, dtype=torch.long, device=q.device)  # padding rows see key 0
         ends[rows.group, rows.slot] = rows.key_end
         mask = torch.arange(rows.kv_max, device=q.device) < ends[:, None, :, None]  # (A, 1, q_max, kv_max)
-    out = F.scaled_dot_product_attention(grid.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)  # (A, heads, q_max, head_dim)
-    return out.transpose(1, 2)[rows.group, rows.slot]
+        mask = mask.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=mask, scale=scale)
+    out = out.view(n_active, kv_heads, group, rows.q_max, -1).permute(0, 3, 1, 2, 4)  # (A, q_max, kv, group, d)
+    return out.reshape(n_active, rows.q_max, q.shape[1], -1)[rows.group, rows.slot]
 
 
 # ---------------------------------------------------------------------------------------------------

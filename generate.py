@@ -426,6 +426,9 @@ def generate(model, tokenizer, prompts: list[str], **options) -> list[Result]:
     Options are the fields of `Options`. Stats hold one entry per step of the sequence: tokens computed
     (layers 0-1), computed_deep (layers 2..L), decoded, and the FOCUS retain target.
     """
+    unknown = set(options) - set(Options.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see generate.Options")
     opts = Options(**options)
     opts.check()
     ids = encode_prompts(tokenizer, prompts, opts.chat)
@@ -526,16 +529,20 @@ def main(argv=None) -> int:
         with open(args.output, "w") as f:
             for r in results:
                 f.write(json.dumps({"prompt": r.prompt, "text": r.text, "stats": r.stats}) + "\n")
-    print(summary(results, elapsed), file=sys.stderr)
+    print(summary(results, elapsed, args.block_size or model.config.block_size), file=sys.stderr)
     return 0
 
 
-def summary(results: list[Result], elapsed: float) -> str:
+def summary(results: list[Result], elapsed: float, block_size: int) -> str:
+    """One line: tokens, steps, tokens computed per step against the full block, speed."""
     tokens = sum(len(r.token_ids) for r in results)
     steps = sum(len(r.stats["decoded"]) for r in results)
-    computed = sum(sum(r.stats["computed_deep"]) for r in results)
-    return (f"{len(results)} sequences, {tokens} tokens, {steps} steps ({tokens / max(steps, 1):.2f} tokens/step), "
-            f"{computed / max(steps, 1):.1f} tokens computed/step, {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s")
+    decoded = sum(sum(r.stats["decoded"]) for r in results)
+    early = sum(sum(r.stats["computed"]) for r in results) / max(steps, 1)
+    deep = sum(sum(r.stats["computed_deep"]) for r in results) / max(steps, 1)
+    return (f"{len(results)} sequences, {tokens} tokens, {steps} steps ({decoded / max(steps, 1):.2f} decoded/step); "
+            f"computed/step: {early:.1f} in layers 0-1, {deep:.1f} in layers 2..L of a {block_size}-token block "
+            f"({1 - deep / block_size:.0%} fewer); {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s")
 
 
 if __name__ == "__main__":

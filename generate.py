@@ -275,8 +275,9 @@ class Decoder:
         end = torch.minimum(first_eos, limit)
         stop = done_block & ((first_eos < self.tokens.shape[1]) | (self.block_start + bs >= limit))
         if o.stop_repeats >= 2:
-            stop |= done_block & self._repeats(block)
-            end = torch.where(done_block & self._repeats(block), self.block_start + bs, end)
+            repeated = done_block & self._repeats(block)
+            stop |= repeated
+            end = torch.where(repeated, torch.minimum(end, self.block_start + bs), end)
         ended = stop.nonzero().squeeze(1)
         self.live[ended] = False
         return list(zip(ended.tolist(), end[ended].tolist()))

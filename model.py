@@ -46,6 +46,7 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
     block_size: int = 32
     mask_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -319,14 +320,17 @@ CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 class Tokenizer:
     def __init__(self, folder: Path, cfg: ModelConfig):
         from tokenizers import Tokenizer as HFTokenizer
-        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{folder / 'tokenizer.json'} cannot be read ({str(e).splitlines()[0][:200]})") from None
         tok_cfg = _read_json(folder / "tokenizer_config.json", required=False)
         gen_cfg = _read_json(folder / "generation_config.json", required=False)
         self.chat_template = tok_cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # some checkpoints keep named templates
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
         self.mask_id = self._mask_id(cfg, tok_cfg, gen_cfg)
-        eos = gen_cfg.get("eos_token_id", cfg.__dict__.get("eos_token_id"))
+        eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
         if eos is None and isinstance(tok_cfg.get("eos_token"), str):
             eos = self.tok.token_to_id(tok_cfg["eos_token"])
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))

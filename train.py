@@ -21,6 +21,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,30 +53,25 @@ def pack(examples, seq_len: int, block_size: int, pad_id: int):
     """Greedy packing. Returns ids, doc (which example a position belongs to), pos (position inside its
     example) and trainable, each (rows, seq_len). Examples are padded with end-of-text to a whole block;
     the padding is trainable so the model learns to close an answer's last block."""
-    rows, cur = [], []
-    for ids, n_prompt in examples:
-        ids = ids[:seq_len]
-        n = math.ceil(len(ids) / block_size) * block_size
-        if sum(len(x[0]) for x in cur) + n > seq_len:
-            rows.append(cur)
-            cur = []
-        cur.append((ids + [pad_id] * (n - len(ids)), min(n_prompt, len(ids))))
-    rows.append(cur)
-    R = len(rows)
-    ids_t = torch.full((R, seq_len), pad_id, dtype=torch.long)
-    doc = torch.full((R, seq_len), -1, dtype=torch.long)
-    pos = torch.zeros((R, seq_len), dtype=torch.long)
-    train = torch.zeros((R, seq_len), dtype=torch.bool)
-    for r, row in enumerate(rows):
-        at = 0
-        for d, (ids, n_prompt) in enumerate(row):
-            n = len(ids)
-            ids_t[r, at:at + n] = torch.tensor(ids)
-            doc[r, at:at + n] = d
-            pos[r, at:at + n] = torch.arange(n)
-            train[r, at + n_prompt:at + n] = True
-            at += n
-    return ids_t, doc, pos, train
+    ids_rows, doc_rows, pos_rows, train_rows = [], [], [], []
+    ids, doc, pos, train = [], [], [], []
+    d = 0
+    for example, n_prompt in examples:
+        example = example[:seq_len]
+        n = math.ceil(len(example) / block_size) * block_size
+        if len(ids) + n > seq_len:
+            for rows, cur, fill in ((ids_rows, ids, pad_id), (doc_rows, doc, -1), (pos_rows, pos, 0), (train_rows, train, 0)):
+                rows.append(cur + [fill] * (seq_len - len(cur)))
+            ids, doc, pos, train, d = [], [], [], [], 0
+        ids += example + [pad_id] * (n - len(example))
+        doc += [d] * n
+        pos += range(n)
+        train += [0] * min(n_prompt, len(example)) + [1] * (n - min(n_prompt, len(example)))
+        d += 1
+    for rows, cur, fill in ((ids_rows, ids, pad_id), (doc_rows, doc, -1), (pos_rows, pos, 0), (train_rows, train, 0)):
+        rows.append(cur + [fill] * (seq_len - len(cur)))
+    as_t = lambda rows: torch.from_numpy(np.array(rows, dtype=np.int64))
+    return as_t(ids_rows), as_t(doc_rows), as_t(pos_rows), as_t(train_rows).bool()
 
 
 def two_copy_mask(doc, pos, block_size: int):
@@ -191,21 +187,21 @@ def main():
     _init(model)
     print(f"tokenizer ready ({time.time() - t0:.0f} s); model {num_params(model) / 1e6:.1f}M parameters", flush=True)
 
-    start_step, log = 0, []
+    start_step, elapsed, log = 0, 0.0, []
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
     state_path = out / "train_state.pt"
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start_step, log = state["step"], json.loads(state["log"])
+        start_step, elapsed, log = state["step"], state["elapsed"], json.loads(state["log"])
         print(f"resumed at step {start_step}", flush=True)
 
     if args.steps > start_step:
         examples = build_examples(tok, args.problems, args.seed)
         ids, doc, pos, trainable = pack(examples, args.seq_len, cfg.block_size, pad_id)
         print(f"{len(examples)} examples packed into {len(ids)} rows of {args.seq_len} ({time.time() - t0:.0f} s)", flush=True)
-        train(model, opt, (ids, doc, pos, trainable), args, cfg, start_step, log, device, state_path)
+        train(model, opt, (ids, doc, pos, trainable), args, cfg, start_step, elapsed, log, device, state_path)
 
     save(model, out, max_shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None)
     write_model_card(out, args, cfg, num_params(model), log)
@@ -219,7 +215,7 @@ def _init(model):
             torch.nn.init.normal_(p, std=std)
 
 
-def train(model, opt, tensors, args, cfg, start_step, log, device, state_path):
+def train(model, opt, tensors, args, cfg, start_step, elapsed, log, device, state_path):
     from tqdm import tqdm
     ids, doc, pos, trainable = tensors
     gen = torch.Generator().manual_seed(args.seed + start_step)
@@ -229,7 +225,11 @@ def train(model, opt, tensors, args, cfg, start_step, log, device, state_path):
     t_start = time.time()
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, mininterval=5)
     for step in bar:
-        lr = args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        # Cosine decay to 10% over the run; with --minutes the run ends on time, so the clock sets the progress.
+        done = step / args.steps
+        if args.minutes:
+            done = max(done, (elapsed + time.time() - t_start) / (args.minutes * 60))
+        lr = args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1))))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(ids), (args.batch_size,), generator=gen)
@@ -243,12 +243,12 @@ def train(model, opt, tensors, args, cfg, start_step, log, device, state_path):
         if step % 50 == 0 or step == args.steps - 1:
             log.append({"step": step, "loss": loss.item(), "ce": ce.item(), "lr": lr})
             bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", ce=f"{log[-1]['ce']:.3f}")
-        if args.minutes and time.time() - t_start > args.minutes * 60:
-            print(f"time limit reached after step {step + 1} of {args.steps}; --resume continues", flush=True)
+        if args.minutes and elapsed + time.time() - t_start > args.minutes * 60:
+            print(f"time limit of {args.minutes} minutes reached after step {step + 1}", flush=True)
             break
     model.eval()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                "log": json.dumps(log)}, state_path)
+                "elapsed": elapsed + time.time() - t_start, "log": json.dumps(log)}, state_path)
 
 
 if __name__ == "__main__":

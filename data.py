@@ -1,0 +1,327 @@
+"""The shipped model's data, built offline by seeded generators (nothing is downloaded).
+
+- Verifiable tasks in a chat format: multi-step arithmetic word problems with worked solutions (in the
+  spirit of GSM8K, small numbers) and list manipulation. Every solution ends with "The answer is X."
+  A question belongs to the held-out split exactly when is_heldout(question) holds (a CRC of its text), so
+  no held-out question is ever trained on.
+- Natural text: docstrings of the Python standard library, read with `ast` from the running Python's own
+  source files (PSF License), and short generated stories, so an English prompt gets a readable answer.
+- The tokenizer: byte-level BPE trained with the `tokenizers` package, with SDAR's special tokens.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import random
+import re
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]  # ids 0..3
+END_OF_TEXT, EOS_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|im_end|>", "<|MASK|>"
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_prompt(question: str) -> str:
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_sample(question: str, answer: str) -> str:
+    return chat_prompt(question) + answer + EOS_TOKEN
+
+
+@dataclass
+class Problem:
+    question: str
+    solution: str
+    answer: str
+    family: str
+
+
+def is_heldout(question: str) -> bool:
+    """One question in ten, fixed by its text: the held-out space."""
+    return zlib.crc32(question.encode()) % 10 == 0
+
+
+def extract_answer(text: str) -> str | None:
+    found = re.findall(r"The answer is (.+?)\.?\s*$", text.strip(), flags=re.M)
+    return found[-1].strip() if found else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arithmetic word problems.
+
+NAMES = ["Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Nora", "Omar", "Ivy", "Jack", "Zoe",
+         "Paul", "Rosa", "Ali", "Kate", "Hugo", "Lena", "Ravi", "Sara", "Theo", "Yuki"]
+OBJECTS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "coins", "shells", "cards", "stamps",
+           "flowers", "eggs", "balloons", "candies", "toy cars", "buttons", "cupcakes", "oranges", "beads", "rocks"]
+PLACES = ["the market", "the shop", "school", "the fair", "the park", "a friend's house"]
+
+
+def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
+    name, obj, friend = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(NAMES)
+    value = rng.randint(2, 40)
+    question = [rng.choice([f"{name} has {value} {obj}.", f"{name} starts with {value} {obj}.",
+                            f"There are {value} {obj} in {name}'s bag."])]
+    steps = []
+    for i in range(rng.randint(1, 3)):
+        op = rng.choice(["add", "add", "sub", "sub", "mul"] + (["div"] if i > 0 else []))
+        if op == "mul" and value * 5 > 400:
+            op = "add"
+        if op == "div":
+            divisors = [k for k in range(2, 7) if value % k == 0 and value // k >= 1]
+            if not divisors:
+                op = "sub"
+        if op == "sub" and value < 3:
+            op = "add"
+        if op == "add":
+            b = rng.randint(2, 30)
+            question.append(rng.choice([f"Then {name} gets {b} more at {rng.choice(PLACES)}.",
+                                        f"{friend} gives {name} {b} more {obj}.", f"{name} buys {b} more {obj}."]))
+            steps.append(f"{name} gets {b} more, so {value} + {b} = {value + b} {obj}")
+            value += b
+        elif op == "sub":
+            b = rng.randint(1, value - 1)
+            question.append(rng.choice([f"{name} gives {b} {obj} to {friend}.", f"{name} loses {b} of them.",
+                                        f"{name} uses {b} {obj}."]))
+            steps.append(f"{name} has {b} fewer, so {value} - {b} = {value - b} {obj}")
+            value -= b
+        elif op == "mul":
+            k = rng.randint(2, 5)
+            word = {2: "doubles", 3: "triples"}.get(k, f"multiplies by {k}")
+            question.append(rng.choice([f"Then {name} {word} the number of {obj}.",
+                                        f"Then the number of {obj} grows {k} times."]))
+            steps.append(f"The {obj} grow {k} times, so {value} * {k} = {value * k} {obj}")
+            value *= k
+        else:
+            k = rng.choice(divisors)
+            question.append(f"{name} shares the {obj} equally among {k} friends.")
+            steps.append(f"Shared among {k} friends, each gets {value} / {k} = {value // k} {obj}")
+            value //= k
+            question.append(f"How many {obj} does each friend get?")
+            return " ".join(question), steps, value
+    question.append(rng.choice([f"How many {obj} does {name} have now?", f"How many {obj} are there now?",
+                                f"How many {obj} does {name} have in the end?"]))
+    return " ".join(question), steps, value
+
+
+def _direct_question(rng: random.Random) -> tuple[str, list[str], int]:
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(2, 30), rng.randint(2, 12)
+    else:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        if op == "-" and b > a:
+            a, b = b, a
+    word = {"+": "plus", "-": "minus", "*": "times"}[op]
+    question = rng.choice([f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"What is {a} {op} {b}?",
+                           f"Calculate {a} {word} {b}.", f"How much is {a} {word} {b}?"])
+    value = eval(f"{a} {op} {b}")  # two small integers and one operator from the lines above
+    return question, [f"{a} {op} {b} = {value}"], value
+
+
+def arithmetic_problem(rng: random.Random) -> Problem:
+    word = rng.random() < 0.7
+    question, steps, value = (_word_problem if word else _direct_question)(rng)
+    start = [re.match(r"(.+?\.)", question).group(1)] if word else []
+    solution = "\n".join(start + [s + "." for s in steps]) + f"\nThe answer is {value}."
+    return Problem(question, solution, str(value), "arithmetic")
+
+
+# ---------------------------------------------------------------------------------------------------
+# List manipulation.
+
+WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "star", "moon", "rain", "leaf", "cup", "box", "key", "hat"]
+
+
+def _fmt(items) -> str:
+    return "[" + ", ".join(str(x) for x in items) + "]"
+
+
+def list_problem(rng: random.Random) -> Problem:
+    words = rng.random() < 0.25
+    n = rng.randint(3, 7)
+    items = [rng.choice(WORDS) for _ in range(n)] if words else [rng.randint(0, 30) for _ in range(n)]
+    ops = ["reverse", "first", "last", "remove", "count", "length"] + ([] if words else ["sort", "sum", "max", "min"])
+    op = rng.choice(ops)
+    L = _fmt(items)
+    if op == "reverse":
+        q, work, ans = rng.choice([f"Reverse the list {L}.", f"What is {L} in reverse order?"]), \
+            f"Reading {L} from the end: {', '.join(map(str, items[::-1]))}.", _fmt(items[::-1])
+    elif op == "sort":
+        desc = rng.random() < 0.3
+        out = sorted(items, reverse=desc)
+        order = "largest to smallest" if desc else "smallest to largest"
+        q, work, ans = f"Sort {L} from {order}.", f"Ordered from {order}: {', '.join(map(str, out))}.", _fmt(out)
+    elif op == "sum":
+        total = sum(items)
+        q, work, ans = rng.choice([f"What is the sum of {L}?", f"Add up the numbers in {L}."]), \
+            f"{' + '.join(map(str, items))} = {total}.", str(total)
+    elif op in ("max", "min"):
+        best = max(items) if op == "max" else min(items)
+        word = "largest" if op == "max" else "smallest"
+        q, work, ans = f"What is the {word} number in {L}?", f"Comparing {', '.join(map(str, items))}, the {word} is {best}.", str(best)
+    elif op == "count":
+        x = rng.choice(items) if rng.random() < 0.8 else (rng.choice(WORDS) if words else rng.randint(0, 30))
+        c = items.count(x)
+        q, work, ans = f"How many times does {x} appear in {L}?", f"Checking each item of {L}, {x} appears {c} times.", str(c)
+    elif op == "length":
+        q, work, ans = f"How many items are in {L}?", f"Counting the items: {', '.join(str(i + 1) for i in range(n))}.", str(n)
+    elif op in ("first", "last"):
+        k = rng.randint(1, n - 1)
+        out = items[:k] if op == "first" else items[-k:]
+        q, work, ans = f"Give the {op} {k} items of {L}.", f"The {op} {k} items are {', '.join(map(str, out))}.", _fmt(out)
+    else:
+        x = rng.choice(items)
+        out = [i for i in items if i != x]
+        q, work, ans = f"Remove every {x} from {L}.", f"Dropping each {x} leaves {', '.join(map(str, out)) or 'nothing'}.", _fmt(out)
+    return Problem(q, f"{work}\nThe answer is {ans}.", ans, "lists")
+
+
+FAMILIES = {"arithmetic": (arithmetic_problem, 0.65), "lists": (list_problem, 0.35)}
+
+
+def make_problems(split: str, n: int) -> list[Problem]:
+    """n problems of the split ("train" or "heldout"), seeded, families mixed by their weights."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}")
+    rng = random.Random(f"problems-{split}")
+    names, weights = list(FAMILIES), [w for _, w in FAMILIES.values()]
+    want_heldout = split == "heldout"
+    out, seen = [], set()
+    while len(out) < n:
+        p = FAMILIES[rng.choices(names, weights)[0]][0](rng)
+        if is_heldout(p.question) != want_heldout or (want_heldout and p.question in seen):
+            continue
+        seen.add(p.question)
+        out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Natural text.
+
+def _prose(text: str) -> bool:
+    words = text.split()
+    if len(words) < 8 or any(s in text for s in (">>>", "::", "{", "}", "==", "->", "http", "\\")):
+        return False
+    letters = sum(c.isalpha() or c.isspace() for c in text)
+    return letters / len(text) > 0.9 and text[0].isupper() and text.rstrip()[-1] in ".!?"
+
+
+def natural_text(max_chars: int | None = None) -> list[str]:
+    """Prose paragraphs of the standard library's docstrings, in sorted file order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("test", "idlelib", "lib2to3", "site-packages", "tkinter", "turtledemo", "ensurepip", "__phello__")
+    out, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if any(part in skip for part in path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                for para in (doc or "").split("\n\n"):
+                    para = " ".join(para.split())
+                    if _prose(para) and para.isascii():
+                        out.append(para)
+                        total += len(para)
+                        if max_chars and total >= max_chars:
+                            return out
+    return out
+
+
+def stories(n: int, seed: int) -> list[str]:
+    """Short simple stories and everyday descriptions from a seeded grammar."""
+    rng = random.Random(f"stories-{seed}")
+    animals = ["fox", "rabbit", "bear", "cat", "dog", "owl", "mouse", "duck", "frog", "horse", "lion", "turtle"]
+    adjs = ["little", "brave", "happy", "small", "kind", "curious", "sleepy", "clever", "shy", "old", "young"]
+    places = ["a quiet forest", "a small village", "a big city", "a green valley", "a sunny farm", "the seaside",
+              "a snowy mountain", "a busy market", "an old garden", "a wide river"]
+    weather = ["sunny and warm", "cold and windy", "rainy and grey", "bright and clear", "cloudy and cool",
+               "hot and dry", "snowy and quiet", "foggy in the morning"]
+    feelings = ["happy", "sad", "tired", "excited", "worried", "proud", "surprised", "calm", "hungry"]
+    things = ["a red ball", "a shiny stone", "a lost key", "a small box", "an old map", "a warm hat", "a blue kite",
+              "a basket of berries", "a wooden boat", "a bright lantern"]
+    out = []
+    for _ in range(n):
+        name, animal, adj = rng.choice(NAMES), rng.choice(animals), rng.choice(adjs)
+        friend = rng.choice(NAMES)
+        thing, place, feel = rng.choice(things), rng.choice(places), rng.choice(feelings)
+        kind = rng.random()
+        if kind < 0.45:
+            s = [rng.choice(["Once upon a time", "One day", "Long ago", "A long time ago"]) +
+                 f", there was a {adj} {animal} named {name} who lived in {place}.",
+                 rng.choice([f"Every morning, {name} went for a walk.", f"{name} liked to play with {friend}.",
+                             f"{name} loved to look at the sky."]),
+                 f"One day, {name} found {thing} near the path.",
+                 rng.choice([f"{name} felt {feel} and ran to show {friend}.", f"{name} did not know what to do.",
+                             f"{name} picked it up and smiled."]),
+                 rng.choice([f"{friend} said, \"Let us keep it safe together.\"", f"They played until the sun went down.",
+                             f"Together they took it back to its owner."]),
+                 rng.choice([f"From that day on, {name} and {friend} were best friends.", "It was a good day.",
+                             f"{name} went home {rng.choice(feelings)} and slept well."])]
+        elif kind < 0.75:
+            s = [rng.choice(["The weather today is", "Today the weather is", "This morning it was"]) +
+                 f" {rng.choice(weather)}.",
+                 rng.choice(["Many people walked in the park.", "The streets were quiet.", "Children played outside.",
+                             "Birds sang in the trees."]),
+                 f"{name} took {rng.choice(['an umbrella', 'a coat', 'a hat', 'a bottle of water'])} and went to "
+                 f"{rng.choice(PLACES)}.",
+                 rng.choice([f"Later it became {rng.choice(weather)}.", "In the evening the wind stopped.",
+                             "By noon the sky had changed."]),
+                 f"{name} felt {feel} when {rng.choice(['the day ended', 'the rain started', 'the sun came out'])}."]
+        else:
+            s = [f"{name} wanted to {rng.choice(['bake a cake', 'build a kite', 'plant a garden', 'paint a picture', 'write a letter'])}.",
+                 f"First, {name} {rng.choice(['found', 'bought', 'borrowed'])} {thing}.",
+                 rng.choice([f"Then {friend} came to help.", f"It took a long time.", f"The work was hard but fun."]),
+                 rng.choice([f"At last it was done, and {name} was {feel}.", f"In the end, everyone said it was beautiful."])]
+        out.append(" ".join(s))
+    return out
+
+
+def continuation_samples(paragraphs: list[str], seed: int) -> list[tuple[str, str]]:
+    """(first 3..12 words, the rest of the paragraph) chat pairs that teach continuing a text."""
+    rng = random.Random(f"continue-{seed}")
+    pairs = []
+    for p in paragraphs:
+        words = p.split()
+        k = rng.randint(3, min(12, len(words) - 3))
+        pairs.append((" ".join(words[:k]), " ".join(words[k:])))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer.
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def write_tokenizer_files(tok, folder, block_size: int) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    config = {"chat_template": CHAT_TEMPLATE, "eos_token": EOS_TOKEN, "pad_token": END_OF_TEXT,
+              "mask_token": MASK_TOKEN, "bos_token": None, "model_max_length": 2048,
+              "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                "normalized": False, "single_word": False} for t, i in ids.items()}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"eos_token_id": [ids[EOS_TOKEN], ids[END_OF_TEXT]], "pad_token_id": ids[END_OF_TEXT],
+           "mask_token_id": ids[MASK_TOKEN], "block_size": block_size}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -1,0 +1,582 @@
+"""The decode loop: unmasking rules, sampling, generate_ids end to end on a tiny checkpoint (against a slow
+loop over the spec form, across batchings, stops, the delayed cache and prompt alignment) and the command line."""
+import json
+import math
+
+import pytest
+import torch
+
+import generate
+import model
+from conftest import MASK_ID, random_model, tiny_config
+from generate import Options, generate_ids, sample, unmask
+
+BS = 4
+PROMPTS = [[17, 42, 99, 150, 201], [8, 9, 10, 11, 12, 13, 14, 15], [250, 251, 252], list(range(60, 71))]  # 5, 8, 3, 11
+
+
+def run(net, prompts, eos_ids=(), step_hook=None, **opts):
+    """generate_ids with blocks of 4 and no EOS unless given -> [(ids, stats)]."""
+    opts.setdefault("block_size", BS)
+    return generate_ids(net, [list(p) for p in prompts], MASK_ID, list(eos_ids), Options(**opts), step_hook=step_hook)
+
+
+# ---------------------------------------------------------------------------------------------------
+# unmask(): which masked slots a step decodes.
+
+CONF = torch.tensor([[0.95, 0.50, 0.99, 0.92, 0.30, 0.97],
+                     [0.20, 0.60, 0.40, 0.10, 0.55, 0.05],
+                     [0.99, 0.99, 0.99, 0.99, 0.99, 0.99],
+                     [0.30, 0.90, 0.10, 0.80, 0.20, 0.70]])
+CAND = torch.tensor([[1, 1, 0, 1, 1, 0],
+                     [1, 1, 1, 1, 1, 1],
+                     [0, 0, 0, 0, 0, 0],
+                     [1, 0, 1, 0, 0, 1]], dtype=torch.bool)
+
+
+def chosen_columns(mask):
+    return [row.nonzero().squeeze(1).tolist() for row in mask]
+
+
+def test_unmask_threshold():
+    got = unmask(CONF, CAND, "threshold", 0.9, k=1)
+    # row 0: candidates >= 0.9 (0.99 and 0.97 are not candidates); row 1: none reaches it, so the top-1 alone;
+    # row 2: no candidate, nothing; row 3: top-1 candidate only (0.9 and 0.8 are not candidates).
+    assert chosen_columns(got) == [[0, 3], [1], [], [5]]
+    assert chosen_columns(unmask(CONF, CAND, "threshold", 0.92, k=1))[0] == [0, 3]  # >= threshold
+    assert chosen_columns(unmask(CONF, CAND, "threshold", 1.0, k=1)) == [[0], [1], [], [5]]
+
+
+def test_unmask_static():
+    assert chosen_columns(unmask(CONF, CAND, "static", 0.9, k=2)) == [[0, 3], [1, 4], [], [0, 5]]
+    assert chosen_columns(unmask(CONF, CAND, "static", 0.9, k=3)) == [[0, 1, 3], [1, 2, 4], [], [0, 2, 5]]
+    # more than the candidates: all of them; more than the block: no error
+    assert chosen_columns(unmask(CONF, CAND, "static", 0.9, k=10)) == [[0, 1, 3, 4], list(range(6)), [], [0, 2, 5]]
+
+
+def test_unmask_sequential():
+    assert chosen_columns(unmask(CONF, CAND, "sequential", 0.9, k=1)) == [[0], [0], [], [0]]
+    assert chosen_columns(unmask(CONF, CAND, "sequential", 0.9, k=2)) == [[0, 1], [0, 1], [], [0, 2]]
+    assert chosen_columns(unmask(CONF, CAND, "sequential", 0.9, k=9)) == chosen_columns(CAND)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample(): token and confidence.
+
+LOGITS = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def test_sample_greedy_is_argmax_with_its_probability():
+    token, conf = sample(LOGITS, 0.0, 0, 1.0)
+    assert torch.equal(token, LOGITS.argmax(-1))
+    torch.testing.assert_close(conf, LOGITS.softmax(-1).amax(-1))
+
+
+def test_sample_top_k_1_and_tiny_top_p_are_greedy():
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        assert torch.equal(sample(LOGITS, 0.8, 1, 1.0, gen)[0], LOGITS.argmax(-1))
+        assert torch.equal(sample(LOGITS, 1.5, 0, 1e-6, gen)[0], LOGITS.argmax(-1))
+
+
+def test_sample_confidence_is_the_probability_at_the_temperature():
+    token, conf = sample(LOGITS, 2.0, 0, 1.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(conf, (LOGITS / 2.0).softmax(-1).gather(1, token[:, None]).squeeze(1))
+
+
+def test_sample_is_deterministic_for_a_seed():
+    draws = [sample(LOGITS, 1.0, 0, 1.0, torch.Generator().manual_seed(s))[0] for s in (7, 7, 8, 9)]
+    assert torch.equal(draws[0], draws[1])
+    assert not (torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[3]))
+
+
+def test_sample_top_k_and_top_p_keep_the_right_sets():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample(logits, 1.0, 2, 1.0, gen)[0].tolist()) == {1, 3}
+    assert set(sample(logits, 1.0, 0, 0.8, gen)[0].tolist()) == {1, 3}        # 0.5 + 0.3 reaches 0.8
+    assert set(sample(logits, 1.0, 0, 0.81, gen)[0].tolist()) == {1, 2, 3}    # the smallest set reaching it
+    token, conf = sample(logits, 1.0, 2, 1.0, gen)
+    torch.testing.assert_close(conf, torch.where(token == 1, 0.5 / 0.8, 0.3 / 0.8))  # renormalised
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate_ids against a slow loop over the spec form (no delayed cache: every step computes the whole block).
+
+def spec_generate(net, prompt, eos_ids, strategy="threshold", threshold=0.9, k=1, max_new_tokens=16, bs=BS):
+    """The decode loop written plainly: the active block starts at P // bs * bs, each step runs the spec form
+    over everything up to the block's end and unmasks by the rule; after a fully decoded block, stop at EOS or
+    when the budget is reached, otherwise a commit step (decodes nothing) and the next block."""
+    tokens, P = list(prompt), len(prompt)
+    start, limit, decoded = P // bs * bs, P + max_new_tokens, []
+    while True:
+        end = start + bs
+        tokens += [MASK_ID] * (end - len(tokens))
+        while MASK_ID in tokens[start:end]:
+            with torch.no_grad():
+                logits = net(torch.tensor([tokens[:end]]), block_size=bs)[0, start:end].double()
+            logits[:, MASK_ID] = -math.inf
+            conf, best = logits.softmax(-1).max(-1)
+            cand = [j for j in range(bs) if tokens[start + j] == MASK_ID]
+            if strategy == "threshold":
+                chosen = {j for j in cand if conf[j] >= threshold} | {max(cand, key=lambda j: conf[j])}
+            elif strategy == "static":
+                chosen = sorted(cand, key=lambda j: -conf[j])[:k]
+            else:
+                chosen = cand[:k]
+            for j in chosen:
+                tokens[start + j] = int(best[j])
+            decoded.append(len(chosen))
+        eos = [p for p in range(max(start, P), end) if tokens[p] in eos_ids]
+        if eos:
+            return tokens[P:min(eos[0], limit)], decoded
+        if end >= limit:
+            return tokens[P:limit], decoded
+        decoded.append(0)
+        start = end
+
+
+@pytest.mark.parametrize("strategy,k", [("threshold", 1), ("static", 2), ("sequential", 1), ("sequential", 3)])
+def test_generate_matches_the_spec_form_loop(loaded, strategy, k):
+    net, _ = loaded
+    results = run(net, PROMPTS, strategy=strategy, tokens_per_step=k, threshold=0.6, max_new_tokens=14,
+                  delayed_cache=False)
+    for prompt, (ids, stats) in zip(PROMPTS, results):
+        want_ids, want_decoded = spec_generate(net, prompt, (), strategy, 0.6, k, max_new_tokens=14)
+        assert ids == want_ids
+        assert stats["decoded"] == want_decoded
+        assert stats["computed"] == [BS] * len(want_decoded)
+
+
+def test_generate_is_not_trivial(loaded):
+    """Guards the other tests: the tiny model's output varies with the prompt and within a sequence."""
+    net, _ = loaded
+    outs = [ids for ids, _ in run(net, PROMPTS, max_new_tokens=12)]
+    assert len({tuple(o) for o in outs}) == len(outs)
+    assert all(len(set(o)) >= 3 for o in outs)
+    assert any(max(s["decoded"]) > 1 for _, s in run(net, PROMPTS, max_new_tokens=12))  # steps decode several
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching: a ragged batch, and fewer slots than prompts (slot reuse), give what each prompt gives alone.
+
+@pytest.mark.parametrize("delayed_cache", [True, False], ids=["delayed", "full-block"])
+def test_batching_invariance(loaded, delayed_cache):
+    net, _ = loaded
+    opts = dict(max_new_tokens=13, delayed_cache=delayed_cache, threshold=0.7)
+    alone = [run(net, [p], batch_size=1, **opts)[0] for p in PROMPTS]
+    for batch_size in (4, 2, 3):
+        batched = run(net, PROMPTS, batch_size=batch_size, **opts)
+        for i, (a, b) in enumerate(zip(alone, batched)):
+            assert b[0] == a[0], f"prompt {i}, batch_size {batch_size}"
+            assert b[1] == a[1], f"prompt {i}, batch_size {batch_size}"
+
+
+def test_batching_invariance_with_eos_ending_sequences_early(loaded):
+    """Sequences that stop at EOS free their slot mid-run; the next prompt takes it."""
+    net, _ = loaded
+    free_run = run(net, PROMPTS, max_new_tokens=16)
+    eos = free_run[0][0][5]  # ends prompt 0 early, maybe others too
+    alone = [run(net, [p], eos_ids=[eos], max_new_tokens=16)[0] for p in PROMPTS]
+    assert len(alone[0][0]) <= 5
+    assert run(net, PROMPTS, eos_ids=[eos], batch_size=2, max_new_tokens=16) == alone
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stops: EOS, the token budget, repeated blocks.
+
+def test_eos_truncates_and_stops_at_its_block(loaded):
+    net, _ = loaded
+    prompt = PROMPTS[0]                                   # P = 5: first block 4..7, then 8..11, 12..15, ...
+    free_ids, free_stats = run(net, [prompt], max_new_tokens=20)[0]
+    i = next(i for i in range(4, 20) if free_ids[i] not in free_ids[:i])  # first occurrence, past block 1
+    unused = next(t for t in range(4, 300) if t not in free_ids)          # a second EOS id that never shows up
+    ids, stats = run(net, [prompt], eos_ids=[unused, free_ids[i]], max_new_tokens=20)[0]
+    assert ids == free_ids[:i]
+    # the sequence ends right after the step that completes the EOS block: no commit step for it
+    block_end = ((len(prompt) + i) // BS + 1) * BS
+    done = [n for n, total in enumerate(torch.tensor(free_stats["decoded"]).cumsum(0).tolist())
+            if total == block_end - len(prompt)][0]
+    assert stats["decoded"] == free_stats["decoded"][:done + 1]
+    assert {k: v[:done + 1] for k, v in free_stats.items()} == stats
+
+
+def test_eos_inside_the_prompt_does_not_stop(loaded):
+    net, _ = loaded
+    free_ids, _ = run(net, [PROMPTS[0]], max_new_tokens=10)[0]
+    eos = next(t for t in range(4, 300) if t not in free_ids)
+    prompt = PROMPTS[0][:4] + [eos]                       # the EOS id sits in the first active block
+    free = run(net, [prompt], max_new_tokens=10)[0]
+    assert eos not in free[0]
+    assert run(net, [prompt], eos_ids=[eos], max_new_tokens=10)[0] == free
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 4, 9, 12])
+@pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[1]], ids=["P5", "P8"])
+def test_budget_stop_and_step_structure(loaded, prompt, max_new_tokens):
+    """One token a step: each block is its masked slots' steps plus a commit step, except the last block."""
+    net, _ = loaded
+    ids, stats = run(net, [prompt], strategy="sequential", tokens_per_step=1, max_new_tokens=max_new_tokens)[0]
+    assert len(ids) == max_new_tokens
+    P, limit = len(prompt), len(prompt) + max_new_tokens
+    want, start = [], P // BS * BS
+    while True:
+        want += [1] * (start + BS - max(start, P))
+        if start + BS >= limit:
+            break
+        want.append(0)
+        start += BS
+    assert stats["decoded"] == want
+
+
+def constant_model(token):
+    """Every position predicts `token` with probability ~1: layers add nothing, every embedding is about u, and the
+    head's row for `token` is 3u."""
+    net = random_model(tiny_config(tie_word_embeddings=False), seed=5)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        net.norm.weight.fill_(1.0)
+        u = torch.ones(net.config.hidden_size)
+        net.embed_tokens.weight.mul_(0.1).add_(u)
+        net.lm_head.weight.mul_(0.1)
+        net.lm_head.weight[token] = 3 * u
+    return net
+
+
+def test_eos_at_the_first_generated_token():
+    net = constant_model(100)
+    (ids, stats), = run(net, [PROMPTS[0]], eos_ids=[100], max_new_tokens=40)
+    assert ids == [] and stats["decoded"] == [3]
+
+
+@pytest.mark.parametrize("repeats", [2, 3])
+@pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[1], [5, 6, 7, 8, 100], [5, 6, 7, 8, 100, 100, 100, 100]],
+                         ids=["P5", "P8", "P5-tail-repeats", "P8-block-repeats"])
+def test_stop_repeats_counts_generated_blocks_only(prompt, repeats):
+    net = constant_model(100)
+    P = len(prompt)
+    first_generated_block = -(-P // BS) * BS              # blocks holding prompt tokens never count
+    end = first_generated_block + repeats * BS
+    (ids, stats), = run(net, [prompt], max_new_tokens=40, stop_repeats=repeats)
+    assert ids == [100] * (end - P)
+    (ids, _), = run(net, [prompt], max_new_tokens=40)
+    assert ids == [100] * 40
+
+
+def expected_repeat_stop(prompt_len, ids, repeats, bs=BS):
+    """Where stop_repeats ends a sequence whose free run is `ids`: after the first block that equals each of the
+    repeats - 1 blocks before it, all of them made of generated tokens only."""
+    first = -(-prompt_len // bs) * bs - prompt_len         # index in ids of the first fully generated block
+    blocks = [ids[i:i + bs] for i in range(first, len(ids) - bs + 1, bs)]
+    for j in range(repeats - 1, len(blocks)):
+        if all(blocks[j - r] == blocks[j] for r in range(1, repeats)):
+            return ids[:first + (j + 1) * bs]
+    return ids
+
+
+@pytest.mark.parametrize("repeats", [2, 3])
+def test_stop_repeats_on_free_runs(loaded, repeats):
+    net, _ = loaded
+    prompts = [torch.randint(4, 300, (8,), generator=torch.Generator().manual_seed(s)).tolist() for s in (2, 3, 8, 10)]
+    prompts += [[5, 6, 7, 8, 9]]
+    free = [ids for ids, _ in run(net, prompts, max_new_tokens=40)]
+    want = [expected_repeat_stop(len(p), ids, repeats) for p, ids in zip(prompts, free)]
+    assert [ids for ids, _ in run(net, prompts, max_new_tokens=40, stop_repeats=repeats)] == want
+    # guards the test itself: with 2, some of these runs stop early and one does not; none has 3 equal blocks
+    assert [len(w) < 40 for w in want] == ([True, False, True, True, True] if repeats == 2 else [False] * 5)
+
+
+def test_the_mask_token_is_never_generated():
+    net = constant_model(MASK_ID)  # the model's favourite output is the mask token itself
+    (ids, stats), = run(net, [PROMPTS[0]], max_new_tokens=12)
+    assert len(ids) == 12 and MASK_ID not in ids
+    assert sum(stats["decoded"]) == 15  # every masked slot of blocks 4..7, 8..11, 12..15 was decoded
+
+
+@pytest.mark.parametrize("max_new_tokens", [9, 10, 11, 12])
+def test_stop_repeats_never_exceeds_the_budget(max_new_tokens):
+    """P = 5: blocks 8..11 and 12..15 repeat, so the repeat stop ends at 16 (11 tokens) unless the budget is less."""
+    net = constant_model(100)
+    (ids, _), = run(net, [PROMPTS[0]], max_new_tokens=max_new_tokens, stop_repeats=2)
+    assert ids == [100] * min(max_new_tokens, 11)
+
+
+def test_seeded_sampling(loaded):
+    net, _ = loaded
+    opts = dict(max_new_tokens=12, temperature=2.0, top_k=50)
+    a = [ids for ids, _ in run(net, PROMPTS[:2], seed=3, **opts)]
+    assert a == [ids for ids, _ in run(net, PROMPTS[:2], seed=3, **opts)]
+    others = [[ids for ids, _ in run(net, PROMPTS[:2], seed=s, **opts)] for s in (4, 5, 6)]
+    assert any(o != a for o in others)
+    assert a != [ids for ids, _ in run(net, PROMPTS[:2], **dict(opts, temperature=0.0))]
+
+
+def test_generate_checks_prompts_and_options(loaded):
+    net, _ = loaded
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
+        run(net, [[5, 6], []])
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        run(net, [[5] * 500], max_new_tokens=13)
+    with pytest.raises(ValueError, match="threshold"):
+        run(net, [[5]], threshold=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The delayed cache and prompt alignment, observed at the model: which rows each step computes.
+
+class Recorder:
+    """Wraps model.forward_rows and the step hook: for every step, the decoder's state before it and the rows the
+    step's forward pass computed; prefill calls are kept apart."""
+
+    def __init__(self, net, monkeypatch):
+        self.steps, self.prefills, self.pending = [], [], None
+        original = net.forward_rows
+
+        def forward_rows(ids, rows, cache, logits_for=None):
+            call = dict(ids=ids.tolist(), seq=rows.seq.tolist(), pos=rows.pos.tolist(), key_end=rows.key_end.tolist())
+            if self.pending is not None:
+                self.pending["rows"], self.pending = call, None
+            else:
+                self.prefills.append(call)
+            return original(ids, rows, cache, logits_for)
+
+        monkeypatch.setattr(net, "forward_rows", forward_rows)
+
+    def hook(self, dec):
+        self.pending = dict(masked=dec.masked.clone(), block_start=dec.block_start.clone(), live=dec.live.clone())
+        self.steps.append(self.pending)
+
+    def computed(self, step, slot):
+        """(block-local columns, ids, key ends) of the rows of `slot` in step `step`."""
+        s = self.steps[step]
+        rows = [(p - int(s["block_start"][slot]), i, e)
+                for q, p, i, e in zip(s["rows"]["seq"], s["rows"]["pos"], s["rows"]["ids"], s["rows"]["key_end"])
+                if q == slot]
+        return [c for c, _, _ in rows], [i for _, i, _ in rows], [e for _, _, e in rows]
+
+
+def reference_processing(recorder, slot, bs=BS):
+    """The reference's delayed-cache rule (focus-algorithm.md section 2), replayed on each step's input mask:
+    the first step of a block computes every position, later steps the uncached ones (all if none); after a step,
+    position i is cached iff i and i + 1 were both decoded in that step's input (the last position: i alone)."""
+    expected, block, uncached, warm = [], None, None, True
+    for s in recorder.steps:
+        if not s["live"][slot]:
+            expected.append([])
+            continue
+        if int(s["block_start"][slot]) != block:
+            block, uncached, warm = int(s["block_start"][slot]), [True] * bs, True
+        decoded_in = [not m for m in s["masked"][slot].tolist()]
+        process = list(range(bs)) if warm or not any(uncached) else [i for i in range(bs) if uncached[i]]
+        expected.append(process)
+        for i in range(bs):
+            if decoded_in[i] and (i == bs - 1 or decoded_in[i + 1]):
+                uncached[i] = False
+        warm = False
+    return expected
+
+
+@pytest.mark.parametrize("strategy,k", [("threshold", 1), ("sequential", 1), ("static", 2)])
+def test_delayed_cache_follows_the_reference_rule(loaded, monkeypatch, strategy, k):
+    net, _ = loaded
+    rec = Recorder(net, monkeypatch)
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    results = run(net, prompts, strategy=strategy, tokens_per_step=k, threshold=0.7, max_new_tokens=14,
+                  step_hook=rec.hook)
+    fewer = 0
+    for slot, (ids, stats) in enumerate(results):
+        expected = reference_processing(rec, slot)
+        n_steps = len(stats["computed"])
+        assert all(e == [] for e in expected[n_steps:])
+        for step in range(n_steps):
+            cols, in_ids, key_ends = rec.computed(step, slot)
+            assert cols == expected[step], f"slot {slot} step {step}"
+            assert stats["computed"][step] == len(cols)
+            masked = rec.steps[step]["masked"][slot].tolist()
+            # masked slots carry the mask id, decoded ones (recomputed before they are cached) their token
+            assert [i == MASK_ID for i in in_ids] == [masked[c] for c in cols]
+            # attention reaches the last computed position of the block
+            assert key_ends == [int(rec.steps[step]["block_start"][slot]) + cols[-1] + 1] * len(cols)
+            assert len(cols) >= sum(masked)
+            fewer += len(cols) < BS
+        P = len(prompts[slot])
+        last_block_end = int(rec.steps[n_steps - 1]["block_start"][slot]) + BS
+        assert sum(stats["decoded"]) == last_block_end - P
+    assert fewer > 0
+
+
+def test_sequential_decoding_caches_each_token_two_steps_after_it_is_decoded(loaded, monkeypatch):
+    """One token a step, left to right: the token decoded at step t is computed again at t + 1 (with its real id)
+    and at t + 2 (the first step whose input also has its right neighbour decoded), then it is cached."""
+    net, _ = loaded
+    rec = Recorder(net, monkeypatch)
+    (ids, stats), = run(net, [PROMPTS[1]], strategy="sequential", max_new_tokens=8, step_hook=rec.hook)
+    assert stats["decoded"] == [1, 1, 1, 1, 0, 1, 1, 1, 1]
+    assert [rec.computed(s, 0)[0] for s in range(9)] == [
+        [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 3], [2, 3],   # block 8..11, then its commit step
+        [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 3]]           # block 12..15, the last: no commit
+    assert rec.computed(3, 0)[1][0] == ids[1]  # column 1, decoded at step 1, enters step 3 as its token
+
+
+def test_without_delayed_cache_every_step_computes_the_block(loaded):
+    net, _ = loaded
+    for ids, stats in run(net, PROMPTS, max_new_tokens=14, delayed_cache=False):
+        assert stats["computed"] == [BS] * len(stats["computed"]) == stats["computed_deep"]
+
+
+def test_with_delayed_cache_blocks_start_with_a_full_step(loaded):
+    net, _ = loaded
+    for prompt, (ids, stats) in zip(PROMPTS, run(net, PROMPTS, max_new_tokens=14)):
+        first_steps = [0] + [i + 1 for i, d in enumerate(stats["decoded"]) if d == 0]  # after each commit step
+        assert all(stats["computed"][i] == BS for i in first_steps)
+        assert sum(c < BS for c in stats["computed"]) > 0
+        assert all(c >= 1 for c in stats["computed"])
+
+
+@pytest.mark.parametrize("P", [5, 6, 7, 8, 3, 12])
+def test_prompt_alignment(loaded, monkeypatch, P):
+    """P % bs != 0: the first active block starts at P // bs * bs and holds the prompt's tail; P % bs == 0: a fresh
+    block of masks at P. Whole prompt blocks are prefilled before, block-causally."""
+    net, _ = loaded
+    rec = Recorder(net, monkeypatch)
+    prompt = list(range(40, 40 + P))
+    (ids, stats), = run(net, [prompt], max_new_tokens=6, step_hook=rec.hook)
+    start = P // BS * BS
+    prefilled = [p for call in rec.prefills for p in call["pos"]]
+    assert prefilled == list(range(start))
+    assert [e for call in rec.prefills for e in call["key_end"]] == [(p // BS + 1) * BS for p in range(start)]
+    cols, in_ids, _ = rec.computed(0, 0)
+    assert cols == list(range(BS)) and stats["computed"][0] == BS
+    assert in_ids == prompt[start:] + [MASK_ID] * (start + BS - P)
+    assert stats["context"][0] == start + BS
+    assert len(ids) == 6
+    last_block_end = -(-(P + 6 - start) // BS) * BS + start        # blocks from `start` until the budget is covered
+    assert sum(stats["decoded"]) == last_block_end - P
+
+
+# ---------------------------------------------------------------------------------------------------
+# The API and the command line.
+
+def test_generate_api(loaded):
+    net, tok = loaded
+    results = generate.generate(net, tok, ["What is 17 plus 25?", "Hello"], max_new_tokens=6, block_size=BS)
+    assert [r.prompt for r in results] == ["What is 17 plus 25?", "Hello"]
+    ids = generate.encode_prompts(tok, ["What is 17 plus 25?"], chat=True)[0]
+    assert ids == tok.encode(model.CHATML.format(prompt="What is 17 plus 25?"))
+    (want, stats), = generate_ids(net, [ids], tok.mask_id, tok.eos_ids, Options(max_new_tokens=6, block_size=BS))
+    assert results[0].token_ids == want and results[0].stats == stats
+    assert results[0].text == tok.decode(want)
+    with pytest.raises(ValueError, match="unknown option.*max_tokens"):
+        generate.generate(net, tok, ["Hi"], max_tokens=5)
+
+
+def cli(capsys, *argv):
+    code = generate.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_cli_error(capsys, argv, *words):
+    code, out, err = cli(capsys, *argv)
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+
+
+BAD_OPTIONS = [
+    (["--max-new-tokens", "0"], "max-new-tokens must be positive"),
+    (["--max-new-tokens", "-3"], "max-new-tokens must be positive"),
+    (["--block-size", "0"], "block-size must be positive"),
+    (["--batch-size", "0"], "batch-size must be positive"),
+    (["--tokens-per-step", "0"], "tokens-per-step must be positive"),
+    (["--threshold", "0"], "threshold must be in (0, 1]"),
+    (["--threshold", "1.5"], "threshold must be in (0, 1]"),
+    (["--strategy", "random"], "unknown strategy 'random'"),
+    (["--top-p", "0"], "top-p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--stop-repeats", "1"], "stop-repeats"),
+    (["--focus", "--no-delayed-cache"], "delayed cache"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("extra,words", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_cli_bad_options(capsys, checkpoint, extra, words):
+    assert_cli_error(capsys, ["--model", str(checkpoint.path), "--prompt", "Hi", *extra], words)
+
+
+def test_cli_missing_checkpoint(capsys, tmp_path):
+    assert_cli_error(capsys, ["--model", str(tmp_path / "nothing"), "--prompt", "Hi"], "nothing", "does not exist")
+
+
+def test_cli_no_prompt(capsys, checkpoint):
+    assert_cli_error(capsys, ["--model", str(checkpoint.path)], "--prompt")
+
+
+def test_cli_empty_prompt(capsys, checkpoint):
+    assert_cli_error(capsys, ["--model", str(checkpoint.path), "--prompt", "  "], "prompt 1 is empty")
+
+
+def test_cli_prompt_longer_than_the_context(capsys, make_checkpoint):
+    path = make_checkpoint(max_position_embeddings=64).path
+    assert_cli_error(capsys, ["--model", str(path), "--prompt", "the quick brown fox " * 20, "--max-new-tokens", "8"],
+                     "exceeds the model's context of 64")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
+def test_cli_cuda_without_cuda(capsys, checkpoint):
+    assert_cli_error(capsys, ["--model", str(checkpoint.path), "--prompt", "Hi", "--device", "cuda"],
+                     "no CUDA device")
+
+
+def test_cli_prompts_file_missing(capsys, checkpoint, tmp_path):
+    assert_cli_error(capsys, ["--model", str(checkpoint.path), "--prompts-file", str(tmp_path / "p.jsonl")],
+                     "cannot read prompts file", "p.jsonl")
+
+
+@pytest.mark.parametrize("line3,words", [('{"prompt": "x"', ("line 3", "not valid JSON")),
+                                         ('{"text": "x"}', ("line 3", '"prompt"')),
+                                         ('["x"]', ("line 3",))])
+def test_cli_prompts_file_bad_line(capsys, checkpoint, tmp_path, line3, words):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "b"}\n' + line3 + "\n")
+    assert_cli_error(capsys, ["--model", str(checkpoint.path), "--prompts-file", str(f)], *words)
+
+
+def test_cli_prompts_file_without_prompts(capsys, checkpoint, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n\n")
+    assert_cli_error(capsys, ["--model", str(checkpoint.path), "--prompts-file", str(f)], "holds no prompts")
+
+
+def test_cli_good_run(capsys, checkpoint, tmp_path):
+    prompts, out_file = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text('{"prompt": "What is 17 plus 25?"}\n\n{"prompt": "The lazy dog", "id": 2}\n')
+    code, out, err = cli(capsys, "--model", str(checkpoint.path), "--prompts-file", str(prompts), "--output",
+                         str(out_file), "--max-new-tokens", "6", "--block-size", "4", "--device", "cpu")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["What is 17 plus 25?", "The lazy dog"]
+    for r in lines:
+        assert set(r) == {"prompt", "text", "stats"} and isinstance(r["text"], str)
+        assert len(r["stats"]["decoded"]) == len(r["stats"]["computed"]) > 0
+        assert f"### {r['prompt']}\n{r['text']}\n" in out
+    assert "Traceback" not in err
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("2 sequences, ") and summary.endswith(" tokens/s") and "of a 4-token block" in summary
+
+
+def test_cli_single_prompt_prints_its_text(capsys, checkpoint, loaded):
+    code, out, err = cli(capsys, "--model", str(checkpoint.path), "--prompt", "Hello", "--max-new-tokens", "5",
+                         "--no-chat")
+    assert code == 0, err
+    net, tok = loaded
+    (ids, _), = generate_ids(net, [tok.encode("Hello")], tok.mask_id, tok.eos_ids, Options(max_new_tokens=5))
+    assert out == tok.decode(ids) + "\n"
+    assert err.strip().splitlines()[-1].startswith("1 sequences, ")

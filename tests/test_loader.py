@@ -1,0 +1,269 @@
+"""The checkpoint: model.save -> model.load round trips, the tokenizer's special ids and chat template, and one
+clear CheckpointError per kind of broken checkpoint folder."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model
+from conftest import ENDOFTEXT_ID, IM_END_ID, MASK_ID
+
+SHARD_BYTES = 12_000  # the bf16 embedding alone is 19,200 bytes: several shards
+
+
+def rounded(net, dtype):
+    """A copy of net's parameters as they come back from a checkpoint saved in `dtype`."""
+    return {name: p.detach().to(dtype).float() for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("shards", [None, SHARD_BYTES], ids=["single-file", "sharded"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_round_trip_bf16(make_checkpoint, tied, shards):
+    ckpt = make_checkpoint(tie_word_embeddings=tied, max_shard_bytes=shards, dtype=torch.bfloat16)
+    files = sorted(p.name for p in ckpt.path.glob("*.safetensors"))
+    if shards:
+        assert len(files) > 2 and "model.safetensors" not in files
+        index = json.loads((ckpt.path / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == set(files)
+        assert all(n.startswith("model.") or n == "lm_head.weight" for n in index["weight_map"])
+    else:
+        assert files == ["model.safetensors"] and not (ckpt.path / "model.safetensors.index.json").exists()
+
+    net, tok = model.load(ckpt.path)
+    assert (net.lm_head.weight is net.embed_tokens.weight) == tied
+    assert net.embed_tokens.weight.dtype == torch.float32  # bf16 on disk, fp32 compute on the CPU
+    want = rounded(ckpt.net, torch.bfloat16)
+    got = dict(net.named_parameters())
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    if not tied:  # the bf16 rounding really happened: the checkpoint is not the fp32 original
+        assert not torch.equal(got["lm_head.weight"], ckpt.net.lm_head.weight)
+
+    reference = model.SDAR(ckpt.net.config)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.copy_(want[name])
+    ids = torch.randint(4, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids, block_size=4), reference(ids, block_size=4), atol=1e-6, rtol=0)
+    assert tok.mask_id == MASK_ID and tok.eos_ids == sorted([ENDOFTEXT_ID, IM_END_ID])
+
+
+def test_round_trip_fp32_is_exact_and_keeps_the_config(make_checkpoint):
+    ckpt = make_checkpoint(tie_word_embeddings=False, dtype=torch.float32, rope_theta=123.0, block_size=8,
+                           num_hidden_layers=3, max_position_embeddings=96)
+    net, _ = model.load(ckpt.path)
+    for (name, a), (_, b) in zip(net.named_parameters(), ckpt.net.named_parameters()):
+        assert torch.equal(a, b), name
+    cfg = net.config
+    assert (cfg.rope_theta, cfg.block_size, cfg.num_hidden_layers, cfg.max_position_embeddings, cfg.head_dim) == \
+        (123.0, 8, 3, 96, 16)
+    assert not net.training
+
+
+def test_load_dtype_option(make_checkpoint):
+    ckpt = make_checkpoint()
+    net, _ = model.load(ckpt.path, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+    with pytest.raises(ValueError, match="unknown dtype"):
+        model.load(ckpt.path, dtype="int8")
+
+
+def test_tied_checkpoint_may_also_store_lm_head(make_checkpoint):
+    """Some checkpoints keep a copy of the tied head; it is ignored, as is rotary_emb.inv_freq."""
+    ckpt = make_checkpoint()
+    path = ckpt.path / "model.safetensors"
+    tensors = load_file(path)
+    tensors["lm_head.weight"] = torch.zeros_like(tensors["model.embed_tokens.weight"])
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, path)
+    net, _ = model.load(ckpt.path)
+    assert net.lm_head.weight is net.embed_tokens.weight
+    assert torch.equal(net.embed_tokens.weight, ckpt.net.embed_tokens.weight)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer: ids from config.json, generation_config.json and tokenizer_config.json; the chat template.
+
+def edit_json(path, **changes):
+    d = json.loads(path.read_text()) if path.exists() else {}
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+def test_tokenizer_encode_decode(make_checkpoint):
+    _, tok = model.load(make_checkpoint().path)
+    text = "<|im_start|>user\nWhat is 17 plus 25?<|im_end|>\n"
+    ids = tok.encode(text)
+    assert ids[0] == 1 and IM_END_ID in ids and MASK_ID not in ids
+    assert tok.decode(ids) == text
+
+
+def test_mask_id_precedence(make_checkpoint):
+    path = make_checkpoint().path
+    assert model.load(path)[1].mask_id == MASK_ID  # found by name: <|MASK|>
+    edit_json(path / "tokenizer_config.json", mask_token={"content": "<|im_start|>"})
+    assert model.load(path)[1].mask_id == 1
+    edit_json(path / "generation_config.json", mask_token_id=7)
+    assert model.load(path)[1].mask_id == 7
+    edit_json(path / "config.json", mask_token_id=9)
+    assert model.load(path)[1].mask_id == 9
+
+
+def test_eos_ids_from_generation_config_then_tokenizer_config(make_checkpoint):
+    path = make_checkpoint(generation_config={"eos_token_id": IM_END_ID}).path
+    assert model.load(path)[1].eos_ids == [IM_END_ID]
+    os.remove(path / "generation_config.json")
+    edit_json(path / "tokenizer_config.json", eos_token="<|endoftext|>")
+    assert model.load(path)[1].eos_ids == [ENDOFTEXT_ID]
+    os.remove(path / "tokenizer_config.json")
+    assert model.load(path)[1].eos_ids == []
+
+
+def test_eos_ids_from_config_json(make_checkpoint):
+    path = make_checkpoint(generation_config={"eos_token_id": ENDOFTEXT_ID}).path
+    edit_json(path / "config.json", eos_token_id=[IM_END_ID, ENDOFTEXT_ID])
+    assert model.load(path)[1].eos_ids == [ENDOFTEXT_ID]  # generation_config.json first
+    os.remove(path / "generation_config.json")
+    edit_json(path / "tokenizer_config.json", eos_token="<|im_start|>")
+    assert model.load(path)[1].eos_ids == [ENDOFTEXT_ID, IM_END_ID]  # then config.json, before tokenizer_config
+
+
+def test_chat_template_is_chatml_without_a_template(make_checkpoint):
+    _, tok = model.load(make_checkpoint().path)
+    assert tok.chat_template is None
+    assert tok.apply_chat_template("Hi there") == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_chat_template_from_tokenizer_config(make_checkpoint, monkeypatch):
+    path = make_checkpoint().path
+    edit_json(path / "tokenizer_config.json", chat_template=TEMPLATE, bos_token="<s>")
+    _, tok = model.load(path)
+    assert tok.apply_chat_template("Hi") == "<s>[user] Hi\n[assistant] "
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # `import jinja2` now raises ImportError
+    assert tok.apply_chat_template("Hi") == model.CHATML.format(prompt="Hi")
+
+
+def test_named_chat_templates_use_the_default_one(make_checkpoint):
+    path = make_checkpoint().path
+    edit_json(path / "tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "TOOLS"},
+                                                             {"name": "default", "template": TEMPLATE}])
+    _, tok = model.load(path)
+    assert tok.apply_chat_template("Hi") == "[user] Hi\n[assistant] "
+
+
+# ---------------------------------------------------------------------------------------------------
+# Broken checkpoints: one CheckpointError each, with a one-line message that names the problem.
+
+def rewrite_tensors(path, change):
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+def expect_error(path, *words):
+    with pytest.raises(model.CheckpointError) as err:
+        model.load(path)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    return msg
+
+
+def test_error_folder_missing(tmp_path):
+    expect_error(tmp_path / "nowhere", "nowhere", "does not exist")
+
+
+def test_error_config_missing(make_checkpoint):
+    path = make_checkpoint().path
+    os.remove(path / "config.json")
+    expect_error(path, "config.json is missing")
+
+
+def test_error_config_invalid_json(make_checkpoint):
+    path = make_checkpoint().path
+    (path / "config.json").write_text('{"model_type": "sdar",')
+    expect_error(path, "config.json is not valid JSON")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "sdar_moe", None])
+def test_error_unknown_model_type(make_checkpoint, model_type):
+    path = make_checkpoint().path
+    edit_json(path / "config.json", model_type=model_type)
+    expect_error(path, f"model_type {model_type!r} is not supported")
+
+
+def test_error_weights_file_missing(make_checkpoint):
+    path = make_checkpoint().path
+    os.remove(path / "model.safetensors")
+    expect_error(path, "model.safetensors is missing")
+
+
+def test_error_shard_missing(make_checkpoint):
+    path = make_checkpoint(max_shard_bytes=SHARD_BYTES).path
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    os.remove(shard)
+    expect_error(path, f"{shard.name} is missing")
+
+
+def test_error_missing_tensor(make_checkpoint):
+    path = make_checkpoint().path
+    rewrite_tensors(path / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    expect_error(path, "missing tensors model.layers.1.mlp.up_proj.weight")
+
+
+def test_error_untied_checkpoint_without_lm_head(make_checkpoint):
+    path = make_checkpoint(tie_word_embeddings=False).path
+    rewrite_tensors(path / "model.safetensors", lambda t: t.pop("lm_head.weight"))
+    expect_error(path, "missing tensors lm_head.weight")
+
+
+def test_error_unexpected_tensor(make_checkpoint):
+    path = make_checkpoint().path
+    rewrite_tensors(path / "model.safetensors",
+                    lambda t: t.update({"model.layers.0.mlp.experts.0.weight": torch.zeros(2, 2)}))
+    expect_error(path, "unexpected tensor 'model.layers.0.mlp.experts.0.weight'")
+
+
+def test_error_misshapen_tensor(make_checkpoint):
+    path = make_checkpoint().path
+    rewrite_tensors(path / "model.safetensors",
+                    lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 32)}))
+    msg = expect_error(path, "'model.layers.0.self_attn.k_proj.weight'", "(64, 32)", "(32, 32)")
+    assert "shape" in msg
+
+
+def test_error_tokenizer_missing(make_checkpoint):
+    path = make_checkpoint().path
+    os.remove(path / "tokenizer.json")
+    expect_error(path, "tokenizer.json is missing")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_error_corrupt_safetensors(make_checkpoint, damage):
+    path = make_checkpoint().path
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"garbage": b"not a safetensors file" * 4, "truncated": data[:-64], "empty": b""}[damage])
+    expect_error(path, "model.safetensors is not a readable safetensors file")
+
+
+def test_error_index_without_weight_map(make_checkpoint):
+    path = make_checkpoint(max_shard_bytes=SHARD_BYTES).path
+    (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    expect_error(path, "has no weight_map")
+
+
+def test_error_corrupt_tokenizer_json(make_checkpoint):
+    path = make_checkpoint().path
+    (path / "tokenizer.json").write_text('{"version": ')
+    expect_error(path, "tokenizer.json")

@@ -97,8 +97,6 @@ def test_sample_top_k_and_top_p_keep_the_right_sets():
     assert set(sample(logits, 1.0, 2, 1.0, gen)[0].tolist()) == {1, 3}
     assert set(sample(logits, 1.0, 0, 0.8, gen)[0].tolist()) == {1, 3}        # 0.5 + 0.3 reaches 0.8
     assert set(sample(logits, 1.0, 0, 0.81, gen)[0].tolist()) == {1, 2, 3}    # the smallest set reaching it
-    token, conf = sample(logits, 1.0, 2, 1.0, gen)
-    torch.testing.assert_close(conf, torch.where(token == 1, 0.5 / 0.8, 0.3 / 0.8))  # renormalised
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,19 +287,19 @@ def test_stop_repeats_on_free_runs(loaded, repeats):
     assert [len(w) < 40 for w in want] == ([True, False, True, True, True] if repeats == 2 else [False] * 5)
 
 
-def test_the_mask_token_is_never_generated():
-    net = constant_model(MASK_ID)  # the model's favourite output is the mask token itself
-    (ids, stats), = run(net, [PROMPTS[0]], max_new_tokens=12)
-    assert len(ids) == 12 and MASK_ID not in ids
-    assert sum(stats["decoded"]) == 15  # every masked slot of blocks 4..7, 8..11, 12..15 was decoded
-
-
 @pytest.mark.parametrize("max_new_tokens", [9, 10, 11, 12])
 def test_stop_repeats_never_exceeds_the_budget(max_new_tokens):
     """P = 5: blocks 8..11 and 12..15 repeat, so the repeat stop ends at 16 (11 tokens) unless the budget is less."""
     net = constant_model(100)
     (ids, _), = run(net, [PROMPTS[0]], max_new_tokens=max_new_tokens, stop_repeats=2)
     assert ids == [100] * min(max_new_tokens, 11)
+
+
+def test_the_mask_token_is_never_generated():
+    net = constant_model(MASK_ID)  # the model's favourite output is the mask token itself
+    (ids, stats), = run(net, [PROMPTS[0]], max_new_tokens=12)
+    assert len(ids) == 12 and MASK_ID not in ids
+    assert sum(stats["decoded"]) == 15  # every masked slot of blocks 4..7, 8..11, 12..15 was decoded
 
 
 def test_seeded_sampling(loaded):
@@ -390,7 +388,8 @@ def test_delayed_cache_follows_the_reference_rule(loaded, monkeypatch, strategy,
     for slot, (ids, stats) in enumerate(results):
         expected = reference_processing(rec, slot)
         n_steps = len(stats["computed"])
-        assert all(e == [] for e in expected[n_steps:])
+        for step in range(n_steps, len(rec.steps)):  # an ended sequence computes nothing
+            assert expected[step] == rec.computed(step, slot)[0] == []
         for step in range(n_steps):
             cols, in_ids, key_ends = rec.computed(step, slot)
             assert cols == expected[step], f"slot {slot} step {step}"

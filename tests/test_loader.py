@@ -202,6 +202,28 @@ def test_error_unknown_model_type(make_checkpoint, model_type):
     expect_error(path, f"model_type {model_type!r} is not supported")
 
 
+@pytest.mark.parametrize("change,words", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+], ids=["rope_scaling", "hidden_act", "heads"])
+def test_error_unsupported_config(make_checkpoint, change, words):
+    path = make_checkpoint().path
+    edit_json(path / "config.json", **change)
+    expect_error(path, "config.json", words)
+
+
+def test_config_defaults_head_dim_and_block_size(make_checkpoint):
+    """Without head_dim, it is hidden_size / num_attention_heads; without block_size in config.json,
+    generation_config.json may give it."""
+    path = make_checkpoint(head_dim=8, block_size=4, generation_config={"eos_token_id": 2, "block_size": 8}).path
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["head_dim"], cfg["block_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    net, _ = model.load(path)
+    assert (net.config.head_dim, net.config.block_size) == (8, 8)
+
+
 def test_error_weights_file_missing(make_checkpoint):
     path = make_checkpoint().path
     os.remove(path / "model.safetensors")

@@ -203,28 +203,25 @@ def test_recomputing_some_rows_of_a_block_reads_the_others_from_the_cache(net):
     """The delayed-cache situation: a block is computed in full, then only some of its rows are recomputed; their
     keys/values are rewritten and the others come from the cache, so their logits still equal the spec form."""
     bs, num_slots = 4, 2
-    ids = [random_ids(1, 12, seed=20)[0], random_ids(1, 9, seed=21)[0]]
-    cfg = net.config
-    cache = model.KVCache(cfg, num_slots, 32, "cpu", torch.float32)
-    with torch.no_grad():
-        # sequence 0: blocks 0-1 as context and block 2 (8..11) active; sequence 1: block 0 and block 1 (4..7).
-        parts = [(0, range(12), [(p // 4 + 1) * 4 for p in range(12)]), (1, range(8), [(p // 4 + 1) * 4 for p in range(8)])]
+    ids = [random_ids(1, 12, seed=20)[0], random_ids(1, 8, seed=21)[0]]
+    cache = model.KVCache(net.config, num_slots, 32, "cpu", torch.float32)
+
+    def forward(parts, logits_for=None):
         seq, pos, key_end = cat_rows(parts)
-        net.forward_rows(torch.stack([ids[s][p] for s, p in zip(seq.tolist(), pos.tolist())]),
-                         model.Rows.build(seq, pos, key_end, num_slots), cache)
-        # Rows not recomputed must be read from the cache; the recomputed ones must be rewritten before attention.
+        tokens = torch.stack([ids[s][p] for s, p in zip(seq.tolist(), pos.tolist())])
+        return net.forward_rows(tokens, model.Rows.build(seq, pos, key_end, num_slots), cache, logits_for)
+
+    with torch.no_grad():
+        # sequence 0: blocks 0-1 as context, block 2 (8..11) active; sequence 1: block 0, block 1 (4..7) active
+        forward([(s, range(len(ids[s])), [(p // bs + 1) * bs for p in range(len(ids[s]))]) for s in (0, 1)])
         subset = {0: [9, 11], 1: [4, 6]}
-        for s, ps in subset.items():
+        for s, ps in subset.items():  # stale values where the recomputed rows must write before attending
             cache.k[:, s, :, ps] = 100.0
             cache.v[:, s, :, ps] = -100.0
         cache.k[:, :, :, 12:] = float("nan")  # beyond every key_end: never read
-        parts = [(0, subset[0], [12, 12]), (1, subset[1], [8, 8])]
-        seq, pos, key_end = cat_rows(parts)
-        rows = model.Rows.build(seq, pos, key_end, num_slots)
-        out = net.forward_rows(torch.stack([ids[s][p] for s, p in zip(seq.tolist(), pos.tolist())]), rows, cache,
-                               logits_for=torch.tensor([1, 2]))
-        want0, want1 = net(ids[0][None], block_size=bs)[0], net(ids[1][None, :8], block_size=bs)[0]
-    assert out.shape == (2, cfg.vocab_size)
+        out = forward([(0, subset[0], [12, 12]), (1, subset[1], [8, 8])], logits_for=torch.tensor([1, 2]))
+        want0, want1 = net(ids[0][None], block_size=bs)[0], net(ids[1][None], block_size=bs)[0]
+    assert out.shape == (2, net.config.vocab_size)
     torch.testing.assert_close(out[0], want0[11], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[1], want1[4], atol=ATOL, rtol=0)
 

@@ -62,6 +62,31 @@ OBJECTS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "coin
 PLACES = ["the market", "the shop", "school", "the fair", "the park", "a friend's house"]
 
 
+# Several wordings for each step, drawn independently of the question: as in real solutions, the wording
+# is not determined by the problem, so a model cannot be sure of a whole sentence before it starts it.
+SAY = {
+    "add": ["{name} gets {b} more, so {a} + {b} = {c} {obj}", "After that there are {a} + {b} = {c} {obj}",
+            "Adding {b} gives {a} + {b} = {c}", "{a} plus {b} is {c}, so now {name} has {c} {obj}",
+            "Then {a} + {b} = {c}", "With {b} more {obj}, the total is {a} + {b} = {c}",
+            "We add: {a} + {b} = {c} {obj}"],
+    "sub": ["{name} has {b} fewer, so {a} - {b} = {c} {obj}", "Taking away {b} leaves {a} - {b} = {c}",
+            "Then {a} - {b} = {c}", "{a} minus {b} is {c}, so {c} {obj} are left",
+            "Without those {b} {obj}, {name} has {a} - {b} = {c}", "We subtract: {a} - {b} = {c} {obj}"],
+    "mul": ["The {obj} grow {b} times, so {a} * {b} = {c} {obj}", "Multiplying gives {a} * {b} = {c}",
+            "{a} times {b} is {c}", "Then {a} * {b} = {c} {obj}", "Now there are {b} times as many: {a} * {b} = {c}"],
+    "div": ["Shared among {b} friends, each gets {a} / {b} = {c} {obj}", "Dividing gives {a} / {b} = {c}",
+            "{a} divided by {b} is {c}", "Each friend gets {a} / {b} = {c} {obj}"],
+    "direct": ["{a} {op} {b} = {c}", "{a} {word} {b} equals {c}", "We compute {a} {op} {b} = {c}",
+               "{a} {word} {b} is {c}", "Working it out, {a} {op} {b} = {c}"],
+}
+OPENERS = ["", "", "", "Let's solve it step by step.", "We work through it one step at a time.", "Let's think.",
+           "Start with what we know."]
+
+
+def _say(rng: random.Random, kind: str, **values) -> str:
+    return rng.choice(SAY[kind]).format(**values)
+
+
 def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
     name, obj, friend = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(NAMES)
     value = rng.randint(2, 40)
@@ -82,25 +107,25 @@ def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
             b = rng.randint(2, 30)
             question.append(rng.choice([f"Then {name} gets {b} more at {rng.choice(PLACES)}.",
                                         f"{friend} gives {name} {b} more {obj}.", f"{name} buys {b} more {obj}."]))
-            steps.append(f"{name} gets {b} more, so {value} + {b} = {value + b} {obj}")
+            steps.append(_say(rng, "add", name=name, a=value, b=b, c=value + b, obj=obj))
             value += b
         elif op == "sub":
             b = rng.randint(1, value - 1)
             question.append(rng.choice([f"{name} gives {b} {obj} to {friend}.", f"{name} loses {b} of them.",
                                         f"{name} uses {b} {obj}."]))
-            steps.append(f"{name} has {b} fewer, so {value} - {b} = {value - b} {obj}")
+            steps.append(_say(rng, "sub", name=name, a=value, b=b, c=value - b, obj=obj))
             value -= b
         elif op == "mul":
             k = rng.randint(2, 5)
             word = {2: "doubles", 3: "triples"}.get(k, f"multiplies by {k}")
             question.append(rng.choice([f"Then {name} {word} the number of {obj}.",
                                         f"Then the number of {obj} grows {k} times."]))
-            steps.append(f"The {obj} grow {k} times, so {value} * {k} = {value * k} {obj}")
+            steps.append(_say(rng, "mul", name=name, a=value, b=k, c=value * k, obj=obj))
             value *= k
         else:
             k = rng.choice(divisors)
             question.append(f"{name} shares the {obj} equally among {k} friends.")
-            steps.append(f"Shared among {k} friends, each gets {value} / {k} = {value // k} {obj}")
+            steps.append(_say(rng, "div", name=name, a=value, b=k, c=value // k, obj=obj))
             value //= k
             question.append(f"How many {obj} does each friend get?")
             return " ".join(question), steps, value
@@ -121,13 +146,14 @@ def _direct_question(rng: random.Random) -> tuple[str, list[str], int]:
     question = rng.choice([f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"What is {a} {op} {b}?",
                            f"Calculate {a} {word} {b}.", f"How much is {a} {word} {b}?"])
     value = eval(f"{a} {op} {b}")  # two small integers and one operator from the lines above
-    return question, [f"{a} {op} {b} = {value}"], value
+    return question, [_say(rng, "direct", a=a, b=b, op=op, word=word, c=value)], value
 
 
 def arithmetic_problem(rng: random.Random) -> Problem:
     word = rng.random() < 0.7
     question, steps, value = (_word_problem if word else _direct_question)(rng)
-    start = [re.match(r"(.+?\.)", question).group(1)] if word else []
+    opener = rng.choice(OPENERS)
+    start = ([opener] if opener else []) + ([re.match(r"(.+?\.)", question).group(1)] if word and rng.random() < 0.6 else [])
     solution = "\n".join(start + [s + "." for s in steps]) + f"\nThe answer is {value}."
     return Problem(question, solution, str(value), "arithmetic")
 
@@ -150,8 +176,10 @@ def list_problem(rng: random.Random) -> Problem:
     op = rng.choice(ops)
     L = _fmt(items)
     if op == "reverse":
+        back = ', '.join(map(str, items[::-1]))
         q, work, ans = rng.choice([f"Reverse the list {L}.", f"What is {L} in reverse order?"]), \
-            f"Reading {L} from the end: {', '.join(map(str, items[::-1]))}.", _fmt(items[::-1])
+            rng.choice([f"Reading {L} from the end: {back}.", f"From last to first the items are {back}.",
+                        f"Backwards, {L} becomes {back}."]), _fmt(items[::-1])
     elif op == "sort":
         desc = rng.random() < 0.3
         out = sorted(items, reverse=desc)
@@ -160,7 +188,8 @@ def list_problem(rng: random.Random) -> Problem:
     elif op == "sum":
         total = sum(items)
         q, work, ans = rng.choice([f"What is the sum of {L}?", f"Add up the numbers in {L}."]), \
-            f"{' + '.join(map(str, items))} = {total}.", str(total)
+            rng.choice([f"{' + '.join(map(str, items))} = {total}.", f"Adding them up: {' + '.join(map(str, items))} = {total}.",
+                        f"The total is {' + '.join(map(str, items))} = {total}."]), str(total)
     elif op in ("max", "min"):
         best = max(items) if op == "max" else min(items)
         word = "largest" if op == "max" else "smallest"
@@ -179,7 +208,12 @@ def list_problem(rng: random.Random) -> Problem:
         x = rng.choice(items)
         out = [i for i in items if i != x]
         q, work, ans = f"Remove every {x} from {L}.", f"Dropping each {x} leaves {', '.join(map(str, out)) or 'nothing'}.", _fmt(out)
-    return Problem(q, f"{work}\nThe answer is {ans}.", ans, "lists")
+    opener = rng.choice(LIST_OPENERS)
+    return Problem(q, (opener + "\n" if opener else "") + f"{work}\nThe answer is {ans}.", ans, "lists")
+
+
+LIST_OPENERS = ["", "", "Let's look at the list.", "We go through the items one by one.", "Let's check each item.",
+                "Here is the list again: we work on it carefully."]
 
 
 FAMILIES = {"arithmetic": (arithmetic_problem, 0.65), "lists": (list_problem, 0.35)}
@@ -283,8 +317,18 @@ def stories(n: int, seed: int) -> list[str]:
                  f"First, {name} {rng.choice(['found', 'bought', 'borrowed'])} {thing}.",
                  rng.choice([f"Then {friend} came to help.", f"It took a long time.", f"The work was hard but fun."]),
                  rng.choice([f"At last it was done, and {name} was {feel}.", f"In the end, everyone said it was beautiful."])]
+        for _ in range(rng.randint(0, 2)):  # a few free sentences anywhere in the middle
+            s.insert(rng.randint(1, len(s) - 1), rng.choice(EXTRA_SENTENCES).format(name=name, friend=friend))
         out.append(" ".join(s))
     return out
+
+
+EXTRA_SENTENCES = ["The air smelled of fresh grass.", "{name} laughed out loud.", "A small bird watched from a branch.",
+                   "{friend} was busy with something else.", "It was almost time for lunch.", "Nobody else was around.",
+                   "{name} stopped to think for a moment.", "The wind moved the leaves gently.",
+                   "{friend} asked many questions.", "Somewhere a dog was barking.", "{name} felt a little nervous.",
+                   "The sky turned orange and pink.", "They walked slowly and talked about the day.",
+                   "{name} remembered an old song.", "Far away, a bell was ringing."]
 
 
 def continuation_samples(paragraphs: list[str], seed: int) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import SDAR, ModelConfig, num_params, save
+from model import SDAR, ModelConfig, load_state, num_params, save
 
 TINY = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
             num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, block_size=32)
@@ -139,7 +139,7 @@ def write_model_card(out: Path, args, cfg: ModelConfig, n_params: int, log: list
         "tied embeddings, weights in bfloat16.", "",
         "## Training", "",
         f"Command: `python train.py {' '.join(args.argv)}`", "",
-        f"{args.steps} steps of batch {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} "
+        f"{log[-1]['step'] + 1 if log else 0} steps of batch {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} "
         f"(warm-up {args.warmup}, cosine decay), seed {args.seed}. Final training loss: "
         f"{log[-1]['loss']:.3f} (masked-token cross-entropy {log[-1]['ce']:.3f})." if log else "Untrained.", "",
         "## Data", "",
@@ -167,6 +167,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--init-from", help="start from this checkpoint folder's weights and tokenizer")
     p.add_argument("--shard-mb", type=float, default=15, help="shard weights into files of at most this size")
     args = p.parse_args()
     import sys
@@ -177,14 +178,20 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
-    texts += data.natural_text() + data.stories(5000, args.seed)
-    tok = data.train_tokenizer(texts, args.vocab_size)
+    if args.init_from:  # continue from a checkpoint's weights and tokenizer, with a fresh optimizer
+        from tokenizers import Tokenizer as HFTokenizer
+        tok = HFTokenizer.from_file(str(Path(args.init_from) / "tokenizer.json"))
+    else:
+        texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
+        texts += data.natural_text() + data.stories(5000, args.seed)
+        tok = data.train_tokenizer(texts, args.vocab_size)
     data.write_tokenizer_files(tok, out, block_size=TINY["block_size"])
     mask_id, pad_id = tok.token_to_id(data.MASK_TOKEN), tok.token_to_id(data.END_OF_TEXT)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), mask_token_id=mask_id, **TINY)
     model = SDAR(cfg).to(device)
     _init(model)
+    if args.init_from:
+        load_state(model, Path(args.init_from), device, torch.float32)
     print(f"tokenizer ready ({time.time() - t0:.0f} s); model {num_params(model) / 1e6:.1f}M parameters", flush=True)
 
     start_step, elapsed, log = 0, 0.0, []

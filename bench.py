@@ -1,0 +1,451 @@
+"""Throughput, compute and decoding statistics of full block, delayed cache and FOCUS, in one run.
+
+    python bench.py                                   # shipped model, held-out problems, batch 32
+    python bench.py --batch-sizes 32,64 --num-prompts 128 --device cuda
+    python bench.py --real-size --device cuda         # SDAR-1.7B-shaped random weights: compute only
+    python bench.py --plot results/cpu-2026-11-23.json  # PNGs from a results file (needs matplotlib)
+
+Every ratio is measured inside one run, on the same prompts and machine. Results go to
+results/<device>-<date>.json with the command, device, torch version and commit, and a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import focus
+import kernels
+from generate import DEFAULT_MODEL, Options, encode_prompts, generate_ids
+from model import SDAR, CheckpointError, ModelConfig, Rows, cached_attention, flops_per_token, load
+
+MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus-1.0": dict(focus=True, alpha=1.0),
+         "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modes side by side.
+
+def run_mode(model, prompts, mask_id, eos_ids, opts: Options, repeats: int):
+    """Warm-up, then `repeats` timed runs; returns the median run's numbers and the last run's outputs."""
+    device = model.embed_tokens.weight.device
+    generate_ids(model, prompts[:min(len(prompts), 4)], mask_id, eos_ids, opts)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, clocks = [], []
+    for _ in range(repeats):
+        clock = {}
+        sync(device)
+        t0 = time.perf_counter()
+        out = generate_ids(model, prompts, mask_id, eos_ids, opts, clock=clock)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        clocks.append(clock)
+    i = int(np.argsort(times)[len(times) // 2])
+    return times[i], clocks[i], out, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
+
+
+def summarise(out, seconds, clock, cfg: ModelConfig, block_size: int) -> dict:
+    stats = [s for _, s in out]
+    tokens = sum(len(ids) for ids, _ in out)
+    steps = sum(len(s["decoded"]) for s in stats)
+    decoded = np.array([d for s in stats for d in s["decoded"] if d > 0])  # commit steps decode nothing
+    early = sum(sum(s["computed"]) for s in stats)
+    deep = sum(sum(s["computed_deep"]) for s in stats)
+    flops = 0.0
+    for s in stats:  # the paper's per-layer cost per token, split at layer 2
+        for c, d, ctx in zip(s["computed"], s["computed_deep"], s["context"]):
+            per_layer = flops_per_token(cfg, ctx) / cfg.num_hidden_layers
+            flops += per_layer * (2 * c + (cfg.num_hidden_layers - 2) * d)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "decode_s": clock.get("decode_s"), "prefill_s": clock.get("prefill_s"), "steps": steps,
+            "computed_per_step": early / steps, "computed_deep_per_step": deep / steps,
+            "decoded_mean": float(decoded.mean()), "decoded_sd": float(decoded.std()),
+            "decoded_median": float(np.median(decoded)), "decoded_hist": np.bincount(decoded, minlength=block_size + 1).tolist(),
+            "waste": 1 - decoded.sum() / early, "flops": flops, "achieved_tflops": flops / clock["decode_s"] / 1e12}
+
+
+def bench_modes(model, tok, problems, args) -> list[dict]:
+    prompts = encode_prompts(tok, [p.question for p in problems], chat=True)
+    rows = []
+    for bs in args.batch_sizes:
+        base = None
+        for name in args.modes:
+            opts = Options(max_new_tokens=args.max_new_tokens, threshold=args.threshold, batch_size=bs, **MODES[name])
+            seconds, clock, out, peak = run_mode(model, prompts, tok.mask_id, tok.eos_ids, opts, args.repeats)
+            row = {"mode": name, "batch_size": bs, "peak_mb": peak}
+            row.update(summarise(out, seconds, clock, model.config, model.config.block_size))
+            texts = [tok.decode(ids) for ids, _ in out]
+            row["accuracy"] = float(np.mean([data.extract_answer(t) == p.answer for t, p in zip(texts, problems)]))
+            base = base or row
+            row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+            row["deep_reduction_vs_full_block"] = 1 - row["computed_deep_per_step"] / model.config.block_size
+            rows.append(row)
+            print(f"  {name:10s} batch {bs:4d}: {row['tokens_per_s']:8.1f} tokens/s  x{row['speedup']:.2f}  "
+                  f"acc {row['accuracy']:.3f}", file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Analysis: how well I^(0), I^(1) and the delta predict "decoded this step".
+
+def auc(score, label) -> float:
+    """ROC AUC by ranks (Mann-Whitney U), ties averaged."""
+    score, label = np.asarray(score, float), np.asarray(label, bool)
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    sorted_s = score[order]
+    i = 0
+    while i < len(score):
+        j = i
+        while j + 1 < len(score) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    n1, n0 = label.sum(), (~label).sum()
+    return float((ranks[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def roc_points(score, label, n=50):
+    score, label = np.asarray(score), np.asarray(label, bool)
+    cuts = np.quantile(score, np.linspace(1, 0, n))
+    return [[float(((score >= c) & ~label).sum() / max((~label).sum(), 1)),
+             float(((score >= c) & label).sum() / max(label.sum(), 1))] for c in cuts]
+
+
+def predictor_probe(model, tok, problems, args) -> dict:
+    """Decode with the delayed cache; before each step compute I^(0), I^(1) of the masked tokens with the
+    step's own rows (writing layers 0-1 of the cache with the values the step writes anyway), then label
+    them with what the step decoded."""
+    fns = kernels.focus_functions()
+    records, pending = [], []
+
+    def hook(dec):
+        if pending:
+            seq_m, col_m, i0, i1 = pending.pop()
+            records.append((seq_m.cpu().numpy(), i0, i1, dec.last_step[2][seq_m, col_m].cpu().numpy()))
+        process = dec.processing()
+        seq, col = process.nonzero(as_tuple=True)
+        last_col = torch.where(process, dec.cols, -1).amax(1)
+        pos = dec.block_start[seq] + col
+        rows = Rows.build(seq, pos, (dec.block_start + last_col + 1)[seq], dec.num_slots)
+        mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
+        if len(mask_rows) == 0:
+            return
+        g = fns.grid(seq[mask_rows])
+        cos, sin = model.rope(rows.pos)
+        x = model.embed_tokens(dec.tokens[seq, pos])
+        imps = []
+        for i in (0, 1):
+            layer = model.layers[i]
+            q, k, v = layer.qkv(x, cos, sin)
+            dec.cache.write(i, rows, k, v)
+            imps.append(fns.importance(q[mask_rows], k[mask_rows], g, layer.self_attn.scale)[g.group, g.slot].float().cpu().numpy())
+            if i == 0:
+                x = layer.finish(x, cached_attention(q, 0, rows, dec.cache, layer.self_attn.scale))
+        pending.append((seq[mask_rows], col[mask_rows], imps[0], imps[1]))
+
+    prompts = encode_prompts(tok, [p.question for p in problems], chat=True)
+    with torch.inference_mode():
+        generate_ids(model, prompts, tok.mask_id, tok.eos_ids,
+                     Options(max_new_tokens=args.max_new_tokens, threshold=args.threshold, batch_size=args.batch_sizes[0]),
+                     step_hook=hook)
+    per_step = {"I0": [], "I1": [], "delta": []}
+    precision = {"I0": [], "I1": [], "delta": []}
+    pooled = {"I0": [], "I1": [], "delta": [], "label": []}
+    for seq_m, i0, i1, label in records:
+        for s in np.unique(seq_m):
+            sel = seq_m == s
+            y = label[sel].astype(bool)
+            scores = {"I0": i0[sel], "I1": i1[sel], "delta": i1[sel] - i0[sel]}
+            if y.all() or not y.any():
+                continue
+            for name, v in scores.items():
+                per_step[name].append(auc(v, y))
+                top = np.argsort(-v, kind="stable")[:y.sum()]  # pick as many as were decoded
+                precision[name].append(y[top].mean())
+                pooled[name] += v.tolist()
+            pooled["label"] += y.tolist()
+    out = {}
+    for name in per_step:
+        out[name] = {"auc_per_step": float(np.mean(per_step[name])), "auc_pooled": auc(pooled[name], pooled["label"]),
+                     "precision_top_k": float(np.mean(precision[name])), "roc": roc_points(pooled[name], pooled["label"])}
+    out["steps_with_both_classes"] = len(per_step["I0"])
+    out["top_k"] = "k = the number of tokens that step decoded"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real-size compute on random weights.
+
+SDAR_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                 block_size=32, mask_token_id=151669, max_position_embeddings=32768)
+TINY_REAL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, block_size=32, mask_token_id=3,
+                 max_position_embeddings=4096)
+
+
+def random_model(shape: dict, device, dtype):
+    cfg = ModelConfig(**shape)
+    with torch.device(device):
+        model = SDAR(cfg).to(dtype)
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+def time_it(fn, device, n=10):
+    fn()
+    sync(device)
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+@torch.inference_mode()
+def step_probe(model, batch: int, context: int, device) -> list[dict]:
+    """One decode forward with Q rows per sequence after a context of `context` tokens, as compute-bound.md."""
+    from model import KVCache
+    cfg, bs = model.config, model.config.block_size
+    cache = KVCache(cfg, batch, context + bs, device, model.embed_tokens.weight.dtype)
+    seq = torch.arange(batch, device=device).repeat_interleave(context)
+    pos = torch.arange(context, device=device).repeat(batch)
+    for chunk in range(0, batch, 16):  # prefill in chunks to bound the attention grid
+        sel = (seq >= chunk) & (seq < chunk + 16)
+        model.forward_rows(torch.randint(10, cfg.vocab_size, (int(sel.sum()),), device=device),
+                           Rows.build(seq[sel], pos[sel], (pos[sel] // bs + 1) * bs, batch), cache, logits_for=pos[:0])
+    out = []
+    for q in (32, 16, 8, 4):
+        seq = torch.arange(batch, device=device).repeat_interleave(q)
+        pos = context + torch.arange(q, device=device).repeat(batch)
+        rows = Rows.build(seq, pos, torch.full_like(pos, context + q), batch)
+        ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
+        ms = time_it(lambda: model.forward_rows(ids, rows, cache, logits_for=pos[:0]), device) * 1e3
+        flops = len(seq) * flops_per_token(cfg, context + q)
+        out.append({"batch": batch, "context": context, "Q": q, "ms": ms, "tflops": flops / ms / 1e9})
+    # A FOCUS step: 32 masked rows per sequence in layers 0-1, about 4 kept after layer 1.
+    seq = torch.arange(batch, device=device).repeat_interleave(bs)
+    col = torch.arange(bs, device=device).repeat(batch)
+    rows = Rows.build(seq, context + col, torch.full_like(col, context + bs), batch)
+    ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
+    start = torch.full((batch,), context, device=device)
+    progress, target = torch.full((batch,), bs - 1, device=device), torch.full((batch,), 4, device=device)
+    fns = kernels.focus_functions()
+    is_mask = torch.ones_like(col, dtype=torch.bool)
+    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, fns)
+    ms = time_it(run, device) * 1e3
+    kept = int(run().kept.sum()) / batch
+    out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept})
+    return out
+
+
+def bench_real_size(args, device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = TINY_REAL if args.real_size_config == "tiny" else SDAR_1_7B
+    model = random_model(shape, device, dtype)
+    result = {"note": "random weights: every step decodes one token (nothing reaches the threshold), so this "
+                      "measures compute per step, not decoding dynamics", "config": shape, "probe": [], "end_to_end": []}
+    batches = [2] if args.real_size_config == "tiny" else args.real_batches
+    for b in batches:
+        for ctx in args.contexts:
+            rows = step_probe(model, b, ctx, device)
+            result["probe"] += rows
+            for r in rows:
+                print(f"  probe batch {b} context {ctx} Q {r['Q']}: {r['ms']:.1f} ms", file=sys.stderr)
+    for b in batches:
+        for ctx in args.contexts:
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(10, shape["vocab_size"], (ctx,), generator=g).tolist() for _ in range(b)]
+            base = None
+            for name in ("full", "delayed", "focus-1.5"):
+                opts = Options(max_new_tokens=64, batch_size=b, **MODES[name])
+                seconds, clock, out, peak = run_mode(model, prompts, shape["mask_token_id"], [-1], opts, 1)
+                tokens = sum(len(ids) for ids, _ in out)
+                steps = len(out[0][1]["decoded"])
+                row = {"mode": name, "batch": b, "context": ctx, "tokens_per_s": tokens / seconds,
+                       "decode_tokens_per_s": tokens / clock["decode_s"], "steps": steps,
+                       "ms_per_step": clock["decode_s"] / steps * 1e3, "peak_mb": peak,
+                       "computed_deep_per_step": float(np.mean(out[0][1]["computed_deep"]))}
+                base = base or row
+                row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                result["end_to_end"].append(row)
+                print(f"  e2e {name} batch {b} context {ctx}: {row['ms_per_step']:.1f} ms/step x{row['decode_speedup']:.2f}",
+                      file=sys.stderr)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output.
+
+def table(rows: list[dict]) -> str:
+    head = ("| mode | batch | tokens/s | x full | steps | computed/step L0-1 | computed/step L2..L | fewer vs block "
+            "| decoded/step mean / sd / median | accuracy | peak MB |")
+    lines = [head, "|" + " --- |" * 11]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['steps']} "
+                     f"| {r['computed_per_step']:.1f} | {r['computed_deep_per_step']:.1f} "
+                     f"| {r['deep_reduction_vs_full_block']:.0%} | {r['decoded_mean']:.2f} / {r['decoded_sd']:.2f} / "
+                     f"{r['decoded_median']:.0f} | {r['accuracy']:.1%} | {r['peak_mb'] or '-'} |")
+    return "\n".join(lines)
+
+
+def real_size_table(res: dict) -> str:
+    lines = ["| batch | context | Q | ms | TFLOP/s |", "|" + " --- |" * 5]
+    for r in res["probe"]:
+        lines.append(f"| {r['batch']} | {r['context']} | {r['Q']} | {r['ms']:.1f} | {r.get('tflops', float('nan')):.0f} |")
+    lines += ["", "| mode | batch | context | ms/step | decode tokens/s | x full | computed/step L2..L |", "|" + " --- |" * 7]
+    for r in res["end_to_end"]:
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} | "
+                     f"{r['decode_tokens_per_s']:.0f} | {r['decode_speedup']:.2f} | {r['computed_deep_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return
+    res = json.loads(path.read_text())
+    if res.get("modes"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for mode in dict.fromkeys(r["mode"] for r in res["modes"]):
+            pts = [(r["batch_size"], r["tokens_per_s"]) for r in res["modes"] if r["mode"] == mode]
+            ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set(xlabel="batch size", ylabel="generated tokens/s", title=res["device"])
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".throughput.png"), dpi=120)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        hist = np.array(next(r for r in res["modes"] if r["mode"] == "delayed")["decoded_hist"])
+        ax.bar(range(len(hist)), hist / hist.sum())
+        ax.set(xlabel="tokens decoded in a step", ylabel="fraction of steps", title="delayed cache, threshold 0.9")
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".decoded.png"), dpi=120)
+    if res.get("predictors"):
+        fig, ax = plt.subplots(figsize=(4, 4))
+        for name in ("I0", "I1", "delta"):
+            p = res["predictors"][name]
+            ax.plot(*zip(*p["roc"]), label=f"{name} (AUC {p['auc_pooled']:.2f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="predicting 'decoded this step'")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".roc.png"), dpi=120)
+    print(f"plots written next to {path}", file=sys.stderr)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    import os
+    return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Full block vs delayed cache vs FOCUS, side by side.")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--batch-sizes", default="32")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--no-analysis", dest="analysis", action="store_false")
+    p.add_argument("--real-size", action="store_true", help="SDAR-1.7B-shaped random weights (GPU)")
+    p.add_argument("--real-size-config", default="sdar-1.7b", help=argparse.SUPPRESS)
+    p.add_argument("--real-batches", default="64,128,256")
+    p.add_argument("--contexts", default="256,512")
+    p.add_argument("--out", default="results")
+    p.add_argument("--plot", metavar="JSON", help="only draw the plots of a results file")
+    args = p.parse_args(argv)
+    try:
+        args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+        args.real_batches = [int(x) for x in args.real_batches.split(",")]
+        args.contexts = [int(x) for x in args.contexts.split(",")]
+    except ValueError:
+        p.exit(2, "error: --batch-sizes, --real-batches and --contexts take comma-separated integers\n")
+    args.modes = args.modes.split(",")
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or min(args.batch_sizes + args.real_batches + args.contexts) <= 0 or args.num_prompts <= 0 or args.repeats <= 0:
+        p.exit(2, f"error: modes must be among {', '.join(MODES)} and sizes, prompts and repeats positive\n")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot:
+        plot(Path(args.plot))
+        return 0
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device; use --device cpu", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    res = {"command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
+           "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
+           "threshold": args.threshold}
+    if args.real_size:
+        res["real_size"] = bench_real_size(args, device)
+        report = real_size_table(res["real_size"])
+    else:
+        try:
+            model, tok = load(args.model, device=device, dtype=args.dtype)
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        problems = data.make_problems("heldout", args.num_prompts)
+        res["modes"] = bench_modes(model, tok, problems, args)
+        report = table(res["modes"])
+        if args.analysis:
+            res["predictors"] = predictor_probe(model, tok, problems, args)
+            full = next((r for r in res["modes"] if r["mode"] == "full"), None)
+            report += "\n\n" + "\n".join(
+                [f"- fraction of block compute on tokens not decoded that step (full block): {full['waste']:.1%}" if full else ""] +
+                [f"- {n}: AUC {v['auc_per_step']:.3f} per step ({v['auc_pooled']:.3f} pooled), precision of top-k "
+                 f"{v['precision_top_k']:.3f}" for n, v in res["predictors"].items() if isinstance(v, dict)])
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    path = out / f"{kind}{'-real-size' if args.real_size else ''}-{res['date']}.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")
+    plot(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

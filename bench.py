@@ -307,8 +307,12 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['mode']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['steps']} "
                      f"| {r['computed_per_step']:.1f} | {r['computed_deep_per_step']:.1f} "
                      f"| {r['deep_reduction_vs_full_block']:.0%} | {r['decoded_mean']:.2f} / {r['decoded_sd']:.2f} / "
-                     f"{r['decoded_median']:.0f} | {r['accuracy']:.1%} | {r['peak_mb'] or '-'} |")
+                     f"{r['decoded_median']:.0f} | {r['accuracy']:.1%} | {_mb(r['peak_mb'])} |")
     return "\n".join(lines)
+
+
+def _mb(x):
+    return "-" if x is None else f"{x:.0f}"
 
 
 def real_size_table(res: dict) -> str:

@@ -1,0 +1,404 @@
+"""FOCUS rules checked against slow, literal Python versions: importance, delta, target, selection,
+compaction, and end-to-end generation invariants on a tiny random model."""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import focus  # noqa: E402
+import generate  # noqa: E402
+import kernels  # noqa: E402
+import model  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Importance
+
+def slow_importance(q, k, scale):
+    """q (m, heads, d), k (m, kv_heads, d) of one mask set -> list of m floats, by plain loops."""
+    m, heads, _ = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    out = [0.0] * m
+    for h in range(heads):
+        g = h // group
+        for i in range(m):
+            s = [float((q[i, h].double() * k[j, g].double()).sum()) * scale for j in range(m)]
+            pooled = []
+            for j in range(m):
+                cands = [s[j]]
+                if j - 1 >= 0:
+                    cands.append(s[j - 1])
+                if j + 1 < m:
+                    cands.append(s[j + 1])
+                pooled.append(max(cands))
+            top = max(pooled)
+            e = [math.exp(p - top) for p in pooled]
+            z = sum(e)
+            for j in range(m):
+                out[j] += e[j] / z
+    return out
+
+
+def ragged_case(sizes, heads=4, kv_heads=2, head_dim=8, seed=0, slots=None):
+    gen = torch.Generator().manual_seed(seed)
+    slots = list(range(len(sizes))) if slots is None else slots
+    seq = torch.tensor([s for s, n in zip(slots, sizes) for _ in range(n)])
+    M = len(seq)
+    q = torch.randn(M, heads, head_dim, generator=gen) * 2
+    k = torch.randn(M, kv_heads, head_dim, generator=gen) * 2
+    return seq, q, k
+
+
+def test_importance_matches_literal_loops_on_ragged_batch():
+    sizes = [1, 2, 5, 7]
+    seq, q, k = ragged_case(sizes, slots=[0, 2, 3, 6])
+    scale = 8 ** -0.5
+    g = kernels.grid(seq)
+    got = kernels.ragged_importance(q, k, g, scale, focus.token_importance)
+    assert got.shape == (4, 7)
+    assert got.dtype == torch.float32
+    start = 0
+    for a, n in enumerate(sizes):
+        want = slow_importance(q[start:start + n], k[start:start + n], scale)
+        assert torch.allclose(got[a, :n], torch.tensor(want, dtype=torch.float32), atol=1e-5, rtol=1e-5), (a, n)
+        assert torch.all(got[a, n:] == 0)
+        # every query head and every masked query contributes a distribution summing to 1
+        assert abs(float(got[a, :n].sum()) - 4 * n) < 1e-4
+        start += n
+    assert g.active.tolist() == [0, 2, 3, 6]
+
+
+def test_importance_groups_query_heads_by_interleave():
+    """Query heads 0,1 read kv head 0 and 2,3 read kv head 1: a tiled (.repeat) layout gives other numbers."""
+    seq, q, k = ragged_case([5, 7], seed=3)
+    scale = 0.5
+    g = kernels.grid(seq)
+    got = kernels.ragged_importance(q, k, g, scale, focus.token_importance)
+    start = 0
+    for a, n in enumerate([5, 7]):
+        qq, kk = q[start:start + n], k[start:start + n]
+        want = torch.tensor(slow_importance(qq, kk, scale), dtype=torch.float32)
+        tiled = torch.tensor(slow_importance(qq, kk.repeat(1, 2, 1), scale), dtype=torch.float32)
+        assert torch.allclose(got[a, :n], want, atol=1e-5)
+        assert not torch.allclose(got[a, :n], tiled, atol=1e-3)  # the wrong grouping is distinguishable
+        start += n
+
+
+def test_importance_pool_uses_set_neighbours_and_ignores_padding():
+    """A single row with a huge score: pooling spreads it to its set neighbours only, never into padding."""
+    heads, kv, d = 1, 1, 2
+    q = torch.zeros(3, heads, d)
+    k = torch.zeros(3, kv, d)
+    q[:, 0, 0] = 1.0
+    k[1, 0, 0] = 50.0          # key 1 dominates every query
+    seq = torch.tensor([0, 0, 0])
+    g = kernels.grid(seq)
+    got = kernels.ragged_importance(q, k, g, 1.0, focus.token_importance)[0]
+    # pooled = [50, 50, 50] -> uniform softmax; 3 queries -> each key gets 1.0
+    assert torch.allclose(got, torch.ones(3), atol=1e-6)
+    # with padding next to a short set, the short set's values do not change
+    seq2 = torch.tensor([0, 0, 1, 1, 1])
+    q2 = torch.cat([q[:2], q])
+    k2 = torch.cat([k[:2], k])
+    got2 = kernels.ragged_importance(q2, k2, kernels.grid(seq2), 1.0, focus.token_importance)
+    alone = kernels.ragged_importance(q[:2], k[:2], kernels.grid(torch.tensor([0, 0])), 1.0, focus.token_importance)
+    assert torch.allclose(got2[0, :2], alone[0], atol=1e-6)
+    assert torch.allclose(got2[0, :2], torch.tensor(slow_importance(q[:2], k[:2], 1.0)), atol=1e-5)
+
+
+def test_max_pool3_literal():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 9, generator=gen)
+    got = focus.max_pool3(x)
+    for r in range(3):
+        for j in range(9):
+            want = max(float(x[r, t]) for t in (j - 1, j, j + 1) if 0 <= t < 9)
+            assert float(got[r, j]) == want
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Delta
+
+def test_importance_delta_is_fp32_difference_of_bf16_inputs():
+    gen = torch.Generator().manual_seed(2)
+    i1 = (torch.rand(3, 6, generator=gen) * 20).to(torch.bfloat16)
+    i0 = (torch.rand(3, 6, generator=gen) * 20).to(torch.bfloat16)
+    got = focus.importance_delta(i1, i0)
+    assert got.dtype == torch.float32
+    for a in range(3):
+        for j in range(6):
+            assert float(got[a, j]) == float(i1[a, j]) - float(i0[a, j])
+    # a difference bf16 cannot hold exactly must survive
+    a = torch.tensor([256.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0], dtype=torch.bfloat16)
+    assert float(focus.importance_delta(a, b)[0]) == 255.0
+    assert float(focus.importance_delta(b, a)[0]) == -255.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Target
+
+def slow_target(avg, L, alpha):
+    if L == 0:
+        return 0
+    return min(L, max(1, math.ceil(max(avg, 1.0) * alpha)))
+
+
+def test_retain_target_formula():
+    cases = [(0.5, 8, 1.0), (1.0, 8, 1.5), (2.5, 8, 1.5), (3.0, 2, 2.0), (1.7, 0, 1.0), (0.2, 5, 1.0),
+             (4.0, 9, 1.0), (1.0, 1, 1.0), (2.2, 10, 1.3), (6.0, 3, 1.0), (1.0, 6, 1000.0)]
+    for (a, l, al) in cases:
+        got = focus.retain_target(torch.tensor([a]), torch.tensor([l]), al)
+        assert int(got[0]) == slow_target(a, l, al), (a, l, al)
+    # explicit: avg below 1 is floored to 1
+    assert focus.retain_target(torch.tensor([0.5]), torch.tensor([8]), 1.0).tolist() == [1]
+    assert focus.retain_target(torch.tensor([0.5]), torch.tensor([8]), 2.5).tolist() == [3]
+    assert focus.retain_target(torch.tensor([2.5, 2.0]), torch.tensor([0, 4]), 1.5).tolist() == [0, 3]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Selection
+
+def slow_select(delta, pos, target, progress):
+    """One sequence: delta, pos lists of length L (set order) -> list of bools."""
+    L = len(delta)
+    if not (target > 0 and L > target):
+        return [True] * L
+    # top-target, ties to lower index
+    taken = set()
+    for _ in range(target):
+        best = None
+        for j in range(L):
+            if j in taken:
+                continue
+            if best is None or delta[j] > delta[best]:
+                best = j
+        taken.add(best)
+    mean = sum(delta) / L
+    std = math.sqrt(sum((d - mean) ** 2 for d in delta) / L)
+    over = {j for j in range(L) if delta[j] >= mean + std}
+    base = over if len(over) >= target else taken
+    kept = [j in base for j in range(L)]
+    for j in range(L - 1):
+        if j not in base and (j + 1) in base and pos[j + 1] == pos[j] + 1:
+            kept[j] = True
+    if not any(kept):
+        kept = [True] * L
+    R = max(pos[j] for j in range(L) if kept[j])
+    for j in range(L):
+        if progress < pos[j] < R:
+            kept[j] = True
+    return kept
+
+
+def run_select(rows, targets, progresses):
+    """rows: list of (deltas, positions) per sequence -> list of bool lists from focus.select_retained."""
+    A = len(rows)
+    m = max(len(d) for d, _ in rows)
+    delta = torch.zeros(A, m)
+    position = torch.full((A, m), -1, dtype=torch.long)
+    valid = torch.zeros(A, m, dtype=torch.bool)
+    for a, (d, p) in enumerate(rows):
+        n = len(d)
+        # padding deltas are junk on purpose: they must not matter
+        delta[a] = 7.0
+        delta[a, :n] = torch.tensor(d, dtype=torch.float32)
+        position[a, :n] = torch.tensor(p)
+        valid[a, :n] = True
+    kept = focus.select_retained(delta, valid, position, torch.tensor(targets, dtype=torch.long),
+                                 torch.tensor(progresses, dtype=torch.long))
+    out = []
+    for a, (d, _) in enumerate(rows):
+        assert not kept[a, len(d):].any()
+        out.append(kept[a, :len(d)].tolist())
+    return out
+
+
+def test_select_retained_random_against_literal():
+    rnd = random.Random(1234)
+    values = [-1.5, -0.25, 0.0, 0.5, 0.75, 2.0]
+    n_cases, per_batch = 300, 6
+    done = 0
+    while done < n_cases:
+        rows, targets, progs = [], [], []
+        for _ in range(min(per_batch, n_cases - done)):
+            L = rnd.randint(1, 10)
+            nv = rnd.randint(1, 4)
+            vals = rnd.sample(values, nv)
+            d = [rnd.choice(vals) for _ in range(L)]
+            p, cur = [], rnd.randint(0, 3)
+            for _ in range(L):
+                p.append(cur)
+                cur += 1 if rnd.random() < 0.6 else rnd.randint(2, 4)
+            rows.append((d, p))
+            targets.append(rnd.randint(0, 10))
+            progs.append(rnd.randint(-1, 31))
+        got = run_select(rows, targets, progs)
+        for (d, p), t, pr, g in zip(rows, targets, progs, got):
+            assert g == slow_select(d, p, t, pr), (d, p, t, pr)
+        done += len(rows)
+
+
+def test_select_rule1_no_eviction_when_set_not_larger_than_target():
+    d = [0.0, 5.0, 1.0]
+    p = [0, 1, 2]
+    assert run_select([(d, p), (d, p)], [3, 0], [-1, -1]) == [[True] * 3, [True] * 3]
+    assert run_select([(d, p)], [5], [-1]) == [[True] * 3]
+
+
+def test_select_rule2_topk_ties_to_lower_index():
+    # equal deltas at non-adjacent positions, progress past them so rule 5 adds nothing on the left
+    d = [1.0, 1.0, 1.0, 1.0]
+    p = [0, 2, 4, 6]
+    # std = 0 -> everyone reaches mean + std -> |C| = 4 >= 2 -> keep all four
+    assert run_select([(d, p)], [2], [10]) == [[True] * 4]
+    # distinct deltas where the threshold set is too small: top-2 with a tie for second place
+    d = [0.0, 3.0, 2.0, 2.0, -10.0]
+    p = [0, 2, 4, 6, 8]
+    # mean = -0.6, std ~ 4.8, mean+std ~ 4.2: C empty -> top-2 = {1, 2} (index 2 wins the tie with 3)
+    assert run_select([(d, p)], [2], [10]) == [[False, True, True, False, False]]
+
+
+def test_select_rule2_threshold_set_overrides_topk():
+    d = [10.0, 10.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    p = [0, 2, 4, 6, 8, 10, 12, 14]
+    # mean 3.75, population std ~4.84 -> C = {0, 1, 2}, size 3 >= target 1: keep exactly C
+    assert run_select([(d, p)], [1], [20]) == [[True, True, True] + [False] * 5]
+    # target 4 > |C| = 3: fall back to the top 4 (ties to lower index)
+    assert run_select([(d, p)], [4], [20]) == [[True, True, True, True] + [False] * 4]
+
+
+def test_select_rule3_adjacency_single_pass_leftward():
+    d = [0.0, 0.0, 0.0, 9.0, 0.0, 0.0]
+    p = [0, 1, 2, 3, 4, 6]
+    # base {3}; its left neighbour 2 sits at position 2 = 3 - 1 -> kept; no cascade to 1; nothing rightward
+    assert run_select([(d, p)], [1], [10]) == [[False, False, True, True, False, False]]
+    # a gap in block positions blocks the adjacency rule
+    p2 = [0, 1, 2, 4, 5, 6]
+    assert run_select([(d, p2)], [1], [10]) == [[False, False, False, True, False, False]]
+
+
+def test_select_rule4_never_returns_an_empty_set():
+    """Rule 4 is a safety net: with target >= 1 the top-t set is never empty, so no valid mask set may end
+    up with nothing kept, even for degenerate deltas (NaN, -inf)."""
+    nan, inf = float("nan"), float("inf")
+    rows = [([nan, nan, nan], [0, 1, 2]), ([-inf, -inf, -inf, -inf], [0, 2, 4, 6]), ([0.0, 0.0], [1, 5])]
+    got = run_select(rows, [1, 2, 1], [-1, 10, 3])
+    for g, (d, p), t, pr in zip(got, rows, [1, 2, 1], [-1, 10, 3]):
+        assert any(g)
+        assert g == slow_select(d, p, t, pr)
+
+
+def test_select_rule5_progress_fills_left_of_rightmost():
+    d = [0.0, 0.0, 0.0, 0.0, 9.0, 0.0]
+    p = [0, 2, 4, 6, 8, 10]
+    # base {4} at position 8; progress -1 -> every slot left of 8 kept; the one at 10 evicted
+    assert run_select([(d, p)], [1], [-1]) == [[True, True, True, True, True, False]]
+    # progress 4: only positions in (4, 8) are added
+    assert run_select([(d, p)], [1], [4]) == [[False, False, False, True, True, False]]
+    # progress past R adds nothing
+    assert run_select([(d, p)], [1], [9]) == [[False, False, False, False, True, False]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Compaction and the compiled functions
+
+def test_compact_gathers_kept_rows_in_order():
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(9, 4, generator=gen)
+    b = torch.randn(9, 2, 3, generator=gen)
+    keep_mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    keep = keep_mask.nonzero().squeeze(1)
+    ca, cb = kernels.compact(keep, a, b)
+    assert torch.equal(ca, a[keep_mask])
+    assert torch.equal(cb, b[keep_mask])
+
+
+def test_compiled_importance_matches_plain():
+    seq, q, k = ragged_case([3, 6, 1, 4], seed=7)
+    plain = kernels.focus_functions(compiled=False)
+    fused = kernels.focus_functions(compiled=True)
+    g = plain.grid(seq)
+    want = plain.importance(q, k, g, 0.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fused.importance(q, k, fused.grid(seq), 0.3)
+    assert not [w for w in caught if "plain version" in str(w.message)]  # it really ran compiled
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    keep = torch.tensor([0, 2, 5, 9])
+    for x, y in zip(fused.compact(keep, q, k), plain.compact(keep, q, k)):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. End to end on a tiny random model
+
+MASK = 3
+EOS = [2]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = model.ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, block_size=8,
+                            mask_token_id=MASK)
+    m = model.SDAR(cfg)
+    with torch.no_grad():
+        m.embed_tokens.weight.mul_(4)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rnd = random.Random(0)
+    return [[rnd.randint(10, 299) for _ in range(n)] for n in (5, 9, 12)]
+
+
+def gen(m, prompts, **opts):
+    opts.setdefault("max_new_tokens", 24)
+    with torch.no_grad():
+        return generate.generate_ids(m, [list(p) for p in prompts], MASK, list(EOS), generate.Options(**opts))
+
+
+def test_focus_huge_alpha_equals_delayed_cache(tiny, prompts):
+    base = gen(tiny, prompts, batch_size=3, focus=False)
+    wide = gen(tiny, prompts, batch_size=3, focus=True, alpha=1000.0)
+    assert [ids for ids, _ in wide] == [ids for ids, _ in base]
+    for (_, s_w), (_, s_b) in zip(wide, base):
+        assert s_w["computed"] == s_b["computed"]
+        assert s_w["computed_deep"] == s_w["computed"]
+
+
+@pytest.mark.parametrize("batch_size", [3, 2])
+def test_focus_batching_invariance(tiny, prompts, batch_size):
+    alone = [gen(tiny, [p], batch_size=1, focus=True, alpha=1.0)[0] for p in prompts]
+    batched = gen(tiny, prompts, batch_size=batch_size, focus=True, alpha=1.0)
+    for (ids_b, st_b), (ids_a, st_a) in zip(batched, alone):
+        assert ids_b == ids_a
+        assert st_b["computed_deep"] == st_a["computed_deep"]
+        assert st_b["decoded"] == st_a["decoded"]
+
+
+def test_focus_evicts_and_stats_are_ordered(tiny, prompts):
+    out = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0)
+    evicted_somewhere = False
+    for ids, st in out:
+        assert len(ids) > 0
+        assert len(st["computed"]) == len(st["computed_deep"]) == len(st["decoded"])
+        for c, cd, dec in zip(st["computed"], st["computed_deep"], st["decoded"]):
+            assert cd <= c
+            assert dec <= cd
+            evicted_somewhere |= cd < c
+    assert evicted_somewhere

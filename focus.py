@@ -94,7 +94,7 @@ def select_retained(delta, valid, position, target, progress):
     base = torch.where(evicting[:, None], base, valid)
     right_kept = torch.zeros_like(base)
     right_kept[:, :-1] = base[:, 1:] & (position[:, 1:] == position[:, :-1] + 1)
-    kept = base
+    kept = base | (valid & right_kept)
     kept = torch.where(kept.any(1, keepdim=True), kept, valid)
     rightmost = position.masked_fill(~kept, -1).amax(1, keepdim=True)
     return kept | (valid & (position < rightmost) & (position > progress[:, None]))

@@ -139,11 +139,8 @@ def predictor_probe(model, tok, problems, args) -> dict:
         if pending:
             seq_m, col_m, i0, i1 = pending.pop()
             records.append((seq_m.cpu().numpy(), i0, i1, dec.last_step[2][seq_m, col_m].cpu().numpy()))
-        process = dec.processing()
-        seq, col = process.nonzero(as_tuple=True)
-        last_col = torch.where(process, dec.cols, -1).amax(1)
-        pos = dec.block_start[seq] + col
-        rows = Rows.build(seq, pos, (dec.block_start + last_col + 1)[seq], dec.num_slots)
+        seq, col, rows, _ = dec.rows(dec.processing())
+        pos = rows.pos
         mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
         if len(mask_rows) == 0:
             return

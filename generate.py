@@ -195,14 +195,20 @@ class Decoder:
             process |= ~process.any(1, keepdim=True)    # nothing left to compute: compute all
         return process & self.live[:, None]
 
+    def rows(self, process):
+        """The step's rows, ordered by slot then position: slot (T,), block position (T,), their Rows, and
+        each slot's last computed block position (S,), up to which attention reaches in the block."""
+        seq, col = process.nonzero(as_tuple=True)
+        last_col = torch.where(process, self.cols, -1).amax(1)
+        key_end = (self.block_start + last_col + 1)[seq]
+        return seq, col, Rows.build(seq, self.block_start[seq] + col, key_end, self.num_slots), last_col
+
     def step(self) -> dict:
         """One diffusion step for every live sequence. Returns per-slot statistics of the step."""
         o, bs = self.opts, self.block_size
         process = self.processing()
-        seq, col = process.nonzero(as_tuple=True)                 # rows, ordered by slot then position
-        pos = self.block_start[seq] + col
-        last_col = torch.where(process, self.cols, -1).amax(1)    # attention reaches the last computed slot
-        rows = Rows.build(seq, pos, (self.block_start + last_col + 1)[seq], self.num_slots)
+        seq, col, rows, last_col = self.rows(process)
+        pos = rows.pos
         ids = self.tokens[seq, pos]
         is_mask_row = self.masked[seq, col]
         masked_in = self.masked.clone()

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+import focus
+import kernels
 from model import CheckpointError, KVCache, Rows, load
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "sdar-tiny"
@@ -147,7 +149,6 @@ class Decoder:
         self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
         self.focus_fns = None
         if opts.focus:
-            import focus, kernels
             self.focus_fns = kernels.focus_functions(compiled=opts.compile)
 
     # -- admission and prefill ------------------------------------------------------------------------
@@ -215,7 +216,6 @@ class Decoder:
 
         target = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
         if self.focus_fns is not None:
-            import focus
             avg = torch.where(self.decoded_steps > 0, self.decoded_sum / self.decoded_steps.clamp(min=1), 1.0)
             target = focus.retain_target(avg, self.masked.sum(1) * self.live, o.alpha)
             out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,

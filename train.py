@@ -1,16 +1,30 @@
-"""Train a small SDAR-layout block-diffusion model from scratch, on data this script builds offline.
+"""Train a small SDAR-layout model the way SDAR models are made: autoregressive first, then block diffusion.
 
-    python train.py --out checkpoints/sdar-tiny                  # the shipped model (GPU: ~9 min on an H100)
-    python train.py --out /tmp/random-sdar --steps 0             # an untrained model with the real tokenizer
-    python train.py --out DIR --resume                           # continue from DIR/train_state.pt
+    python train.py --out checkpoints/my-model --ar-minutes 3 --minutes 3.5   # both phases (GPU)
+    python train.py --out checkpoints/my-model --resume                       # continue, in either phase
+    python train.py --out /tmp/random-sdar --steps 0 --ar-steps 0             # untrained, real tokenizer
 
-The objective (block diffusion, as BD3-LM and SDAR train): a sequence is cut into blocks of `block_size`.
-Each block of a noised copy gets its own noise level t ~ U(eps, 1) and each of its trainable tokens is
-replaced by the mask token with probability t. The model sees, in one pass, the noised copy and the clean
-copy side by side: a noised block attends to itself (both directions) and to the clean copy's earlier
-blocks; the clean copy is block-causal. The loss is the cross-entropy on the masked positions weighted by
-1/t, the masked-diffusion ELBO weight (MDLM; SDAR's trainer divides by the same p_mask), averaged over the
-trainable tokens, so that every noise level contributes to the bound in proportion.
+Why two phases. SDAR models are not trained from scratch: they are autoregressive Qwen3 models continued
+with the block-diffusion objective (LLaDA2.0 likewise starts from an autoregressive model). The network is
+the same in both phases; only the attention mask and the target change. The autoregressive past is what
+FOCUS stands on: a model trained from scratch as a diffusion model answers well, but the attention of its
+layers 0 and 1 does not point at the tokens about to be decoded, and FOCUS then evicts the wrong ones
+(see the model card's study and walkthrough.md, section 3).
+
+Phase 1, autoregressive (`--ar-steps`, `--ar-minutes`, `--ar-lr`, `--ar-warmup`): next-token cross-entropy
+on every token of every packed example, attention causal inside each example.
+
+Phase 2, block diffusion (`--steps`, `--minutes`, `--lr`, `--warmup`; as BD3-LM and SDAR train): a sequence
+is cut into blocks of `block_size`. Each block of a noised copy gets its own noise level t ~ U(eps, 1) and
+each of its trainable tokens is replaced by the mask token with probability t. The model sees, in one pass,
+the noised copy and the clean copy side by side: a noised block attends to itself (both directions) and to
+the clean copy's earlier blocks; the clean copy is block-causal. The loss is the cross-entropy on the
+masked positions weighted by 1/t (the masked-diffusion ELBO weight; SDAR's trainer divides by the same
+p_mask), averaged over the trainable tokens. No shift: a masked position predicts its own token.
+
+Each phase has its own AdamW, warm-up and cosine decay to 10%. With --minutes (or --ar-minutes) a phase
+ends on time and the clock drives its decay. OUT/train_state.pt holds the weights, the optimizer, the phase
+and the step, so --resume continues wherever the run stopped.
 """
 from __future__ import annotations
 
@@ -18,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -26,10 +41,19 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import SDAR, ModelConfig, load_state, num_params, save
+from model import SDAR, CheckpointError, ModelConfig, load_state, num_params, save
 
-TINY = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-            num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, block_size=32)
+# Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model; "2x64" is for smoke tests.
+SHAPES = {
+    "8x384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=64),
+    "12x320": dict(hidden_size=320, intermediate_size=896, num_hidden_layers=12, num_attention_heads=5,
+                   num_key_value_heads=1, head_dim=64),
+    "2x64": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32),
+}
+BLOCK_SIZE = 32
+PHASES = ("ar", "diffusion")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,6 +98,30 @@ def pack(examples, seq_len: int, block_size: int, pad_id: int):
     return as_t(ids_rows), as_t(doc_rows), as_t(pos_rows), as_t(train_rows).bool()
 
 
+# ---------------------------------------------------------------------------------------------------
+# Phase 1: next-token prediction.
+
+def causal_mask(doc, pos):
+    """(B, S, S) bool: a position sees the positions at or before it in its own example. Padding (doc -1)
+    sees itself only, so no row is empty."""
+    same_doc = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    eye = torch.eye(doc.shape[1], dtype=torch.bool, device=doc.device)[None] & (doc[:, :, None] < 0)
+    return (same_doc & (pos[:, None, :] <= pos[:, :, None])) | eye
+
+
+def ar_loss_fn(model, ids, doc, pos, trainable=None):
+    """Next-token cross-entropy: position p of an example predicts its token p + 1. Every token of the
+    example is a target, prompt included (an autoregressive model learns the whole text)."""
+    hidden = model_hidden(model, ids, pos, causal_mask(doc, pos))
+    has_next = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)           # (B, S-1)
+    logits = model.lm_head(model.norm(hidden[:, :-1][has_next])).float()   # (targets, vocab)
+    loss = F.cross_entropy(logits, ids[:, 1:][has_next])
+    return loss, loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 2: block diffusion.
+
 def two_copy_mask(doc, pos, block_size: int):
     """(B, 2S, 2S) bool for [noised copy, clean copy], as BD3-LM/SDAR train. Within one example:
     noised block -> same noised block (both directions) and earlier clean blocks; clean -> clean block-causal.
@@ -102,6 +150,7 @@ def noise(ids, doc, pos, trainable, block_size: int, mask_id: int, eps: float = 
 
 
 def loss_fn(model, ids, doc, pos, trainable, block_size, mask_id, generator=None):
+    """Block-diffusion loss: cross-entropy on masked positions of the noised copy, weighted by 1/t."""
     noised, masked, t = noise(ids, doc, pos, trainable, block_size, mask_id, generator=generator)
     x = torch.cat([noised, ids], 1)
     positions = torch.cat([pos, pos], 1)
@@ -114,7 +163,7 @@ def loss_fn(model, ids, doc, pos, trainable, block_size, mask_id, generator=None
 
 
 def model_hidden(model, input_ids, position_ids, mask):
-    """The spec forward without the head (so logits are made only for masked positions)."""
+    """The spec forward with an explicit (B, S, S) mask, without the head (logits only where needed)."""
     cos, sin = model.rope(position_ids)
     x = model.embed_tokens(input_ids)
     for layer in model.layers:
@@ -126,92 +175,257 @@ def model_hidden(model, input_ids, position_ids, mask):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The training loop, one phase at a time.
 
-def write_model_card(out: Path, args, cfg: ModelConfig, n_params: int, log: list):
+def phase_settings(args, phase: str) -> dict:
+    if phase == "ar":
+        return dict(steps=args.ar_steps, minutes=args.ar_minutes, lr=args.ar_lr, warmup=args.ar_warmup)
+    return dict(steps=args.steps, minutes=args.minutes, lr=args.lr, warmup=args.warmup)
+
+
+def learning_rate(step: int, done: float, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% as `done` goes from 0 to 1."""
+    return lr * min(1, (step + 1) / max(warmup, 1)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1))))
+
+
+def new_optimizer(model, lr: float, device: str):
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
+
+
+def run_phase(phase, model, opt, tensors, args, cfg, history, device, state_path, rng_state=None):
+    """Train `phase` from history["step"] to its step or time limit. Saves the state (random generators
+    included) every 2,000 steps and on an interrupt, so --resume continues exactly where it stopped."""
+    from tqdm import tqdm
+    s = phase_settings(args, phase)
+    rng = {"data": torch.Generator().manual_seed(args.seed + PHASES.index(phase)),
+           "noise": torch.Generator(device=device).manual_seed(args.seed)}
+    for name, saved_state in (rng_state or {}).items():
+        rng[name].set_state(saved_state)
+    elapsed, t_start = history["elapsed_phase"], time.time()
+    model.train()
+    bar = tqdm(range(history["step"], s["steps"]), initial=history["step"], total=s["steps"], mininterval=5, desc=phase)
+    try:
+        for step in bar:
+            spent = elapsed + time.time() - t_start
+            done = max(step / s["steps"], spent / (s["minutes"] * 60) if s["minutes"] else 0)
+            loss, ce, lr = train_step(phase, model, opt, tensors, args.batch_size, cfg,
+                                      learning_rate(step, done, s["lr"], s["warmup"]), rng, device)
+            if step % 50 == 0 or step == s["steps"] - 1:
+                history["log"][phase].append({"step": step, "loss": loss.item(), "ce": ce.item(), "lr": lr})
+                bar.set_postfix(loss=f"{history['log'][phase][-1]['loss']:.3f}")
+            history.update(step=step + 1, elapsed_phase=elapsed + time.time() - t_start)
+            if (step + 1) % 2000 == 0:
+                save_state(state_path, model, opt, history, rng)
+            if s["minutes"] and history["elapsed_phase"] > s["minutes"] * 60:
+                print(f"{phase}: time limit of {s['minutes']} minutes reached after step {step + 1}", flush=True)
+                break
+    except KeyboardInterrupt:
+        save_state(state_path, model, opt, history, rng)
+        raise
+    bar.close()
+    model.eval()
+    history["steps"][phase], history["elapsed"][phase] = history["step"], history["elapsed_phase"]
+
+
+def train_step(phase, model, opt, tensors, batch_size: int, cfg, lr: float, rng: dict, device: str):
+    """One optimizer step on a random batch of packed rows. Returns the loss, the cross-entropy and the lr."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    idx = torch.randint(0, len(tensors[0]), (batch_size,), generator=rng["data"])
+    batch = [t[idx].to(device, non_blocking=True) for t in tensors]
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        if phase == "ar":
+            loss, ce = ar_loss_fn(model, *batch)
+        else:
+            loss, ce = loss_fn(model, *batch, cfg.block_size, cfg.mask_token_id, generator=rng["noise"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss, ce, lr
+
+
+def save_state(path: Path, model, opt, history: dict, rng: dict | None = None):
+    tmp = path.with_suffix(".tmp")
+    rng_state = {k: g.get_state() for k, g in (rng or {}).items()}
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": json.dumps(history),
+                "rng": rng_state}, tmp)
+    tmp.replace(path)  # a crash mid-write leaves the previous state intact
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
     lines = [
         f"# {out.name}", "",
         "A small block-diffusion language model in the SDAR layout (Qwen3 architecture, block-causal attention),",
-        "trained from scratch by `train.py` of this repository on data the script builds offline.", "",
+        "made as SDAR models are made: trained autoregressively first, then continued with the block-diffusion",
+        "objective, by `train.py` of this repository on data the script builds offline.", "",
         "## Architecture", "",
         f"{n_params / 1e6:.1f}M parameters; {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value heads of {cfg.head_dim}, "
         f"MLP {cfg.intermediate_size}, vocabulary {cfg.vocab_size} (byte-level BPE), block size {cfg.block_size}, "
         "tied embeddings, weights in bfloat16.", "",
         "## Training", "",
-        f"Command: `python train.py {' '.join(args.argv)}`", "",
-        f"{log[-1]['step'] + 1 if log else 0} steps of batch {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} "
-        f"(warm-up {args.warmup}, cosine decay), seed {args.seed}. Final training loss: "
-        f"{log[-1]['loss']:.3f} (masked-token cross-entropy {log[-1]['ce']:.3f})." if log else "Untrained.", "",
+        "Commands, in order:", "", "```bash", *[f"python train.py {c}" for c in history["commands"]], "```", "",
+    ]
+    for phase, title in (("ar", "Phase 1, autoregressive (next-token cross-entropy, causal inside each example)"),
+                         ("diffusion", "Phase 2, block diffusion (masked-token cross-entropy weighted by 1/t)")):
+        log, p = history["log"][phase], history["settings"][phase]
+        if not log:
+            lines += [f"- {title}: skipped.", ""]
+            continue
+        lines += [f"- {title}: {history['steps'][phase]:,} steps of batch {history['batch_size']} x "
+                  f"{history['seq_len']} tokens in {history['elapsed'][phase] / 60:.1f} min, AdamW lr {p['lr']} "
+                  f"(warm-up {p['warmup']}, cosine decay to 10%), final loss {log[-1]['loss']:.3f}.", ""]
+    lines += [
         "## Data", "",
         "- Generated tasks (data.py, seeded): multi-step arithmetic word problems with worked solutions, list",
-        "  manipulation, in the ChatML chat format; the held-out split is a disjoint question space never trained on.",
+        "  manipulation, in the ChatML chat format. Two held-out sets are never trained on: in-template questions",
+        "  (a disjoint question space) and one whole family of question phrasings (data.HELDOUT_PHRASING).",
         "- Natural text: docstrings of the Python standard library (PSF License), read from the running Python's",
         "  own source files, and generated short stories (data.py).", "",
         "## Evaluation", "",
-        "See the results appended below (written by `python eval.py`).", "",
+        "See the results below (written by `python eval.py`).", "",
     ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def main():
-    p = argparse.ArgumentParser(description="Train a small SDAR-layout block-diffusion model.")
-    p.add_argument("--out", default="checkpoints/sdar-tiny")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--minutes", type=float, default=0, help="stop after this many minutes (0: no limit)")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a small SDAR-layout model: autoregressive, then block diffusion.")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (a new one, unless --resume or --overwrite)")
+    p.add_argument("--shape", default="8x384", choices=SHAPES, help="layers x hidden size")
+    p.add_argument("--ar-steps", type=int, default=100_000, help="phase 1 (autoregressive): at most this many steps")
+    p.add_argument("--ar-minutes", type=float, default=3.0, help="phase 1: stop after this many minutes (0: no limit)")
+    p.add_argument("--ar-lr", type=float, default=2e-3)
+    p.add_argument("--ar-warmup", type=int, default=300)
+    p.add_argument("--steps", type=int, default=100_000, help="phase 2 (block diffusion): at most this many steps")
+    p.add_argument("--minutes", type=float, default=3.5, help="phase 2: stop after this many minutes (0: no limit)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--problems", type=int, default=200_000, help="training problems per family mix")
+    p.add_argument("--problems", type=int, default=200_000, help="training problems")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty OUT")
     p.add_argument("--init-from", help="start from this checkpoint folder's weights and tokenizer")
     p.add_argument("--shard-mb", type=float, default=15, help="shard weights into files of at most this size")
-    args = p.parse_args()
-    import sys
-    args.argv = sys.argv[1:]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
+
+def check_args(args) -> Path:
+    """One-line errors for bad values; returns the output folder. Never writes into an existing checkpoint
+    unless asked to (--resume or --overwrite)."""
+    for name in ("ar_steps", "steps", "ar_warmup", "warmup"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("batch_size", "seq_len", "problems", "vocab_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("ar_minutes", "minutes", "ar_lr", "lr", "shard_mb"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.seq_len % BLOCK_SIZE:
+        raise ValueError(f"--seq-len must be a multiple of the block size {BLOCK_SIZE}, got {args.seq_len}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder")
+    if args.resume and not (out / "train_state.pt").exists():
+        raise ValueError(f"--resume: {out / 'train_state.pt'} does not exist; start without --resume")
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {out} already holds files; choose a new folder, or pass --resume to continue "
+                         "its training or --overwrite to replace it")
+    if args.init_from and not (Path(args.init_from) / "tokenizer.json").exists():
+        raise ValueError(f"--init-from {args.init_from}: no tokenizer.json there")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out = check_args(args)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"--device {args.device}: use cpu, cuda (with a GPU) or auto")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(args, out, device)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; the last finished phase is saved in {out / 'train_state.pt'} (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def train(args, out: Path, device: str):
+    torch.manual_seed(args.seed)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if args.init_from:  # continue from a checkpoint's weights and tokenizer, with a fresh optimizer
-        from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+    if args.resume:
+        tok = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    elif args.init_from:  # continue from a checkpoint's weights and tokenizer, with a fresh optimizer
         tok = HFTokenizer.from_file(str(Path(args.init_from) / "tokenizer.json"))
     else:
         texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
         texts += data.natural_text() + data.stories(5000, args.seed)
         tok = data.train_tokenizer(texts, args.vocab_size)
-    data.write_tokenizer_files(tok, out, block_size=TINY["block_size"])
+    data.write_tokenizer_files(tok, out, block_size=BLOCK_SIZE)
     mask_id, pad_id = tok.token_to_id(data.MASK_TOKEN), tok.token_to_id(data.END_OF_TEXT)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), mask_token_id=mask_id, **TINY)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), mask_token_id=mask_id, block_size=BLOCK_SIZE,
+                      max_position_embeddings=2048, **SHAPES[args.shape])
     model = SDAR(cfg).to(device)
     _init(model)
     if args.init_from:
         load_state(model, Path(args.init_from), device, torch.float32)
     print(f"tokenizer ready ({time.time() - t0:.0f} s); model {num_params(model) / 1e6:.1f}M parameters", flush=True)
 
-    start_step, elapsed, log = 0, 0.0, []
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
     state_path = out / "train_state.pt"
-    if args.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_step, elapsed, log = state["step"], state["elapsed"], json.loads(state["log"])
-        print(f"resumed at step {start_step}", flush=True)
+    history = {"commands": [], "phase": PHASES[0], "step": 0, "elapsed_phase": 0.0, "settings": {},
+               "log": {p: [] for p in PHASES}, "steps": {p: 0 for p in PHASES}, "elapsed": {p: 0.0 for p in PHASES},
+               "batch_size": args.batch_size, "seq_len": args.seq_len}
+    saved = None
+    if args.resume:
+        saved = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        history = json.loads(saved["history"])
+        print(f"resumed in phase {history['phase']} at step {history['step']}", flush=True)
+    history["commands"].append(" ".join(args.argv))
 
-    if args.steps > start_step:
-        examples = build_examples(tok, args.problems, args.seed)
-        ids, doc, pos, trainable = pack(examples, args.seq_len, cfg.block_size, pad_id)
-        print(f"{len(examples)} examples packed into {len(ids)} rows of {args.seq_len} ({time.time() - t0:.0f} s)", flush=True)
-        train(model, opt, (ids, doc, pos, trainable), args, cfg, start_step, elapsed, log, device, state_path)
+    tensors = None
+    todo = PHASES[PHASES.index(history["phase"]):] if history["phase"] in PHASES else ()
+    for phase in todo:
+        s = phase_settings(args, phase)
+        history["settings"][phase] = {"lr": s["lr"], "warmup": s["warmup"]}
+        opt = new_optimizer(model, s["lr"], device)          # each phase starts with a fresh AdamW ...
+        if saved is not None and history["step"] > 0:
+            opt.load_state_dict(saved["optimizer"])           # ... unless it resumes mid-phase
+        if s["steps"] > history["step"]:
+            if tensors is None:
+                examples = build_examples(tok, args.problems, args.seed)
+                tensors = pack(examples, args.seq_len, cfg.block_size, pad_id)
+                print(f"{len(examples)} examples packed into {len(tensors[0])} rows of {args.seq_len} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+            rng_state = saved["rng"] if saved is not None and history["step"] > 0 else None
+            run_phase(phase, model, opt, tensors, args, cfg, history, device, state_path, rng_state)
+        later = PHASES.index(phase) + 1
+        history.update(phase=PHASES[later] if later < len(PHASES) else "done", step=0, elapsed_phase=0.0)
+        save_state(state_path, model, opt, history)
+        saved = None
 
     save(model, out, max_shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None)
-    write_model_card(out, args, cfg, num_params(model), log)
+    write_model_card(out, cfg, num_params(model), history)
     print(f"wrote {out} ({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -222,41 +436,5 @@ def _init(model):
             torch.nn.init.normal_(p, std=std)
 
 
-def train(model, opt, tensors, args, cfg, start_step, elapsed, log, device, state_path):
-    from tqdm import tqdm
-    ids, doc, pos, trainable = tensors
-    gen = torch.Generator().manual_seed(args.seed + start_step)
-    dgen = torch.Generator(device=device).manual_seed(args.seed + start_step)
-    use_bf16 = device == "cuda"
-    model.train()
-    t_start = time.time()
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, mininterval=5)
-    for step in bar:
-        # Cosine decay to 10% over the run; with --minutes the run ends on time, so the clock sets the progress.
-        done = step / args.steps
-        if args.minutes:
-            done = max(done, (elapsed + time.time() - t_start) / (args.minutes * 60))
-        lr = args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1))))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(0, len(ids), (args.batch_size,), generator=gen)
-        batch = [t[idx].to(device, non_blocking=True) for t in (ids, doc, pos, trainable)]
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, ce = loss_fn(model, *batch, cfg.block_size, cfg.mask_token_id, generator=dgen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            log.append({"step": step, "loss": loss.item(), "ce": ce.item(), "lr": lr})
-            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", ce=f"{log[-1]['ce']:.3f}")
-        if args.minutes and elapsed + time.time() - t_start > args.minutes * 60:
-            print(f"time limit of {args.minutes} minutes reached after step {step + 1}", flush=True)
-            break
-    model.eval()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                "elapsed": elapsed + time.time() - t_start, "log": json.dumps(log)}, state_path)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

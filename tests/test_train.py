@@ -1,0 +1,140 @@
+"""train.py: the two objectives against literal references, and a run that resumes exactly in either phase."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import data
+import train
+from conftest import random_model, tiny_config
+
+
+def packed_rows():
+    """Two rows: [example 0 (8 tokens), example 1 (4 tokens), row padding (4)] and [one 12-token example, padding]."""
+    doc = torch.tensor([[0] * 8 + [1] * 4 + [-1] * 4, [0] * 12 + [-1] * 4])
+    pos = torch.tensor([list(range(8)) + list(range(4)) + [0] * 4, list(range(12)) + [0] * 4])
+    ids = torch.randint(4, 300, doc.shape, generator=torch.Generator().manual_seed(0))
+    return ids, doc, pos
+
+
+def test_causal_mask_literal():
+    _, doc, pos = packed_rows()
+    mask = train.causal_mask(doc, pos)
+    for b in range(doc.shape[0]):
+        for i in range(doc.shape[1]):
+            for j in range(doc.shape[1]):
+                if doc[b, i] < 0:
+                    expected = i == j                     # padding sees itself only
+                else:
+                    expected = bool(doc[b, i] == doc[b, j] and pos[b, j] <= pos[b, i])
+                assert bool(mask[b, i, j]) == expected, (b, i, j)
+
+
+def test_ar_loss_matches_one_example_at_a_time():
+    # Packing must not change the loss: every example alone, under a causal mask, predicting its next tokens.
+    torch.manual_seed(0)
+    net = random_model(tiny_config(), seed=1)
+    ids, doc, pos = packed_rows()
+    loss, _ = train.ar_loss_fn(net, ids, doc, pos)
+    total, count = 0.0, 0
+    for b in range(doc.shape[0]):
+        for d in doc[b].unique():
+            if d < 0:
+                continue
+            x = ids[b][doc[b] == d][None]
+            n = x.shape[1]
+            logits = net(x, attn_mask=torch.ones(n, n, dtype=torch.bool).tril())[0]
+            total += F.cross_entropy(logits[:-1], x[0, 1:], reduction="sum").item()
+            count += n - 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_two_copy_mask_literal():
+    _, doc, pos = packed_rows()
+    bs, S = 4, doc.shape[1]
+    mask = train.two_copy_mask(doc, pos, bs)
+    for b in range(doc.shape[0]):
+        for i in range(2 * S):
+            for j in range(2 * S):
+                qi, kj = i % S, j % S
+                noised_q, noised_k = i < S, j < S
+                if doc[b, qi] < 0:
+                    expected = qi == kj and noised_q == noised_k
+                elif doc[b, qi] != doc[b, kj]:
+                    expected = False
+                else:
+                    qb, kb = pos[b, qi] // bs, pos[b, kj] // bs
+                    if noised_q:   # its own noised block, and clean blocks before it
+                        expected = bool((noised_k and qb == kb) or (not noised_k and kb < qb))
+                    else:          # clean copy: block-causal on the clean copy only
+                        expected = bool(not noised_k and kb <= qb)
+                assert bool(mask[b, i, j]) == expected, (b, i, j)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A whole run on a tiny shape, interrupted and resumed.
+
+ARGS = ["--shape", "2x64", "--problems", "60", "--seq-len", "64", "--vocab-size", "300", "--batch-size", "2",
+        "--ar-steps", "3", "--steps", "3", "--ar-minutes", "0", "--minutes", "0", "--device", "cpu"]
+
+
+@pytest.fixture
+def small_data(monkeypatch):
+    """Keep the run to seconds: a few paragraphs of natural text instead of the standard library's."""
+    paragraphs = data.stories(40, 0)
+    monkeypatch.setattr(data, "natural_text", lambda max_chars=None: paragraphs[:20])
+    monkeypatch.setattr(data, "stories", lambda n, seed: paragraphs[20:])
+
+
+def weights(folder):
+    return load_file(str(folder / "model-00001-of-00001.safetensors"))
+
+
+@pytest.mark.parametrize("interrupt_at", [2, 5])  # call 2 is in the autoregressive phase, call 5 in diffusion
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch, small_data, interrupt_at):
+    assert train.main(["--out", str(tmp_path / "whole")] + ARGS) == 0
+    step, calls = train.train_step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", flaky)
+    out = tmp_path / "resumed"
+    assert train.main(["--out", str(out)] + ARGS) == 130
+    saved = torch.load(out / "train_state.pt", weights_only=True)
+    phase = json.loads(saved["history"])["phase"]
+    assert phase == ("ar" if interrupt_at <= 3 else "diffusion")
+    monkeypatch.setattr(train, "train_step", step)
+    assert train.main(["--out", str(out), "--resume"] + ARGS) == 0
+    whole, resumed = weights(tmp_path / "whole"), weights(out)
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    card = (out / "README.md").read_text()
+    assert "--resume" in card and "3 steps" in card
+
+
+def test_never_overwrites_a_checkpoint(tmp_path, small_data, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert train.main(["--out", str(out)] + ARGS) == 2
+    assert (out / "config.json").read_text() == "{}"
+    assert "--overwrite" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert train.main(["--out", str(tmp_path / "file")] + ARGS) == 2
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", "-1"), ("--batch-size", "0"), ("--minutes", "nan"),
+                                         ("--ar-lr", "inf"), ("--seq-len", "100")])
+def test_bad_values_are_one_line_errors(tmp_path, capsys, flag, value):
+    assert train.main(["--out", str(tmp_path / "m"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and flag in err
+    assert not (tmp_path / "m").exists()

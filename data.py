@@ -1,9 +1,14 @@
 """The shipped model's data, built offline by seeded generators (nothing is downloaded).
 
 - Verifiable tasks in a chat format: multi-step arithmetic word problems with worked solutions (in the
-  spirit of GSM8K, small numbers) and list manipulation. Every solution ends with "The answer is X."
-  A question belongs to the held-out split exactly when is_heldout(question) holds (a CRC of its text), so
-  no held-out question is ever trained on.
+  spirit of GSM8K, small numbers), direct arithmetic questions and list manipulation. Every solution ends
+  with "The answer is X." Word problems are asked in several phrasing families (PHRASINGS), one family per
+  problem. Two held-out sets are never trained on:
+  - "heldout": the questions for which is_heldout(question) holds (a CRC of the text), in the training
+    phrasings: new questions from known templates.
+  - "heldout-phrasing": word problems in HELDOUT_PHRASING, a family told in the past tense ("Yesterday Tom
+    had 12 apples. Then Tom lost 3 of them...") that no training question uses. It asks the same operations
+    with the same solutions, so it measures whether the model generalises beyond its training templates.
 - Natural text: docstrings of the Python standard library, read with `ast` from the running Python's own
   source files (PSF License), and short generated stories, so an English prompt gets a readable answer.
 - The tokenizer: byte-level BPE trained with the `tokenizers` package, with SDAR's special tokens.
@@ -40,6 +45,7 @@ class Problem:
     solution: str
     answer: str
     family: str
+    phrasing: str  # the question's phrasing family: a key of PHRASINGS, "direct" or "lists"
 
 
 def is_heldout(question: str) -> bool:
@@ -76,6 +82,14 @@ SAY = {
             "{a} times {b} is {c}", "Then {a} * {b} = {c} {obj}", "Now there are {b} times as many: {a} * {b} = {c}"],
     "div": ["Shared among {b} friends, each gets {a} / {b} = {c} {obj}", "Dividing gives {a} / {b} = {c}",
             "{a} divided by {b} is {c}", "Each friend gets {a} / {b} = {c} {obj}"],
+    # Wordings for question forms that are not a change of one count: a product to start with, a count cut
+    # into equal groups, and a count of groups of a given size (its result is not a number of {obj}).
+    "setup": ["{a} groups of {b} make {a} * {b} = {c} {obj}", "To start, {a} * {b} = {c} {obj}",
+              "At first there are {a} * {b} = {c}", "{a} times {b} is {c} {obj} to begin with"],
+    "div_groups": ["In {b} equal groups, each has {a} / {b} = {c} {obj}", "Dividing gives {a} / {b} = {c}",
+                   "{a} divided by {b} is {c}"],
+    "div_per": ["With {b} in each, there are {a} / {b} = {c}", "Dividing gives {a} / {b} = {c}",
+                "{a} divided by {b} is {c}"],
     "direct": ["{a} {op} {b} = {c}", "{a} {word} {b} equals {c}", "We compute {a} {op} {b} = {c}",
                "{a} {word} {b} is {c}", "Working it out, {a} {op} {b} = {c}"],
 }
@@ -87,75 +101,157 @@ def _say(rng: random.Random, kind: str, **values) -> str:
     return rng.choice(SAY[kind]).format(**values)
 
 
-def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
-    name, obj, friend = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(NAMES)
-    value = rng.randint(2, 40)
-    question = [rng.choice([f"{name} has {value} {obj}.", f"{name} starts with {value} {obj}.",
-                            f"There are {value} {obj} in {name}'s bag."])]
-    steps = []
+# Phrasing families: each asks the same operations in its own style, and a word problem takes every question
+# sentence from one family. Fields: {name}, {friend}, {obj}, {place}, {a} (the count so far), {b} (the step's
+# number), {times} ("twice", "three times"...). "setup" opens with a product (a groups of b); each "div" entry
+# ends the problem with its own question and names its solution wording; "left" asks after a subtraction.
+PHRASINGS = {
+    "plain": {
+        "start": ["{name} has {a} {obj}.", "{name} starts with {a} {obj}.", "There are {a} {obj} in {name}'s bag."],
+        "add": ["Then {name} gets {b} more at {place}.", "{friend} gives {name} {b} more {obj}.",
+                "{name} buys {b} more {obj}."],
+        "sub": ["{name} gives {b} {obj} to {friend}.", "{name} loses {b} of them.", "{name} uses {b} {obj}."],
+        "mul": ["Then {name} multiplies the number of {obj} by {b}.", "Then the number of {obj} grows {b} times."],
+        "div": [("{name} shares the {obj} equally among {b} friends. How many {obj} does each friend get?", "div")],
+        "ask": ["How many {obj} does {name} have now?", "How many {obj} are there now?",
+                "How many {obj} does {name} have in the end?"],
+    },
+    "groups": {  # rows, boxes and packs
+        "start": ["{name} counts {a} {obj} on the table."],
+        "setup": ["{name}'s {obj} stand in {a} rows of {b}.", "{name} has {a} boxes with {b} {obj} in each box.",
+                  "{name} lines up the {obj} in {a} rows of {b}.", "{name} buys {a} packs of {obj} with {b} per pack."],
+        "add": ["{friend} brings {b} more {obj}.", "{name} puts {b} more {obj} with the others."],
+        "sub": ["{friend} takes {b} of the {obj} away.", "{name} removes {b} {obj}."],
+        "mul": ["Next, {name} ends up with {times} as many {obj}.", "Next, the number of {obj} becomes {b} times as big."],
+        "div": [("{name} puts the {obj} into {b} equal rows. How many {obj} are in each row?", "div_groups"),
+                ("{name} packs the {obj} with {b} per box. How many boxes does {name} fill?", "div_per"),
+                ("Each of {b} friends gets the same share of the {obj}. How many {obj} does each friend get?", "div")],
+        "ask": ["How many {obj} does {name} have altogether?", "How many {obj} are there altogether?"],
+    },
+    "totals": {  # everyday counting that asks "in total" or "left"
+        "start": ["{name} keeps {a} {obj} in a jar.", "{name} owns {a} {obj}."],
+        "setup": ["{name} gets {b} {obj} per day for {a} days.", "Each of {a} friends gives {name} {b} {obj}."],
+        "add": ["{name} also gets {b} {obj} from {friend}.", "{name} finds {b} more {obj} at {place}."],
+        "sub": ["{name} sells {b} of the {obj}.", "{name} gives away {b} {obj}."],
+        "mul": ["The number of {obj} is then multiplied by {b}.", "{name} then has {times} as many {obj}."],
+        "div": [("{name} splits the {obj} into {b} equal groups. How many {obj} are in each group?", "div_groups"),
+                ("{name} hands out the {obj}, {b} per child. How many children get {obj}?", "div_per")],
+        "ask": ["How many {obj} does {name} have in total?", "How many {obj} are there in total?"],
+        "left": ["How many {obj} are left?", "How many {obj} does {name} have left?"],
+    },
+    "past-tense": {  # a story told afterwards: every sentence in the past tense, which no training family uses
+        "start": ["Yesterday {name} had {a} {obj}.", "At first {name} had {a} {obj}.", "Last week {name} owned {a} {obj}."],
+        "setup": ["Last week {name} bought {a} bags of {b} {obj}.", "{name} had {a} boxes, and every box held {b} {obj}."],
+        "add": ["Later {name} got {b} more {obj}.", "Then {friend} gave {name} {b} more {obj}.",
+                "After that {name} found {b} more at {place}."],
+        "sub": ["Then {name} lost {b} of them.", "{name} gave {b} {obj} to {friend}.", "Later {name} used up {b} {obj}."],
+        "mul": ["Then the number of {obj} became {b} times as large.",
+                "After a while {name} had {times} as many {obj} as before."],
+        "div": [("In the end {name} split the {obj} evenly among {b} friends. How many {obj} did each friend get?", "div"),
+                ("Then {name} put the {obj} into {b} equal piles. How many {obj} were in each pile?", "div_groups"),
+                ("{name} packed the {obj} with {b} in every box. How many boxes did {name} fill?", "div_per")],
+        "ask": ["How many {obj} did {name} have at the end?", "How many {obj} were there after that?",
+                "How many {obj} did {name} end up with?"],
+        "left": ["How many {obj} were left?", "How many {obj} did {name} have left?"],
+    },
+}
+# Never trained on: "heldout-phrasing" problems measure whether the model learnt the operations or only the
+# training templates.
+HELDOUT_PHRASING = "past-tense"
+TRAIN_PHRASINGS = [p for p in PHRASINGS if p != HELDOUT_PHRASING]
+TIMES = {2: "twice", 3: "three times", 4: "four times", 5: "five times"}
+
+
+def _word_problem(rng: random.Random, phrasing: str) -> tuple[str, list[str], int]:
+    style = PHRASINGS[phrasing]
+    name, friend = rng.sample(NAMES, 2)
+    words = {"name": name, "friend": friend, "obj": rng.choice(OBJECTS)}
+    question, steps = [], []
+
+    def ask(template: str, kind: str, a: int, b: int, c: int) -> int:
+        """One question sentence and its solution step, a op b = c; returns c, the new count."""
+        question.append(template.format(a=a, b=b, times=TIMES.get(b), place=rng.choice(PLACES), **words))
+        steps.append(_say(rng, kind, a=a, b=b, c=c, **words))
+        return c
+
+    if "setup" in style and rng.random() < 0.5:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        value = ask(rng.choice(style["setup"]), "setup", a, b, a * b)
+    else:
+        value = rng.randint(2, 40)
+        question.append(rng.choice(style["start"]).format(a=value, **words))
+    op = None
     for i in range(rng.randint(1, 3)):
         op = rng.choice(["add", "add", "sub", "sub", "mul"] + (["div"] if i > 0 else []))
         if op == "mul" and value * 5 > 400:
             op = "add"
         if op == "div":
-            divisors = [k for k in range(2, 7) if value % k == 0 and value // k >= 1]
+            divisors = [k for k in range(2, 7) if value % k == 0]
             if not divisors:
                 op = "sub"
         if op == "sub" and value < 3:
             op = "add"
         if op == "add":
-            b = rng.randint(2, 30)
-            question.append(rng.choice([f"Then {name} gets {b} more at {rng.choice(PLACES)}.",
-                                        f"{friend} gives {name} {b} more {obj}.", f"{name} buys {b} more {obj}."]))
-            steps.append(_say(rng, "add", name=name, a=value, b=b, c=value + b, obj=obj))
-            value += b
+            value = ask(rng.choice(style["add"]), "add", value, b := rng.randint(2, 30), value + b)
         elif op == "sub":
-            b = rng.randint(1, value - 1)
-            question.append(rng.choice([f"{name} gives {b} {obj} to {friend}.", f"{name} loses {b} of them.",
-                                        f"{name} uses {b} {obj}."]))
-            steps.append(_say(rng, "sub", name=name, a=value, b=b, c=value - b, obj=obj))
-            value -= b
+            value = ask(rng.choice(style["sub"]), "sub", value, b := rng.randint(2, value - 1), value - b)
         elif op == "mul":
-            k = rng.randint(2, 5)
-            word = {2: "doubles", 3: "triples"}.get(k, f"multiplies by {k}")
-            question.append(rng.choice([f"Then {name} {word} the number of {obj}.",
-                                        f"Then the number of {obj} grows {k} times."]))
-            steps.append(_say(rng, "mul", name=name, a=value, b=k, c=value * k, obj=obj))
-            value *= k
-        else:
-            k = rng.choice(divisors)
-            question.append(f"{name} shares the {obj} equally among {k} friends.")
-            steps.append(_say(rng, "div", name=name, a=value, b=k, c=value // k, obj=obj))
-            value //= k
-            question.append(f"How many {obj} does each friend get?")
+            value = ask(rng.choice(style["mul"]), "mul", value, b := rng.randint(2, 5), value * b)
+        else:  # a division ends the problem: its template carries the final question
+            template, kind = rng.choice(style["div"])
+            value = ask(template, kind, value, b := rng.choice(divisors), value // b)
             return " ".join(question), steps, value
-    question.append(rng.choice([f"How many {obj} does {name} have now?", f"How many {obj} are there now?",
-                                f"How many {obj} does {name} have in the end?"]))
+    asks = style["ask"] + (style.get("left", []) if op == "sub" else [])  # "left" only makes sense after a loss
+    question.append(rng.choice(asks).format(**words))
     return " ".join(question), steps, value
 
 
+# Direct questions, several phrasings per operator; a is never smaller than b for "-", and b divides a for "/".
+DIRECT = {
+    "+": ["What is {a} plus {b}?", "Compute {a} + {b}.", "What is {a} + {b}?", "Calculate {a} plus {b}.",
+          "How much is {a} plus {b}?", "What do you get when you add {a} and {b}?", "Find the sum of {a} and {b}.",
+          "What is {b} more than {a}?"],
+    "-": ["What is {a} minus {b}?", "Compute {a} - {b}.", "What is {a} - {b}?", "Calculate {a} minus {b}.",
+          "How much is {a} minus {b}?", "What is {b} less than {a}?", "Subtract {b} from {a}.",
+          "What is the difference between {a} and {b}?", "Take {b} away from {a}. How much is left?"],
+    "*": ["What is {a} times {b}?", "Compute {a} * {b}.", "What is {a} * {b}?", "Calculate {a} times {b}.",
+          "How much is {a} times {b}?", "Find the product of {a} and {b}.", "Multiply {a} by {b}.",
+          "What do you get when you multiply {a} by {b}?"],
+    "/": ["What is {a} divided by {b}?", "Compute {a} / {b}.", "Divide {a} by {b}.",
+          "How many times does {b} go into {a}?", "What do you get when you divide {a} by {b}?"],
+}
+OPERATOR = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
+            "*": ("times", lambda a, b: a * b), "/": ("divided by", lambda a, b: a // b)}
+
+
 def _direct_question(rng: random.Random) -> tuple[str, list[str], int]:
-    op = rng.choice("+-*")
+    op = rng.choice("+-*/")
     if op == "*":
         a, b = rng.randint(2, 30), rng.randint(2, 12)
+    elif op == "/":
+        b = rng.randint(2, 12)
+        a = b * rng.randint(2, 20)
     else:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         if op == "-" and b > a:
             a, b = b, a
-    word = {"+": "plus", "-": "minus", "*": "times"}[op]
-    question = rng.choice([f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"What is {a} {op} {b}?",
-                           f"Calculate {a} {word} {b}.", f"How much is {a} {word} {b}?"])
-    value = eval(f"{a} {op} {b}")  # two small integers and one operator from the lines above
+    word, apply = OPERATOR[op]
+    value = apply(a, b)
+    question = rng.choice(DIRECT[op]).format(a=a, b=b)
     return question, [_say(rng, "direct", a=a, b=b, op=op, word=word, c=value)], value
 
 
-def arithmetic_problem(rng: random.Random) -> Problem:
-    word = rng.random() < 0.7
-    question, steps, value = (_word_problem if word else _direct_question)(rng)
+def arithmetic_problem(rng: random.Random, phrasing: str | None = None) -> Problem:
+    """A word problem in the given phrasing family; without one, a training family's word problem (70%) or a
+    direct question (phrasing "direct")."""
+    if phrasing is None:
+        phrasing = rng.choice(TRAIN_PHRASINGS) if rng.random() < 0.7 else "direct"
+    word = phrasing != "direct"
+    question, steps, value = _word_problem(rng, phrasing) if word else _direct_question(rng)
     opener = rng.choice(OPENERS)
     start = ([opener] if opener else []) + ([re.match(r"(.+?\.)", question).group(1)] if word and rng.random() < 0.6 else [])
     solution = "\n".join(start + [s + "." for s in steps]) + f"\nThe answer is {value}."
-    return Problem(question, solution, str(value), "arithmetic")
+    return Problem(question, solution, str(value), "arithmetic", phrasing)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,7 +305,7 @@ def list_problem(rng: random.Random) -> Problem:
         out = [i for i in items if i != x]
         q, work, ans = f"Remove every {x} from {L}.", f"Dropping each {x} leaves {', '.join(map(str, out)) or 'nothing'}.", _fmt(out)
     opener = rng.choice(LIST_OPENERS)
-    return Problem(q, (opener + "\n" if opener else "") + f"{work}\nThe answer is {ans}.", ans, "lists")
+    return Problem(q, (opener + "\n" if opener else "") + f"{work}\nThe answer is {ans}.", ans, "lists", "lists")
 
 
 LIST_OPENERS = ["", "", "Let's look at the list.", "We go through the items one by one.", "Let's check each item.",
@@ -220,18 +316,27 @@ FAMILIES = {"arithmetic": (arithmetic_problem, 0.65), "lists": (list_problem, 0.
 
 
 def make_problems(split: str, n: int) -> list[Problem]:
-    """n problems of the split ("train" or "heldout"), seeded, families mixed by their weights."""
-    if split not in ("train", "heldout"):
+    """n problems of the split, seeded. "train" and "heldout" mix the families by their weights, in the training
+    phrasings, and split them by is_heldout; "heldout-phrasing" is word problems in HELDOUT_PHRASING only."""
+    if split not in ("train", "heldout", "heldout-phrasing"):
         raise ValueError(f"unknown split {split!r}")
     rng = random.Random(f"problems-{split}")
     names, weights = list(FAMILIES), [w for _, w in FAMILIES.values()]
-    want_heldout = split == "heldout"
-    out, seen = [], set()
+    out, seen, tries = [], set(), 0
     while len(out) < n:
-        p = FAMILIES[rng.choices(names, weights)[0]][0](rng)
-        if is_heldout(p.question) != want_heldout or (want_heldout and p.question in seen):
-            continue
-        seen.add(p.question)
+        tries += 1
+        if tries > 50 * n + 1000:  # a question space too small for n distinct problems fails, not loops forever
+            raise RuntimeError(f"only {len(out)} distinct {split} problems, {n} asked")
+        if split == "heldout-phrasing":
+            p = arithmetic_problem(rng, HELDOUT_PHRASING)
+        else:
+            p = FAMILIES[rng.choices(names, weights)[0]][0](rng)
+            if is_heldout(p.question) != (split == "heldout"):
+                continue
+        if split != "train":  # evaluation sets have no repeats
+            if p.question in seen:
+                continue
+            seen.add(p.question)
         out.append(p)
     return out
 

@@ -1,4 +1,4 @@
-"""The offline data: deterministic, held-out split disjoint from training, answers right."""
+"""The offline data: deterministic, both held-out sets disjoint from training, answers right."""
 import re
 
 import pytest
@@ -6,9 +6,12 @@ import pytest
 import data
 
 
+SPLITS = ["train", "heldout", "heldout-phrasing"]
+
+
 def test_problems_are_deterministic():
-    assert data.make_problems("train", 300) == data.make_problems("train", 300)
-    assert data.make_problems("heldout", 100) == data.make_problems("heldout", 100)
+    for split in SPLITS:
+        assert data.make_problems(split, 300) == data.make_problems(split, 300), split
 
 
 def test_heldout_is_disjoint_from_train():
@@ -19,16 +22,59 @@ def test_heldout_is_disjoint_from_train():
     assert not {p.question for p in train} & {p.question for p in heldout}
 
 
+def test_heldout_phrasing_is_never_trained_on():
+    train = data.make_problems("train", 20000)
+    held = data.make_problems("heldout-phrasing", 2000)
+    assert {p.phrasing for p in held} == {data.HELDOUT_PHRASING}
+    assert data.HELDOUT_PHRASING not in {p.phrasing for p in train + data.make_problems("heldout", 2000)}
+    assert not {p.question for p in train} & {p.question for p in held}
+    # Sentence by sentence, with the names, objects, places and numbers blanked out: no training template
+    # may produce a sentence of the held-out family, so its style is new to the model, not just its numbers.
+    train_sentences = {s for p in train for s in _sentences(p.question)}
+    held_sentences = {s for p in held for s in _sentences(p.question)}
+    assert len(held_sentences) >= 20
+    assert not train_sentences & held_sentences, sorted(train_sentences & held_sentences)[:5]
+
+
+def test_heldout_phrasing_has_enough_distinct_problems():
+    held = data.make_problems("heldout-phrasing", 600)
+    assert len({p.question for p in held}) == 600
+
+
+def test_training_questions_use_the_varied_wordings():
+    questions = [p.question for p in data.make_problems("train", 5000) if p.family == "arithmetic"]
+    for word in ["rows of", "each", "per", "in total", "left"]:
+        assert any(re.search(rf"\b{word}\b", q) for q in questions), word
+
+
 def test_unknown_split():
     with pytest.raises(ValueError):
         data.make_problems("test", 1)
 
 
-def _check_equations(solution: str):
-    # Every "a op b = c" in a worked solution is true.
-    for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", solution):
-        a, b, c = int(a), int(b), int(c)
-        assert {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b and a % b == 0 else None}[op] == c, solution
+_BLANKS = re.compile("|".join(sorted(map(re.escape, data.NAMES + data.OBJECTS + data.PLACES), key=len, reverse=True)))
+
+
+def _sentences(question: str) -> list[str]:
+    """A question's sentences as templates: names, objects, places and numbers replaced by "_"."""
+    return [re.sub(r"\d+", "_", _BLANKS.sub("_", s)) for s in re.split(r"(?<=[.?])\s+", question)]
+
+
+_EQUATION = re.compile(r"(\d+) ([-+*/]|plus|minus|times|divided by) (\d+) (?:=|equals|is) (\d+)")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+          "/": lambda a, b: a // b if b and a % b == 0 else None}
+_SYMBOL = {"plus": "+", "minus": "-", "times": "*", "divided by": "/"}
+
+
+def _check_equations(solution: str) -> list[str]:
+    # Every "a op b = c" (also in words, "a plus b is c") in a worked solution is true, and each step starts
+    # from the previous step's result. Returns the results in order.
+    results = []
+    for a, op, b, c in _EQUATION.findall(solution):
+        assert _APPLY[_SYMBOL.get(op, op)](int(a), int(b)) == int(c), solution
+        assert not results or results[-1] == a, solution
+        results.append(c)
+    return results
 
 
 def _independent_list_answer(p):
@@ -51,10 +97,13 @@ def _independent_list_answer(p):
 
 
 def test_answers_are_correct():
-    for p in data.make_problems("train", 2000) + data.make_problems("heldout", 500):
+    problems = [p for split in SPLITS for p in data.make_problems(split, 2000)]
+    for p in problems:
         assert data.extract_answer(p.solution) == p.answer
+        assert p.solution.splitlines()[-1] == f"The answer is {p.answer}."
         if p.family == "arithmetic":
-            _check_equations(p.solution)
+            steps = _check_equations(p.solution)
+            assert steps and steps[-1] == p.answer, p
             results = re.findall(r"(?:=|equals|is) (\d+)", p.solution.split("The answer")[0])
             assert results[-1] == p.answer, p
         else:

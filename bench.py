@@ -128,61 +128,94 @@ def roc_points(score, label, n=50):
              float(((score >= c) & label).sum() / max(label.sum(), 1))] for c in cuts]
 
 
-def predictor_probe(model, tok, problems, args) -> dict:
-    """Decode with the delayed cache; before each step compute I^(0), I^(1) of the masked tokens with the
-    step's own rows (writing layers 0-1 of the cache with the values the step writes anyway), then label
-    them with what the step decoded."""
-    fns = kernels.focus_functions()
+PREDICTORS = ("I0", "I1", "delta", "leftmost", "after-decoded")
+
+
+def probe_forward(model, dec, seq, col, rows, mask_rows, g):
+    """The step's own forward, as the decoder will run it (same rows, same cache writes), keeping what a
+    predictor analysis needs: I^(0) and I^(1) of the mask set on the grid (A, m), rounded to the model
+    dtype as forward_focus does, and the confidence of every masked row (M,)."""
+    cos, sin = model.rope(rows.pos)
+    x = model.embed_tokens(dec.tokens[seq, rows.pos])
+    importance = []
+    for i, layer in enumerate(model.layers):
+        q, k, v = layer.qkv(x, cos, sin)
+        dec.cache.write(i, rows, k, v)
+        if i < 2:
+            qg, kg = kernels.to_grid(q[mask_rows], g), kernels.to_grid(k[mask_rows], g)
+            importance.append(focus.token_importance(qg, kg, g.valid, layer.self_attn.scale).to(q.dtype))
+        x = layer.finish(x, cached_attention(q, i, rows, dec.cache, layer.self_attn.scale))
+    logits = model.logits(x, mask_rows).float()
+    logits[:, dec.mask_id] = float("-inf")
+    return importance, torch.softmax(logits, -1).amax(-1)
+
+
+def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float, batch_size: int,
+                    alpha: float = 1.5) -> dict:
+    """Decode with the delayed cache; at every step score the masked tokens by I^(0), I^(1), the delta and
+    two positional baselines (focus.ranking_score), then label them with what the step decoded.
+
+    Per step and sequence (steps where both labels occur): ROC AUC for "decoded this step", and the
+    precision of the top-k (k = tokens decoded). And a measure of what FOCUS needs: at steps where FOCUS
+    would evict (more masked tokens than its target), is the token the full model is most confident about
+    (the one the threshold rule always decodes) among the `target` best by the score (top1_kept), and
+    what share of the tokens decoded are (decoded_kept)."""
     records, pending = [], []
 
     def hook(dec):
         if pending:
-            seq_m, col_m, i0, i1 = pending.pop()
-            records.append((seq_m.cpu().numpy(), i0, i1, dec.last_step[2][seq_m, col_m].cpu().numpy()))
+            seq_m, col_m, scores, conf, target = pending.pop()
+            records.append((seq_m.cpu().numpy(), {k: v.float().cpu().numpy() for k, v in scores.items()},
+                            conf.cpu().numpy(), target.cpu().numpy(), dec.last_step[2][seq_m, col_m].cpu().numpy()))
         seq, col, rows, _ = dec.rows(dec.processing())
-        pos = rows.pos
         mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
         if len(mask_rows) == 0:
             return
-        g = fns.grid(seq[mask_rows])
-        cos, sin = model.rope(rows.pos)
-        x = model.embed_tokens(dec.tokens[seq, pos])
-        imps = []
-        for i in (0, 1):
-            layer = model.layers[i]
-            q, k, v = layer.qkv(x, cos, sin)
-            dec.cache.write(i, rows, k, v)
-            imps.append(fns.importance(q[mask_rows], k[mask_rows], g, layer.self_attn.scale)[g.group, g.slot].float().cpu().numpy())
-            if i == 0:
-                x = layer.finish(x, cached_attention(q, 0, rows, dec.cache, layer.self_attn.scale))
-        pending.append((seq[mask_rows], col[mask_rows], imps[0], imps[1]))
+        g = kernels.grid(seq[mask_rows])
+        (i0, i1), conf = probe_forward(model, dec, seq, col, rows, mask_rows, g)
+        position = kernels.to_grid(col[mask_rows], g, fill=-1)
+        delta = focus.importance_delta(i1, i0)
+        grid_scores = {"I0": i0, "I1": i1, "delta": delta, "leftmost": focus.ranking_score("leftmost", delta, position),
+                       "after-decoded": focus.ranking_score("after-decoded", delta, position)}
+        avg = torch.where(dec.decoded_steps > 0, dec.decoded_sum / dec.decoded_steps.clamp(min=1), 1.0)
+        target = focus.retain_target(avg, dec.masked.sum(1) * dec.live, alpha)
+        pending.append((seq[mask_rows], col[mask_rows], {k: v[g.group, g.slot] for k, v in grid_scores.items()},
+                        conf, target[seq[mask_rows]]))
 
     prompts = encode_prompts(tok, [p.question for p in problems], chat=True)
     with torch.inference_mode():
         generate_ids(model, prompts, tok.mask_id, tok.eos_ids,
-                     Options(max_new_tokens=args.max_new_tokens, threshold=args.threshold, batch_size=args.batch_sizes[0]),
-                     step_hook=hook)
-    per_step = {"I0": [], "I1": [], "delta": []}
-    precision = {"I0": [], "I1": [], "delta": []}
-    pooled = {"I0": [], "I1": [], "delta": [], "label": []}
-    for seq_m, i0, i1, label in records:
+                     Options(max_new_tokens=max_new_tokens, threshold=threshold, batch_size=batch_size), step_hook=hook)
+    per_step = {n: [] for n in PREDICTORS}
+    precision = {n: [] for n in PREDICTORS}
+    top1_kept = {n: [] for n in PREDICTORS}
+    decoded_kept = {n: [] for n in PREDICTORS}
+    pooled = {n: [] for n in PREDICTORS + ("label",)}
+    for seq_m, scores, conf, target, label in records:
         for s in np.unique(seq_m):
             sel = seq_m == s
-            y = label[sel].astype(bool)
-            scores = {"I0": i0[sel], "I1": i1[sel], "delta": i1[sel] - i0[sel]}
-            if y.all() or not y.any():
-                continue
-            for name, v in scores.items():
+            y, t = label[sel].astype(bool), int(target[sel][0])
+            best = int(np.argmax(conf[sel]))
+            for name in PREDICTORS:
+                v = scores[name][sel]
+                order = np.argsort(-v, kind="stable")  # ties to the lower position, as select_retained
+                if len(v) > t and y.any():
+                    top1_kept[name].append(best in order[:t])
+                    decoded_kept[name].append(y[order[:t]].sum() / y.sum())
+                if y.all() or not y.any():
+                    continue
                 per_step[name].append(auc(v, y))
-                top = np.argsort(-v, kind="stable")[:y.sum()]  # pick as many as were decoded
-                precision[name].append(y[top].mean())
+                precision[name].append(y[order[:y.sum()]].mean())  # pick as many as were decoded
                 pooled[name] += v.tolist()
-            pooled["label"] += y.tolist()
+            if not (y.all() or not y.any()):
+                pooled["label"] += y.tolist()
     out = {}
-    for name in per_step:
+    for name in PREDICTORS:
         out[name] = {"auc_per_step": float(np.mean(per_step[name])), "auc_pooled": auc(pooled[name], pooled["label"]),
-                     "precision_top_k": float(np.mean(precision[name])), "roc": roc_points(pooled[name], pooled["label"])}
+                     "precision_top_k": float(np.mean(precision[name])), "top1_kept": float(np.mean(top1_kept[name])),
+                     "decoded_kept": float(np.mean(decoded_kept[name])), "roc": roc_points(pooled[name], pooled["label"])}
     out["steps_with_both_classes"] = len(per_step["I0"])
+    out["steps_where_focus_evicts"] = len(top1_kept["I0"])
     out["top_k"] = "k = the number of tokens that step decoded"
     return out
 
@@ -349,7 +382,7 @@ def plot(path: Path):
         fig.savefig(path.with_suffix(".decoded.png"), dpi=120)
     if res.get("predictors"):
         fig, ax = plt.subplots(figsize=(4, 4))
-        for name in ("I0", "I1", "delta"):
+        for name in PREDICTORS:
             p = res["predictors"][name]
             ax.plot(*zip(*p["roc"]), label=f"{name} (AUC {p['auc_pooled']:.2f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
@@ -432,12 +465,14 @@ def main(argv=None) -> int:
         res["modes"] = bench_modes(model, tok, problems, args)
         report = table(res["modes"])
         if args.analysis:
-            res["predictors"] = predictor_probe(model, tok, problems, args)
+            res["predictors"] = predictor_probe(model, tok, problems, args.max_new_tokens, args.threshold,
+                                                args.batch_sizes[0])
             full = next((r for r in res["modes"] if r["mode"] == "full"), None)
             report += "\n\n" + "\n".join(
                 [f"- fraction of block compute on tokens not decoded that step (full block): {full['waste']:.1%}" if full else ""] +
                 [f"- {n}: AUC {v['auc_per_step']:.3f} per step ({v['auc_pooled']:.3f} pooled), precision of top-k "
-                 f"{v['precision_top_k']:.3f}" for n, v in res["predictors"].items() if isinstance(v, dict)])
+                 f"{v['precision_top_k']:.3f}, most confident token kept {v['top1_kept']:.3f}"
+                 for n, v in res["predictors"].items() if isinstance(v, dict)])
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     kind = "cuda" if device.type == "cuda" else "cpu"

@@ -100,6 +100,33 @@ def select_retained(delta, valid, position, target, progress):
     return kept | (valid & (position < rightmost) & (position > progress[:, None]))
 
 
+RANKINGS = ("delta", "random", "negated-delta", "leftmost", "after-decoded")
+
+
+def ranking_score(rank_by: str, delta, position, generator=None):
+    """The score select_retained ranks the mask set by, (A, m) on the grid. The paper ranks by the delta;
+    the others are controls for the ablation (the paper's top / random / bottom test) and two positional
+    baselines that use no attention at all:
+    - random: uniform noise; negated-delta: the paper's "bottom";
+    - leftmost: the leftmost masked token first (decoding order of an autoregressive model);
+    - after-decoded: a masked token right of a decoded one (or first in its block) first, then leftmost first.
+    Everything else (target, rules, progress) stays the same, so the ablation isolates the ranking."""
+    if rank_by == "delta":
+        return delta
+    if rank_by == "negated-delta":
+        return -delta
+    if rank_by == "random":
+        return torch.rand(delta.shape, generator=generator, device=delta.device)
+    leftmost = -position.float()
+    if rank_by == "leftmost":
+        return leftmost
+    if rank_by == "after-decoded":
+        previous = torch.cat([torch.full_like(position[:, :1], -2), position[:, :-1]], dim=1)  # previous set element
+        after_decoded = (position == 0) | (previous != position - 1)   # its left neighbour is not masked
+        return after_decoded.float() * (position.shape[1] + 1) * 4 + leftmost
+    raise ValueError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANKINGS)}")
+
+
 @dataclass
 class FocusOutput:
     logits: torch.Tensor         # (R, vocab) for the kept masked rows
@@ -108,9 +135,11 @@ class FocusOutput:
     rightmost_kept: torch.Tensor  # (S,) block position of each sequence's last kept row (-1: none)
 
 
-def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target, fns):
+def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target, fns,
+                  rank_by: str = "delta", generator=None):
     """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
-    progress, target: (S,) per cache slot; fns: the importance and compaction functions (kernels.py).
+    progress, target: (S,) per cache slot; fns: the importance and compaction functions (kernels.py);
+    rank_by: the ranking score (ranking_score: the delta, or an ablation control).
 
     Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
     (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
@@ -140,7 +169,8 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     delta = importance_delta(importance[1], importance[0])
 
     position = fns.to_grid(col[mask_rows], grid, fill=-1)
-    kept_grid = select_retained(delta, grid.valid, position, target[grid.active], progress[grid.active])
+    score = ranking_score(rank_by, delta, position, generator)
+    kept_grid = select_retained(score, grid.valid, position, target[grid.active], progress[grid.active])
     kept = torch.ones_like(is_mask_row)
     kept[mask_rows] = kept_grid[grid.group, grid.slot]                  # decoded, uncached rows always stay
     keep = kept.nonzero().squeeze(1)

@@ -45,6 +45,8 @@ class Options:
     focus: bool = False                # FOCUS eviction after layer 1 (needs the delayed cache)
     alpha: float = 1.5                 # FOCUS: keep about alpha x (average tokens decoded per step)
     compile: bool = False              # FOCUS: fused kernels through torch.compile
+    focus_rank: str = "delta"          # FOCUS: ranking score, the delta or an ablation control (focus.RANKINGS)
+    exact_commit: bool = False         # commit step recomputes the whole block (exact committed keys/values)
     stop_repeats: int = 0              # stop after this many identical consecutive blocks (0: off)
     batch_size: int = 32
     chat: bool = True                  # wrap prompts in the checkpoint's chat template
@@ -67,6 +69,8 @@ class Options:
             raise ValueError("temperature and top-k must be >= 0 and top-p in (0, 1]")
         if self.focus and self.alpha < 1:
             raise ValueError(f"alpha must be >= 1, got {self.alpha}")
+        if self.focus_rank not in focus.RANKINGS:
+            raise ValueError(f"unknown focus-rank {self.focus_rank!r}; use one of {', '.join(focus.RANKINGS)}")
         if self.focus and not self.delayed_cache:
             raise ValueError("FOCUS runs on top of the delayed cache; drop --no-delayed-cache or --focus")
         if self.stop_repeats == 1 or self.stop_repeats < 0:
@@ -194,6 +198,8 @@ class Decoder:
             process = self.masked | self.uncached       # masked slots are never cached
             process |= self.warm[:, None]               # warm-up: the block's first step computes all
             process |= ~process.any(1, keepdim=True)    # nothing left to compute: compute all
+            if self.opts.exact_commit:                  # commit step: the whole block, so the keys/values
+                process |= ~self.masked.any(1, keepdim=True)  # it leaves in the cache are exact
         return process & self.live[:, None]
 
     def rows(self, process):
@@ -219,7 +225,7 @@ class Decoder:
             avg = torch.where(self.decoded_steps > 0, self.decoded_sum / self.decoded_steps.clamp(min=1), 1.0)
             target = focus.retain_target(avg, self.masked.sum(1) * self.live, o.alpha)
             out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
-                                      self.progress, target, self.focus_fns)
+                                      self.progress, target, self.focus_fns, o.focus_rank, self.generator)
             logits, logit_rows, kept = out.logits, out.logit_rows, out.kept
             self.progress = torch.maximum(self.progress, out.rightmost_kept)
         else:
@@ -485,6 +491,8 @@ def parse_args(argv=None):
     p.add_argument("--focus", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--alpha", type=float, default=1.5)
     p.add_argument("--compile", action="store_true", help="FOCUS kernels through torch.compile")
+    p.add_argument("--focus-rank", default="delta", help="FOCUS ranking score: " + " | ".join(focus.RANKINGS))
+    p.add_argument("--exact-commit", action="store_true", help="the commit step recomputes the whole block")
     p.add_argument("--show", action="store_true", help="print the first sequence's block at every step")
     p.add_argument("--stop-repeats", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -511,7 +519,8 @@ def main(argv=None) -> int:
         opts = Options(max_new_tokens=args.max_new_tokens, block_size=args.block_size, strategy=args.strategy,
                        threshold=args.threshold, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, delayed_cache=args.delayed_cache, focus=args.focus,
-                       alpha=args.alpha, compile=args.compile, stop_repeats=args.stop_repeats,
+                       alpha=args.alpha, compile=args.compile, focus_rank=args.focus_rank,
+                       exact_commit=args.exact_commit, stop_repeats=args.stop_repeats,
                        batch_size=args.batch_size, chat=args.chat, seed=args.seed,
                        progress=len(prompts) > 1, show=args.show)
         opts.check()

@@ -200,7 +200,7 @@ def run_phase(phase, model, opt, tensors, args, cfg, history, device, state_path
     rng = {"data": torch.Generator().manual_seed(args.seed + PHASES.index(phase)),
            "noise": torch.Generator(device=device).manual_seed(args.seed)}
     for name, saved_state in (rng_state or {}).items():
-        rng[name].set_state(saved_state)
+        rng[name].set_state(saved_state.cpu())  # loaded onto the device; generators take CPU bytes
     elapsed, t_start = history["elapsed_phase"], time.time()
     model.train()
     bar = tqdm(range(history["step"], s["steps"]), initial=history["step"], total=s["steps"], mininterval=5, desc=phase)

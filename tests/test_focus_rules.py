@@ -402,3 +402,39 @@ def test_focus_evicts_and_stats_are_ordered(tiny, prompts):
             assert dec <= cd
             evicted_somewhere |= cd < c
     assert evicted_somewhere
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Ranking controls for the ablation (focus.ranking_score)
+
+def test_ranking_score_controls_literal():
+    # Mask set of one sequence at block positions 0, 2, 3, 6, 7 (1, 4, 5 decoded) and a padded second line.
+    position = torch.tensor([[0, 2, 3, 6, 7], [1, 2, -1, -1, -1]])
+    valid = position >= 0
+    delta = torch.tensor([[0.1, 0.5, -0.2, 0.3, 0.0], [0.2, 0.1, 0.0, 0.0, 0.0]])
+    assert torch.equal(focus.ranking_score("delta", delta, position), delta)
+    assert torch.equal(focus.ranking_score("negated-delta", delta, position), -delta)
+    order = lambda name: [[int(i) for i in torch.sort(focus.ranking_score(name, delta, position)[a].masked_fill(~valid[a], -1e9),
+                                                      descending=True, stable=True).indices if valid[a, i]] for a in range(2)]
+    assert order("leftmost") == [[0, 1, 2, 3, 4], [0, 1]]
+    # After a decoded token (or first in the block): positions 0, 2 and 6 in line 0 (left neighbours -, 1, 5
+    # decoded), leftmost first; then 3 and 7; line 1: position 1 (after decoded 0), then 2.
+    assert order("after-decoded") == [[0, 1, 3, 2, 4], [0, 1]]
+    g = torch.Generator().manual_seed(0)
+    r = focus.ranking_score("random", delta, position, g)
+    assert r.shape == delta.shape and not torch.equal(r, focus.ranking_score("random", delta, position, g))
+    with pytest.raises(ValueError):
+        focus.ranking_score("oracle", delta, position)
+
+
+@pytest.mark.parametrize("rank_by", ["negated-delta", "leftmost", "random"])
+def test_focus_rank_changes_only_the_ranking(tiny, prompts, rank_by):
+    # Same target and rules: the tokens kept per step stay within the target's reach; with a huge alpha no
+    # ranking matters and every control equals the delayed cache.
+    base = gen(tiny, prompts, batch_size=3, focus=False)
+    wide = gen(tiny, prompts, batch_size=3, focus=True, alpha=1000.0, focus_rank=rank_by)
+    assert [ids for ids, _ in wide] == [ids for ids, _ in base]
+    delta = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0)
+    other = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0, focus_rank=rank_by)
+    assert [s["computed_deep"] for _, s in other] != [s["computed_deep"] for _, s in delta] or \
+        [ids for ids, _ in other] != [ids for ids, _ in delta]

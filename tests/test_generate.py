@@ -579,3 +579,40 @@ def test_cli_single_prompt_prints_its_text(capsys, checkpoint, loaded):
     (ids, _), = generate_ids(net, [tok.encode("Hello")], tok.mask_id, tok.eos_ids, Options(max_new_tokens=5))
     assert out == tok.decode(ids) + "\n"
     assert err.strip().splitlines()[-1].startswith("1 sequences, ")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact commit: the commit step recomputes the whole block, so committed keys/values are exact.
+
+def committed_cache_error(net, prompt, **opts):
+    """Largest difference between the keys/values a decode left for its committed blocks and those of one
+    block-causal prefill of the same tokens (the exact values)."""
+    seen = []
+    (ids, _), = run(net, [prompt], max_new_tokens=14, step_hook=seen.append, **opts)
+    dec = seen[-1]
+    end = int(dec.block_start[0])                        # blocks before the active one were committed
+    start = len(prompt) // BS * BS                       # prompt blocks: prefilled exactly either way
+    assert end > start + BS
+    ref = model.KVCache(net.config, 1, dec.cache.max_len, "cpu", torch.float32)
+    pos = torch.arange(end)
+    with torch.no_grad():
+        net.forward_rows(dec.tokens[0, :end], model.Rows.build(torch.zeros_like(pos), pos, (pos // BS + 1) * BS, 1),
+                         ref, logits_for=pos[:0])
+    return max((dec.cache.k[:, 0, :, start:end] - ref.k[:, 0, :, start:end]).abs().max().item(),
+               (dec.cache.v[:, 0, :, start:end] - ref.v[:, 0, :, start:end]).abs().max().item())
+
+
+def test_exact_commit_leaves_exact_keys_and_values(loaded):
+    net, _ = loaded
+    assert committed_cache_error(net, PROMPTS[1], exact_commit=True) < 1e-4
+    assert committed_cache_error(net, PROMPTS[1], delayed_cache=False) < 1e-4     # the full block commits exactly too
+    assert committed_cache_error(net, PROMPTS[1]) > 1e-2    # the delayed cache keeps keys computed beside masks
+
+
+def test_exact_commit_costs_one_full_step_per_block(loaded):
+    net, _ = loaded
+    (ids, plain), = run(net, [PROMPTS[0]], max_new_tokens=14)
+    (ids_x, exact), = run(net, [PROMPTS[0]], max_new_tokens=14, exact_commit=True)
+    commits = [i for i, d in enumerate(exact["decoded"]) if d == 0]
+    assert commits and all(exact["computed"][i] == BS for i in commits)
+    assert any(plain["computed"][i] < BS for i, d in enumerate(plain["decoded"]) if d == 0)

@@ -6,7 +6,8 @@
     python bench.py --plot results/cpu-2026-11-23.json  # PNGs from a results file (needs matplotlib)
 
 Every ratio is measured inside one run, on the same prompts and machine. Results go to
-results/<device>-<date>.json with the command, device, torch version and commit, and a Markdown table.
+results/<device>-<date>.json (or -2.json, -3.json, ...: a results file is never overwritten) with the command,
+device, torch version and commit, and a Markdown table.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import torch
 import data
 import focus
 import kernels
-from generate import DEFAULT_MODEL, Options, encode_prompts, generate_ids
-from model import SDAR, CheckpointError, ModelConfig, Rows, cached_attention, flops_per_token, load
+from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, encode_prompts, generate_ids
+from model import SDAR, CheckpointError, ModelConfig, Rows, cached_attention, flops_per_token, load, resolve_device
 
 MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus-1.0": dict(focus=True, alpha=1.0),
          "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0)}
@@ -408,15 +409,14 @@ def commit() -> str | None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Full block vs delayed cache vs FOCUS, side by side.")
+    p = ArgumentParser(description="Full block vs delayed cache vs FOCUS, side by side.")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-sizes", default="32")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    add_options(p, ["threshold", "max_new_tokens"])
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-analysis", dest="analysis", action="store_false")
     p.add_argument("--real-size", action="store_true", help="SDAR-1.7B-shaped random weights (GPU)")
@@ -426,28 +426,58 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results")
     p.add_argument("--plot", metavar="JSON", help="only draw the plots of a results file")
     args = p.parse_args(argv)
-    try:
-        args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-        args.real_batches = [int(x) for x in args.real_batches.split(",")]
-        args.contexts = [int(x) for x in args.contexts.split(",")]
-    except ValueError:
-        p.exit(2, "error: --batch-sizes, --real-batches and --contexts take comma-separated integers\n")
+    for name in ("batch_sizes", "real_batches", "contexts"):
+        setattr(args, name, positive_list(p, name, getattr(args, name)))
     args.modes = args.modes.split(",")
-    bad = [m for m in args.modes if m not in MODES]
-    if bad or min(args.batch_sizes + args.real_batches + args.contexts) <= 0 or args.num_prompts <= 0 or args.repeats <= 0:
-        p.exit(2, f"error: modes must be among {', '.join(MODES)} and sizes, prompts and repeats positive\n")
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"--modes: unknown mode {m!r}; use some of {', '.join(MODES)}")
+    for name in ("num_prompts", "repeats"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; name a folder for the results")
+    Options(threshold=args.threshold, max_new_tokens=args.max_new_tokens)  # the shared checks, before any work
     return args
 
 
+def positive_list(p, name: str, text: str) -> list[int]:
+    """"32,64" -> [32, 64]; a usage error naming the flag and the value otherwise."""
+    flag = "--" + name.replace("_", "-")
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        p.error(f"{flag} takes comma-separated integers, got {text!r}")
+    for v in values:
+        if v <= 0:
+            p.error(f"{flag}: every value must be positive, got {v}")
+    return values
+
+
+def new_results_path(folder: Path, stem: str) -> Path:
+    """folder/stem.json, or stem-2.json, stem-3.json, ... : a results file is never overwritten."""
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+        device = torch.device(resolve_device(args.device))
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.plot:
+        if not Path(args.plot).is_file():
+            print(f"error: --plot {args.plot}: no such file", file=sys.stderr)
+            return 2
         plot(Path(args.plot))
         return 0
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device; use --device cpu", file=sys.stderr)
-        return 2
     torch.manual_seed(0)
     res = {"command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
@@ -458,7 +488,7 @@ def main(argv=None) -> int:
     else:
         try:
             model, tok = load(args.model, device=device, dtype=args.dtype)
-        except CheckpointError as e:
+        except (CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         problems = data.make_problems("heldout", args.num_prompts)
@@ -474,10 +504,11 @@ def main(argv=None) -> int:
                  f"{v['precision_top_k']:.3f}, most confident token kept {v['top1_kept']:.3f}"
                  for n, v in res["predictors"].items() if isinstance(v, dict)])
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     kind = "cuda" if device.type == "cuda" else "cpu"
-    path = out / f"{kind}{'-real-size' if args.real_size else ''}-{res['date']}.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
+    path = new_results_path(out, f"{kind}{'-real-size' if args.real_size else ''}-{res['date']}")
+    with open(path, "x") as f:  # "x": never over a file, even one made since the name was chosen
+        f.write(json.dumps(res, indent=1) + "\n")
     print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")
     plot(path)
     return 0

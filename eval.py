@@ -15,7 +15,6 @@ and `computed_deep` rows in layers 2..L, so a step costs 2 x computed + (L - 2) 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 
 import data
-from generate import DEFAULT_MODEL, Options, generate
-from model import CheckpointError, load
+from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, generate, options_from
+from model import CheckpointError, load, resolve_device
 
 
 def decode_stats(results, num_layers: int) -> dict:
@@ -121,21 +120,53 @@ def predictor_table(probe: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_frontier(path: Path):
+    """frontier JSON -> PNG beside it: accuracy against row-layers per generated token (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = json.loads(path.read_text())["modes"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    curves = {"delayed cache (threshold sweep)": lambda r: r["mode"].startswith("delayed cache"),
+              "FOCUS at 0.9 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.9"),
+              "FOCUS at 0.8 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.8"),
+              "full block, 0.9": lambda r: r["mode"] == "full block"}
+    for label, keep in curves.items():
+        pts = sorted((r["row_layers_per_token"], 100 * r["accuracy"], r["mode"]) for r in rows if keep(r))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for x, y, mode in pts:
+            ax.annotate(mode.split()[-1] if not mode.startswith("FOCUS") else mode.split()[1], (x, y),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="row-layers per generated token (compute)", ylabel="accuracy on held-out problems (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------
 
+def check_new_file(output: str):
+    """Before any work: results are never written over a file, nor lost to a missing folder."""
+    path = Path(output)
+    if path.exists():
+        raise ValueError(f"--output {output} exists; results are never overwritten: name a new file")
+    if not path.parent.is_dir():
+        raise ValueError(f"--output {output}: the folder {path.parent} does not exist; create it first")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Accuracy and decoding statistics on held-out problems.")
+    p = ArgumentParser(description="Accuracy and decoding statistics on held-out problems.")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("-n", "--num-problems", type=int, default=500)
     p.add_argument("--split", default="heldout", choices=("heldout", "heldout-phrasing"))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--delayed-cache", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--focus", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--alpha", type=float, default=1.5)
-    p.add_argument("--focus-rank", default="delta")
-    p.add_argument("--exact-commit", action="store_true")
+    add_options(p, ["batch_size", "max_new_tokens", "threshold", "delayed_cache", "focus", "alpha", "focus_rank",
+                    "exact_commit"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--update-card", action="store_true", help="append the results to the model card README.md")
@@ -146,22 +177,29 @@ def parse_args(argv=None):
     what.add_argument("--ablation", action="store_true", help="FOCUS ranked by the delta and by controls")
     p.add_argument("--probe-problems", type=int, default=200, help="--study: problems for the predictor analysis")
     p.add_argument("--output", help="--study / --frontier / --ablation: write the JSON here (a new file)")
+    p.add_argument("--plot", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code
+    if args.plot:
+        if not Path(args.plot).is_file():
+            print(f"error: --plot {args.plot}: no such file", file=sys.stderr)
+            return 2
+        plot_frontier(Path(args.plot))
+        return 0
     sweeping = args.study or args.frontier or args.ablation
     try:
+        device = resolve_device(args.device)
         if args.num_problems <= 0:
-            raise ValueError("--num-problems must be positive")
-        if args.output and Path(args.output).exists():
-            raise ValueError(f"--output {args.output} exists; results are never overwritten: name a new file")
-        opts = Options(max_new_tokens=args.max_new_tokens, threshold=args.threshold, batch_size=args.batch_size,
-                       delayed_cache=args.delayed_cache, focus=args.focus, alpha=args.alpha,
-                       focus_rank=args.focus_rank, exact_commit=args.exact_commit, progress=not sweeping)
-        opts.check()
+            raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
+        if args.output:
+            check_new_file(args.output)
+        opts = options_from(args, progress=not sweeping)
         model, tok = load(args.model, device=device, dtype=args.dtype)
         command = "python eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         if sweeping:
@@ -174,7 +212,10 @@ def main(argv=None) -> int:
                 report = table(res["modes"])
             res.update({"command": command.strip(), "device": device, "model": args.model})
             if args.output:
-                Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
+                with open(args.output, "x") as f:  # "x": a file made meanwhile is not overwritten either
+                    f.write(json.dumps(res, indent=1) + "\n")
+                if args.frontier:
+                    plot_frontier(Path(args.output))
             print(report)
             return 0
         problems = data.make_problems(args.split, args.num_problems)

@@ -16,65 +16,95 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 import focus
 import kernels
-from model import CheckpointError, KVCache, Rows, load
+from model import CheckpointError, KVCache, Rows, load, resolve_device
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "sdar-tiny"
 STRATEGIES = ("threshold", "static", "sequential")
+RANKINGS = focus.RANKINGS  # (inside Options the name `focus` is a field)
+MAX_BLOCK_SIZE = 256  # a step computes up to a whole block and a block takes up to block-size steps
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A field of Options: its default, its --help line and, for a name, the values it may take."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Options:
-    max_new_tokens: int = 256
-    block_size: int | None = None      # None: the checkpoint's block size
-    strategy: str = "threshold"        # unmasking rule, see unmask()
-    threshold: float = 0.9             # dynamic rule: unmask every masked token with p >= threshold
-    tokens_per_step: int = 1           # static and sequential rules: tokens unmasked per step
-    temperature: float = 0.0           # 0: greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    delayed_cache: bool = True         # stop recomputing decoded tokens whose right neighbour is decoded
-    focus: bool = False                # FOCUS eviction after layer 1 (needs the delayed cache)
-    alpha: float = 1.5                 # FOCUS: keep about alpha x (average tokens decoded per step)
-    compile: bool = False              # FOCUS: fused kernels through torch.compile
-    focus_rank: str = "delta"          # FOCUS: ranking score, the delta or an ablation control (focus.RANKINGS)
-    exact_commit: bool = False         # commit step recomputes the whole block (exact committed keys/values)
-    stop_repeats: int = 0              # stop after this many identical consecutive blocks (0: off)
-    batch_size: int = 32
-    chat: bool = True                  # wrap prompts in the checkpoint's chat template
-    seed: int = 0
-    progress: bool = False             # tqdm bar over the prompts
-    show: bool = False                 # FOCUS: print one sequence's block at every step
+    """Decoding options: the one place they are declared and checked. The command line is built from these
+    fields (flag --max-new-tokens for max_new_tokens, default and choices from here), and every Options is
+    checked when it is made, so a bad value fails at once with a one-line ValueError."""
+    max_new_tokens: int = option(256, "tokens to generate per prompt at most")
+    block_size: int | None = option(None, f"tokens per block (default: the checkpoint's; at most {MAX_BLOCK_SIZE}; "
+                                          "the last block is decoded whole, so a run costs at least one block)")
+    strategy: str = option("threshold", "unmasking rule, see unmask()", STRATEGIES)
+    threshold: float = option(0.9, "threshold rule: unmask every masked token with p >= threshold")
+    tokens_per_step: int = option(1, "static and sequential rules: tokens unmasked per step")
+    temperature: float = option(0.0, "0: greedy")
+    top_k: int = option(0, "sample from the k most likely tokens (0: all)")
+    top_p: float = option(1.0, "sample from the smallest set of tokens whose probability reaches top-p")
+    delayed_cache: bool = option(True, "stop recomputing decoded tokens whose right neighbour is decoded")
+    focus: bool = option(False, "FOCUS eviction after layer 1 (needs the delayed cache)")
+    alpha: float = option(1.5, "FOCUS: keep about alpha x (average tokens decoded per step)")
+    compile: bool = option(False, "FOCUS: fused kernels through torch.compile")
+    focus_rank: str = option("delta", "FOCUS: ranking score, the delta or an ablation control", RANKINGS)
+    exact_commit: bool = option(False, "the commit step recomputes the whole block (exact committed keys/values)")
+    stop_repeats: int = option(0, "stop after this many identical consecutive blocks (0: off)")
+    batch_size: int = option(32, "sequences decoded together")
+    chat: bool = option(True, "wrap prompts in the checkpoint's chat template")
+    seed: int = option(0, "sampling seed")
+    progress: bool = option(False, "tqdm bar over the prompts")
+    show: bool = option(False, "FOCUS: print the first sequence's block at every step")
 
-    def check(self):
+    def __post_init__(self):
         """Raise ValueError with a one-line message for a bad value."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type, f.metadata["choices"])
         for name in ("max_new_tokens", "batch_size", "tokens_per_step"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.block_size is not None and self.block_size <= 0:
-            raise ValueError(f"block-size must be positive, got {self.block_size}")
+                raise ValueError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.block_size is not None and not 0 < self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block-size must be in 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature and top-k must be >= 0 and top-p in (0, 1]")
+            raise ValueError(f"temperature and top-k must be >= 0 and top-p in (0, 1], got {self.temperature}, "
+                             f"{self.top_k} and {self.top_p}")
         if self.focus and self.alpha < 1:
             raise ValueError(f"alpha must be >= 1, got {self.alpha}")
-        if self.focus_rank not in focus.RANKINGS:
-            raise ValueError(f"unknown focus-rank {self.focus_rank!r}; use one of {', '.join(focus.RANKINGS)}")
         if self.focus and not self.delayed_cache:
             raise ValueError("FOCUS runs on top of the delayed cache; drop --no-delayed-cache or --focus")
         if self.stop_repeats == 1 or self.stop_repeats < 0:
-            raise ValueError("stop-repeats must be 0 (off) or at least 2")
+            raise ValueError(f"stop-repeats must be 0 (off) or at least 2, got {self.stop_repeats}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_type(name: str, value, kind: str, choices):
+    """kind is the field's annotation as written: int, int | None, float, bool or str."""
+    if value is None and kind.endswith("| None"):
+        return
+    if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
+    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+        raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+    if kind == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{_flag(name)} must be True or False, got {value!r}")
+    if kind == "str" and value not in choices:
+        raise ValueError(f"unknown {_flag(name)} {value!r}; use one of {', '.join(choices)}")
 
 
 @dataclass
@@ -309,23 +339,38 @@ class Decoder:
 # The API.
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
-    out = []
-    for i, p in enumerate(prompts):
-        if not p or not p.strip():
-            raise ValueError(f"prompt {i + 1} is empty; give some text")
-        out.append(tokenizer.encode(tokenizer.apply_chat_template(p) if chat else p))
-    return out
+    """Token ids of each prompt; the prompt's text never becomes special tokens (Tokenizer.encode_prompt)."""
+    for i, p in enumerate(prompts, 1):
+        problem = prompt_problem(p)
+        if problem:
+            raise ValueError(f"prompt {i} {problem}")
+    return [tokenizer.encode_prompt(p, chat) for p in prompts]
+
+
+def prompt_problem(prompt) -> str | None:
+    """What is wrong with a prompt, as the end of a sentence, or None."""
+    if not isinstance(prompt, str):
+        return f"is a {type(prompt).__name__}, not text"
+    if not prompt.strip():
+        return "is empty; give some text"
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: from JSON "\ud800", or undecodable command-line bytes
+        return f"is not valid Unicode ({e.reason} at character {e.start + 1}); save it as UTF-8"
+    return None
 
 
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int], opts: Options,
-                 clock: dict | None = None, step_hook=None):
+                 clock: dict | None = None, step_hook=None, on_result=None):
     """Token-level generation. Returns, per prompt, (generated ids, stats dict of per-step lists).
 
     clock, if given, receives the seconds spent in prefill and in decode steps (device synchronised);
-    step_hook(decoder) is called before every step (bench.py's analysis uses it)."""
-    opts.check()
+    step_hook(decoder) is called before every step (bench.py's analysis uses it); on_result(index, ids, stats)
+    as each prompt finishes, in the order they finish (generate.py's --output streams them)."""
     cfg, bs = model.config, opts.block_size or model.config.block_size
+    if not prompt_ids:
+        raise ValueError("no prompts given")
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {i + 1} is empty; give some text")
@@ -353,32 +398,36 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
             with _timed(clock, "prefill_s", dec.device):
                 dec.admit([s for s, _ in take], [prompt_ids[r] for _, r in take])
 
-    fill(list(range(slots)))
-    while any(o >= 0 for o in owner):
-        if step_hook is not None:
-            step_hook(dec)
-        with _timed(clock, "decode_s", dec.device):
-            stats = dec.step()
-            stats = {k: v.tolist() for k, v in stats.items()}
-        for s, r in enumerate(owner):
-            if r >= 0:
-                for k in history[r]:
-                    history[r][k].append(stats[k][s])
-        if opts.show and owner[0] == 0:
-            print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
-        ended = dec.finish_blocks(torch.tensor(stats["committing"], device=dec.device))
-        free = []
-        for s, end in ended:
-            r = owner[s]
-            start = len(prompt_ids[r])
-            results[r] = (dec.tokens[s, start:end].tolist(), history[r])
-            owner[s] = -1
-            free.append(s)
-            if bar:
-                bar.update(1)
-        fill(free)
-    if bar:
-        bar.close()
+    try:
+        fill(list(range(slots)))
+        while any(o >= 0 for o in owner):
+            if step_hook is not None:
+                step_hook(dec)
+            with _timed(clock, "decode_s", dec.device):
+                stats = dec.step()
+                stats = {k: v.tolist() for k, v in stats.items()}
+            for s, r in enumerate(owner):
+                if r >= 0:
+                    for k in history[r]:
+                        history[r][k].append(stats[k][s])
+            if opts.show and owner[0] == 0:
+                print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
+            ended = dec.finish_blocks(torch.tensor(stats["committing"], device=dec.device))
+            free = []
+            for s, end in ended:
+                r = owner[s]
+                start = len(prompt_ids[r])
+                results[r] = (dec.tokens[s, start:end].tolist(), history[r])
+                if on_result is not None:
+                    on_result(r, *results[r])
+                owner[s] = -1
+                free.append(s)
+                if bar:
+                    bar.update(1)
+            fill(free)
+    finally:  # also on an interrupt: the bar's line ends before anything else is printed
+        if bar:
+            bar.close()
     return results
 
 
@@ -429,7 +478,7 @@ def _progress_bar(total):
     return tqdm(total=total, unit="seq", file=sys.stderr)
 
 
-def generate(model, tokenizer, prompts: list[str], **options) -> list[Result]:
+def generate(model, tokenizer, prompts: list[str], on_result=None, **options) -> list[Result]:
     """Generate a completion for every prompt.
 
         model, tok = model.load("checkpoints/sdar-tiny")
@@ -437,28 +486,72 @@ def generate(model, tokenizer, prompts: list[str], **options) -> list[Result]:
         results[0].text, results[0].token_ids, results[0].stats["decoded"]
 
     Options are the fields of `Options`. Stats hold one entry per step of the sequence: tokens computed
-    (layers 0-1), computed_deep (layers 2..L), decoded, and the FOCUS retain target.
+    (layers 0-1), computed_deep (layers 2..L), decoded, and the FOCUS retain target. on_result(index, result),
+    if given, is called as each prompt finishes. Bad prompts or options raise a one-line ValueError.
     """
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of strings, got a {type(prompts).__name__}"
+                         + (": wrap a single prompt in a list" if isinstance(prompts, str) else ""))
+    if not prompts:
+        raise ValueError("prompts is empty; give at least one prompt")
     unknown = set(options) - set(Options.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see generate.Options")
     opts = Options(**options)
-    opts.check()
     ids = encode_prompts(tokenizer, prompts, opts.chat)
-    out = generate_ids(model, ids, tokenizer.mask_id, tokenizer.eos_ids, opts)
-    return [Result(p, tokenizer.decode(t), t, s) for p, (t, s) in zip(prompts, out)]
+
+    done = {}
+
+    def finished(i, token_ids, stats):
+        done[i] = Result(prompts[i], tokenizer.decode(token_ids), token_ids, stats)
+        if on_result is not None:
+            on_result(i, done[i])
+
+    generate_ids(model, ids, tokenizer.mask_id, tokenizer.eos_ids, opts, on_result=finished)
+    return [done[i] for i in range(len(prompts))]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, `error: ...`, exit 2, like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_options(p: argparse.ArgumentParser, names=None):
+    """Flags for the fields of Options (all, or those named), with the dataclass's defaults and choices."""
+    for f in fields(Options):
+        if names is not None and f.name not in names:
+            continue
+        flag, kw = "--" + _flag(f.name), dict(default=f.default, help=f.metadata["help"])
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            kind = {"int": int, "int | None": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=kind, choices=f.metadata["choices"], **kw)
+
+
+def options_from(args, **extra) -> Options:
+    """The Options named by parsed flags (those add_options made), plus extra fields."""
+    return Options(**{f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}, **extra)
+
+
 def read_prompts(path: str) -> list[str]:
+    """The prompts of a JSONL file; a bad line is named by its line number in the file."""
     try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts file {path}: {e}") from None
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read prompts file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason}); "
+                         "save the file as UTF-8") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -467,86 +560,139 @@ def read_prompts(path: str) -> list[str]:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"prompt\" field")
+        problem = prompt_problem(obj["prompt"])
+        if problem:
+            raise ValueError(f"{path}, line {n}: the prompt {problem}")
         prompts.append(obj["prompt"])
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
 
 
+class ResultsFile:
+    """--output: one JSONL line per prompt, written and flushed as each finishes into OUTPUT.partial. Only
+    when every prompt has finished does OUTPUT receive them all, in prompt order, by one rename; so an
+    interrupted or failed run leaves OUTPUT as it was, and what finished in OUTPUT.partial."""
+
+    def __init__(self, path: Path, overwrite: bool):
+        self.path, self.partial, self.lines = path, path.with_name(path.name + ".partial"), {}
+        try:
+            self.file = open(self.partial, "w" if overwrite else "x", encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot write {self.partial}: {e.strerror}") from None
+
+    def add(self, index: int, r: Result):
+        line = json.dumps({"index": index, "prompt": r.prompt, "text": r.text, "stats": r.stats})
+        self.file.write(line + "\n")
+        self.file.flush()
+        self.lines[index] = line
+
+    def commit(self):
+        self.file.close()
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.path.parent, prefix=f".{self.path.name}.",
+                                         suffix=".tmp", delete=False) as tmp:
+            tmp.write("".join(self.lines[i] + "\n" for i in sorted(self.lines)))
+        os.replace(tmp.name, self.path)
+        self.partial.unlink()
+
+    def abandon(self):
+        """The run did not finish: keep the partial file if it holds results, else remove it."""
+        self.file.close()
+        if not self.lines:
+            self.partial.unlink(missing_ok=True)
+
+
+def check_output(output: str, prompts_file: str | None, overwrite: bool) -> Path:
+    """Refuse, before any work, an --output that could not be written or would destroy a file."""
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {output} is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise ValueError(f"--output {output}: the folder {path.parent} does not exist; create it first")
+    if prompts_file and path.resolve() == Path(prompts_file).resolve():
+        raise ValueError(f"--output {output} is the prompts file; name another file")
+    partial = path.with_name(path.name + ".partial")
+    if not overwrite:
+        if path.exists():
+            raise ValueError(f"--output {output} exists; name a new file, or pass --overwrite to replace it "
+                             "once every prompt has finished")
+        if partial.exists():
+            raise ValueError(f"{partial} exists (results of an interrupted run?); move it away or pass --overwrite")
+    return path
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Block-diffusion generation with an SDAR checkpoint (optionally FOCUS).")
+    p = ArgumentParser(description="Block-diffusion generation with an SDAR checkpoint (optionally FOCUS).")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompts-file", help="JSONL file, one {\"prompt\": ...} object per line")
-    p.add_argument("--output", help="write results as JSONL: prompt, text, stats")
+    p.add_argument("--output", help="write results as JSONL (index, prompt, text, stats) as each finishes")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: the shipped model)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--strategy", default="threshold", help="threshold | static | sequential")
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--tokens-per-step", type=int, default=1, help="static / sequential: tokens unmasked per step")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--delayed-cache", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--focus", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--alpha", type=float, default=1.5)
-    p.add_argument("--compile", action="store_true", help="FOCUS kernels through torch.compile")
-    p.add_argument("--focus-rank", default="delta", help="FOCUS ranking score: " + " | ".join(focus.RANKINGS))
-    p.add_argument("--exact-commit", action="store_true", help="the commit step recomputes the whole block")
-    p.add_argument("--show", action="store_true", help="print the first sequence's block at every step")
-    p.add_argument("--stop-repeats", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    p.add_argument("--seed", type=int, default=0)
+    add_options(p, [f.name for f in fields(Options) if f.name != "progress"])  # progress: set by the prompt count
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code
+    finished, results_file, total = [], None, None
     try:
         if not args.prompt and not args.prompts_file:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-        if device not in ("cpu",) and not device.startswith("cuda"):
-            raise ValueError(f"unknown device {device!r}; use cpu, cuda or auto")
-        opts = Options(max_new_tokens=args.max_new_tokens, block_size=args.block_size, strategy=args.strategy,
-                       threshold=args.threshold, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, delayed_cache=args.delayed_cache, focus=args.focus,
-                       alpha=args.alpha, compile=args.compile, focus_rank=args.focus_rank,
-                       exact_commit=args.exact_commit, stop_repeats=args.stop_repeats,
-                       batch_size=args.batch_size, chat=args.chat, seed=args.seed,
-                       progress=len(prompts) > 1, show=args.show)
-        opts.check()
+        total = len(prompts)
+        opts = options_from(args, progress=len(prompts) > 1)
+        device = resolve_device(args.device)
+        if args.output:
+            results_file = ResultsFile(check_output(args.output, args.prompts_file, args.overwrite), args.overwrite)
         torch.manual_seed(args.seed)
         model, tok = load(args.model, device=device, dtype=args.dtype)
         t0 = time.perf_counter()
-        results = generate(model, tok, prompts, **asdict(opts))
+
+        def on_result(i, r):
+            if results_file:
+                results_file.add(i, r)
+            finished.append(r)
+
+        results = generate(model, tok, prompts, on_result=on_result, **asdict(opts))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        if results_file:
+            results_file.commit()
+            results_file = None
+    except KeyboardInterrupt:
+        print("".join(f"### {r.prompt}\n{r.text}\n" for r in finished), end="")
+        print(interrupted_line(len(finished), total, results_file), file=sys.stderr)
+        return 130
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("error: out of memory; lower --batch-size or --max-new-tokens", file=sys.stderr)
         return 2
+    finally:
+        if results_file:
+            results_file.abandon()
     for r in results:
         if len(results) > 1:
             print(f"### {r.prompt}")
         print(r.text)
-    if args.output:
-        with open(args.output, "w") as f:
-            for r in results:
-                f.write(json.dumps({"prompt": r.prompt, "text": r.text, "stats": r.stats}) + "\n")
     print(summary(results, elapsed, args.block_size or model.config.block_size), file=sys.stderr)
     return 0
+
+
+def interrupted_line(n: int, total: int | None, results_file: ResultsFile | None) -> str:
+    done = f"interrupted: {n} of {total} prompts finished" if total else "interrupted before generation began"
+    if results_file and n:
+        return f"{done}; their results are in {results_file.partial}"
+    if n:
+        return f"{done} (printed above; --output FILE keeps each result as it finishes)"
+    return done
 
 
 def summary(results: list[Result], elapsed: float, block_size: int) -> str:

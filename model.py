@@ -14,6 +14,7 @@ the token at that same position.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise CheckpointError(f"config.json must hold a JSON object, not a {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type != "sdar":
             raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; this loader "
@@ -60,11 +63,40 @@ class ModelConfig:
             raise CheckpointError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu only)")
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.check_values()
         if "head_dim" not in d:
             cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
         return cfg
+
+    def check_values(self):
+        """A CheckpointError naming the field for a value of the wrong type or out of range, so that a bad
+        config.json fails here and not as a ZeroDivisionError or IndexError deep in the model."""
+        def bad(name, want):
+            return CheckpointError(f"config.json: {name} must be {want}, got {getattr(self, name)!r}; fix the file")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "block_size"):
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise bad(name, "a positive integer")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise bad(name, "a positive number")
+        if not isinstance(self.torch_dtype, str):
+            raise bad("torch_dtype", "a string such as \"bfloat16\"")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if self.mask_token_id is not None and not (is_int(self.mask_token_id) and 0 <= self.mask_token_id < self.vocab_size):
+            raise bad("mask_token_id", f"a token id below vocab_size {self.vocab_size}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if self.eos_token_id is not None and not all(is_int(e) and 0 <= e < self.vocab_size for e in eos):
+            raise bad("eos_token_id", f"a token id (or a list of them) below vocab_size {self.vocab_size}")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -315,6 +347,19 @@ class SDAR(nn.Module):
 # generation_config.json say (chat template, EOS ids, mask token).
 
 CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+PLACEHOLDER = "\uE000prompt\uE000"  # private-use characters: no template or prompt text spells them
+
+
+def _text_only(tok):
+    """A copy of a `tokenizers` Tokenizer that never matches an added token: all of them are marked special,
+    and special tokens are encoded as the text they spell (encode_special_tokens)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    spec = json.loads(tok.to_str())
+    for added in spec.get("added_tokens", []):
+        added["special"] = True
+    plain = HFTokenizer.from_str(json.dumps(spec))
+    plain.encode_special_tokens = True
+    return plain
 
 
 class Tokenizer:
@@ -329,7 +374,11 @@ class Tokenizer:
         self.chat_template = tok_cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # some checkpoints keep named templates
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        self.plain = _text_only(self.tok)
         self.mask_id = self._mask_id(cfg, tok_cfg, gen_cfg)
+        if not 0 <= self.mask_id < cfg.vocab_size:
+            raise CheckpointError(f"mask token id {self.mask_id} is outside the vocabulary (vocab_size "
+                                  f"{cfg.vocab_size}); fix mask_token_id in config.json or generation_config.json")
         eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
         if eos is None and isinstance(tok_cfg.get("eos_token"), str):
             eos = self.tok.token_to_id(tok_cfg["eos_token"])
@@ -340,6 +389,9 @@ class Tokenizer:
         if cfg.mask_token_id is not None:
             return cfg.mask_token_id
         if gen_cfg.get("mask_token_id") is not None:
+            if not isinstance(gen_cfg["mask_token_id"], int):
+                raise CheckpointError(f"generation_config.json: mask_token_id must be an integer, "
+                                      f"got {gen_cfg['mask_token_id']!r}")
             return gen_cfg["mask_token_id"]
         name = tok_cfg.get("mask_token")
         name = name.get("content") if isinstance(name, dict) else name
@@ -349,7 +401,30 @@ class Tokenizer:
         raise CheckpointError("no mask token: set mask_token_id in config.json or mask_token in tokenizer_config.json")
 
     def encode(self, text: str) -> list[int]:
+        """Control text: special tokens spelled in it (`<|im_end|>`) become those tokens. Not for user text."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """User text: a special token spelled in it stays plain text, so a prompt cannot close its own turn,
+        open an assistant turn or plant mask slots."""
+        return self.plain.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
+        """A prompt's ids: with chat, the template's own markers are special tokens and the prompt is text."""
+        if not chat:
+            return self.encode_text(prompt)
+        before, after = self.template_pieces()
+        return self.encode(before) + self.encode_text(prompt) + self.encode(after)
+
+    def template_pieces(self) -> tuple[str, str]:
+        """The chat template rendered around a placeholder and split there: the text before and after the
+        user's message."""
+        rendered = self.apply_chat_template(PLACEHOLDER)
+        if rendered.count(PLACEHOLDER) != 1:
+            raise CheckpointError("the chat template does not show the user's message once, as given; "
+                                  "fix chat_template in tokenizer_config.json or pass --no-chat")
+        before, after = rendered.split(PLACEHOLDER)
+        return before, after
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -446,16 +521,34 @@ def _resolve_dtype(dtype, cfg: ModelConfig, device) -> torch.dtype:
     return names[dtype]
 
 
+def resolve_device(name: str) -> str:
+    """--device as given (auto, cpu, cuda, cuda:N) -> the device to use. The one device check every entry
+    point shares; raises ValueError with a one-line message."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available; use --device cpu")
+        if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return name
+    raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+
+
 def load(path, device="cpu", dtype=None):
     """Load an SDAR checkpoint folder (Hugging Face layout) -> (model, tokenizer). Raises CheckpointError."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; pass --model DIR with a folder holding "
                               "config.json, *.safetensors and tokenizer.json")
-    cfg = ModelConfig.from_dict(_read_json(folder / "config.json"))
+    raw = _read_json(folder / "config.json")
+    cfg = ModelConfig.from_dict(raw)
     gen_cfg = _read_json(folder / "generation_config.json", required=False)
-    if "block_size" not in _read_json(folder / "config.json") and "block_size" in gen_cfg:
+    if "block_size" not in raw and "block_size" in gen_cfg:
         cfg.block_size = gen_cfg["block_size"]
+        cfg.check_values()
     if not (folder / "tokenizer.json").exists():
         raise CheckpointError(f"{folder / 'tokenizer.json'} is missing")
     dtype = _resolve_dtype(dtype, cfg, device)
@@ -470,7 +563,8 @@ def load(path, device="cpu", dtype=None):
 
 
 def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bfloat16):
-    """Write config.json and model.safetensors (or shards plus model.safetensors.index.json)."""
+    """Write config.json and model.safetensors (or shards plus model.safetensors.index.json). Weight files
+    of an earlier save that this one does not write are removed, so the folder holds one consistent set."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -478,9 +572,27 @@ def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bf
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     tensors = {_hf_name(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
+    shards = _shards(tensors, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 and max_shard_bytes is None else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
     if max_shard_bytes is None:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
+        index.unlink(missing_ok=True)  # the loader reads the index first: it must not outlive its shards
+    else:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    for stale in folder.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+
+
+def _shards(tensors: dict, max_shard_bytes: int | None) -> list[dict]:
+    """Tensors in order, cut into groups of at most max_shard_bytes (one group when None)."""
+    if max_shard_bytes is None:
+        return [tensors]
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -490,14 +602,7 @@ def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bf
         current[name] = t
         size += nbytes
     shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return shards
 
 
 def num_params(model: nn.Module) -> int:

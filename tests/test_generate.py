@@ -491,12 +491,12 @@ def assert_cli_error(capsys, argv, *words):
 BAD_OPTIONS = [
     (["--max-new-tokens", "0"], "max-new-tokens must be positive"),
     (["--max-new-tokens", "-3"], "max-new-tokens must be positive"),
-    (["--block-size", "0"], "block-size must be positive"),
+    (["--block-size", "0"], "block-size must be in 1..256"),
     (["--batch-size", "0"], "batch-size must be positive"),
     (["--tokens-per-step", "0"], "tokens-per-step must be positive"),
     (["--threshold", "0"], "threshold must be in (0, 1]"),
     (["--threshold", "1.5"], "threshold must be in (0, 1]"),
-    (["--strategy", "random"], "unknown strategy 'random'"),
+    (["--strategy", "random"], "invalid choice: 'random'"),
     (["--top-p", "0"], "top-p"),
     (["--temperature", "-1"], "temperature"),
     (["--stop-repeats", "1"], "stop-repeats"),
@@ -561,9 +561,11 @@ def test_cli_good_run(capsys, checkpoint, tmp_path):
                          str(out_file), "--max-new-tokens", "6", "--block-size", "4", "--device", "cpu")
     assert code == 0, err
     lines = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [r["prompt"] for r in lines] == ["What is 17 plus 25?", "The lazy dog"]
+    assert [r["prompt"] for r in lines] == ["What is 17 plus 25?", "The lazy dog"]   # prompt order
+    assert [r["index"] for r in lines] == [0, 1]
+    assert not (tmp_path / "out.jsonl.partial").exists()
     for r in lines:
-        assert set(r) == {"prompt", "text", "stats"} and isinstance(r["text"], str)
+        assert set(r) == {"index", "prompt", "text", "stats"} and isinstance(r["text"], str)
         assert len(r["stats"]["decoded"]) == len(r["stats"]["computed"]) > 0
         assert f"### {r['prompt']}\n{r['text']}\n" in out
     assert "Traceback" not in err

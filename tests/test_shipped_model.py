@@ -18,13 +18,14 @@ def shipped():
 
 
 def test_heldout_problems_are_answered(shipped):
-    # The first 16 held-out problems: never trained on (data.is_heldout). The model gets about 80% of
-    # held-out problems right; these 16 are checked as a whole so one hard problem does not decide it.
+    # The first 64 held-out problems: never trained on (data.is_heldout). On all 500 the model answers
+    # about 89% right (model card); 64 problems are checked as a whole so a few hard ones do not decide it,
+    # and 75% leaves room for that sampling spread while failing a model that lost its training.
     model, tok = shipped
-    problems = data.make_problems("heldout", 16)
-    results = generate(model, tok, [p.question for p in problems], max_new_tokens=128)
+    problems = data.make_problems("heldout", 64)
+    results = generate(model, tok, [p.question for p in problems], batch_size=64)
     correct = [data.extract_answer(r.text) == p.answer for r, p in zip(results, problems)]
-    assert sum(correct) >= 12, [(p.question, r.text) for p, r in zip(problems, results)]
+    assert sum(correct) >= 48, [(p.question, r.text) for p, r, c in zip(problems, results, correct) if not c]
 
 
 def test_direct_question(shipped):

@@ -136,7 +136,7 @@ def plot_frontier(path: Path):
               "FOCUS at 0.8 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.8"),
               "full block, 0.9": lambda r: r["mode"] == "full block"}
     for label, keep in curves.items():
-        pts = sorted((r["row_layers_per_token"], 100 * r["accuracy"], r["mode"]) for r in rows if keep(r))
+        pts = [(r["row_layers_per_token"], 100 * r["accuracy"], r["mode"]) for r in rows if keep(r)]  # sweep order
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         for x, y, mode in pts:
             ax.annotate(mode.split()[-1] if not mode.startswith("FOCUS") else mode.split()[1], (x, y),

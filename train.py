@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import SDAR, CheckpointError, ModelConfig, load_state, num_params, save
+from model import SDAR, CheckpointError, ModelConfig, load_state, num_params, resolve_device, save
 
 # Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model; "2x64" is for smoke tests.
 SHAPES = {
@@ -189,7 +189,8 @@ def learning_rate(step: int, done: float, lr: float, warmup: int) -> float:
 
 
 def new_optimizer(model, lr: float, device: str):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
 
 
 def run_phase(phase, model, opt, tensors, args, cfg, history, device, state_path, rng_state=None):
@@ -233,7 +234,8 @@ def train_step(phase, model, opt, tensors, batch_size: int, cfg, lr: float, rng:
         g["lr"] = lr
     idx = torch.randint(0, len(tensors[0]), (batch_size,), generator=rng["data"])
     batch = [t[idx].to(device, non_blocking=True) for t in tensors]
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+    kind = torch.device(device).type
+    with torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
         if phase == "ar":
             loss, ce = ar_loss_fn(model, *batch)
         else:
@@ -350,9 +352,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = check_args(args)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-            raise ValueError(f"--device {args.device}: use cpu, cuda (with a GPU) or auto")
+        device = resolve_device(args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@
 The plain PyTorch versions are the reference. `focus_functions(compiled=True)` wraps the same functions in
 `torch.compile` (no Triton needed on CPU: Inductor emits C++), which fuses the score, pool, softmax and sum
 of the importance, and the gathers of the compaction. If compilation is not available the plain versions
-run and a warning says so. tests/test_kernels.py checks that both give the same results.
+run and a warning says so. tests/test_focus_rules.py::test_compiled_importance_matches_plain checks that both
+give the same results.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -478,16 +478,18 @@ def _progress_bar(total):
     return tqdm(total=total, unit="seq", file=sys.stderr)
 
 
-def generate(model, tokenizer, prompts: list[str], on_result=None, **options) -> list[Result]:
+def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, on_result=None,
+             **options) -> list[Result]:
     """Generate a completion for every prompt.
 
         model, tok = model.load("checkpoints/sdar-tiny")
         results = generate(model, tok, ["What is 17 plus 25?"], max_new_tokens=64, threshold=0.9)
         results[0].text, results[0].token_ids, results[0].stats["decoded"]
 
-    Options are the fields of `Options`. Stats hold one entry per step of the sequence: tokens computed
-    (layers 0-1), computed_deep (layers 2..L), decoded, and the FOCUS retain target. on_result(index, result),
-    if given, is called as each prompt finishes. Bad prompts or options raise a one-line ValueError.
+    Options are the fields of `Options`, given as keywords or as one `Options` (already checked when made).
+    Stats hold one entry per step of the sequence: tokens computed (layers 0-1), computed_deep (layers
+    2..L), decoded, and the FOCUS retain target. on_result(index, result), if given, is called as each
+    prompt finishes. Bad prompts or options raise a one-line ValueError.
     """
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of strings, got a {type(prompts).__name__}"
@@ -497,7 +499,9 @@ def generate(model, tokenizer, prompts: list[str], on_result=None, **options) ->
     unknown = set(options) - set(Options.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see generate.Options")
-    opts = Options(**options)
+    if opts is not None and (options or not isinstance(opts, Options)):
+        raise ValueError("give options either as one generate.Options or as keywords, not both")
+    opts = opts if opts is not None else Options(**options)
     ids = encode_prompts(tokenizer, prompts, opts.chat)
 
     done = {}
@@ -658,7 +662,7 @@ def main(argv=None) -> int:
                 results_file.add(i, r)
             finished.append(r)
 
-        results = generate(model, tok, prompts, on_result=on_result, **asdict(opts))
+        results = generate(model, tok, prompts, opts, on_result=on_result)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0

@@ -260,3 +260,14 @@ def test_bench_never_overwrites_a_results_file(tmp_path):
     assert second == tmp_path / "cpu-2026-11-24-2.json"
     second.write_text("{}")
     assert bench.new_results_path(tmp_path, "cpu-2026-11-24") == tmp_path / "cpu-2026-11-24-3.json"
+
+
+def test_generate_takes_one_checked_options(loaded):
+    net, tok = loaded
+    opts = generate.Options(max_new_tokens=4)
+    assert generate.generate(net, tok, ["Hi"], opts)[0].token_ids == generate.generate(net, tok, ["Hi"], max_new_tokens=4)[0].token_ids
+    for bad in ({"max_new_tokens": 4}, "fast"):
+        with pytest.raises(ValueError, match="generate.Options"):
+            generate.generate(net, tok, ["Hi"], bad)
+    with pytest.raises(ValueError, match="not both"):
+        generate.generate(net, tok, ["Hi"], opts, max_new_tokens=8)

@@ -374,6 +374,13 @@ class Tokenizer:
         self.chat_template = tok_cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # some checkpoints keep named templates
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        jinja_file = folder / "chat_template.jinja"   # current checkpoints keep it apart; it wins, as in transformers
+        if jinja_file.exists():
+            try:
+                self.chat_template = jinja_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{jinja_file} cannot be read ({e})") from None
+        self.enable_thinking = False  # Qwen3-style templates: no thinking block unless asked for
         self.plain = _text_only(self.tok)
         self.mask_id = self._mask_id(cfg, tok_cfg, gen_cfg)
         if not 0 <= self.mask_id < cfg.vocab_size:
@@ -431,17 +438,27 @@ class Tokenizer:
 
     def apply_chat_template(self, prompt: str) -> str:
         """One user turn plus the assistant header. Renders the checkpoint's own Jinja template when jinja2
-        is installed; otherwise the ChatML format that Qwen/SDAR chat checkpoints use."""
+        is installed (in a sandbox: the template comes with the checkpoint), with the variables such
+        templates read: messages, add_generation_prompt, enable_thinking (self.enable_thinking, False unless
+        set), bos_token, eos_token. Without jinja2: the ChatML format that Qwen/SDAR chat checkpoints use."""
         if self.chat_template:
             try:
-                import jinja2
+                from jinja2 import TemplateError
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
             except ImportError:
-                jinja2 = None
-            if jinja2 is not None:
-                env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+                return CHATML.format(prompt=prompt)
+
+            def raise_exception(message):  # templates call it to refuse a conversation
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            try:
                 return env.from_string(self.chat_template).render(
                     messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-                    bos_token=self.bos_token or "", eos_token="")
+                    enable_thinking=self.enable_thinking, bos_token=self.bos_token or "", eos_token="")
+            except TemplateError as e:
+                raise CheckpointError(f"the chat template cannot be rendered ({e}); fix it or pass --no-chat") from None
         return CHATML.format(prompt=prompt)
 
 

@@ -2,7 +2,9 @@
 clear CheckpointError per kind of broken checkpoint folder."""
 import json
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +160,37 @@ def test_named_chat_templates_use_the_default_one(make_checkpoint):
                                                              {"name": "default", "template": TEMPLATE}])
     _, tok = model.load(path)
     assert tok.apply_chat_template("Hi") == "[user] Hi\n[assistant] "
+
+
+# SDAR-8B-Chat-b32's chat_template.jinja (the Qwen3 template), as the public checkpoint folder ships it
+# (a copy is in sands-lab/FOCUS, opencompass-0.5.1.post1/opencompass/models/SDAR-8B-Chat-b32/).
+SDAR_8B_TEMPLATE = Path(__file__).parent / "data" / "sdar-8b-chat-b32.chat_template.jinja"
+
+
+def test_chat_template_jinja_file_wins_and_renders_the_sdar_template(make_checkpoint):
+    path = make_checkpoint().path
+    edit_json(path / "tokenizer_config.json", chat_template=TEMPLATE)
+    shutil.copy(SDAR_8B_TEMPLATE, path / "chat_template.jinja")
+    _, tok = model.load(path)
+    # Written by hand from the template: one user turn, the assistant header, and with enable_thinking
+    # false (the default here) an empty thinking block, so the model answers without one.
+    assert tok.apply_chat_template("What is 17 plus 25?") == (
+        "<|im_start|>user\nWhat is 17 plus 25?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tok.enable_thinking = True
+    assert tok.apply_chat_template("What is 17 plus 25?") == (
+        "<|im_start|>user\nWhat is 17 plus 25?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_that_cannot_render_is_a_checkpoint_error(make_checkpoint):
+    path = make_checkpoint().path
+    (path / "chat_template.jinja").write_text("{{ raise_exception('only system prompts') }}")
+    _, tok = model.load(path)
+    with pytest.raises(model.CheckpointError, match="only system prompts"):
+        tok.apply_chat_template("Hi")
+    (path / "chat_template.jinja").write_text("{{ ''.__class__.__mro__ }}")  # the sandbox refuses internals
+    _, tok = model.load(path)
+    with pytest.raises(model.CheckpointError, match="chat template"):
+        tok.apply_chat_template("Hi")
 
 
 # ---------------------------------------------------------------------------------------------------

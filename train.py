@@ -362,8 +362,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted; the last finished phase is saved in {out / 'train_state.pt'} (continue with --resume)",
-              file=sys.stderr)
+        state = out / "train_state.pt"
+        print(f"interrupted; training so far is saved in {state} (continue with --resume)" if state.exists()
+              else "interrupted before the first training step; nothing was saved", file=sys.stderr)
         return 130
     return 0
 
@@ -394,12 +395,15 @@ def train(args, out: Path, device: str):
     state_path = out / "train_state.pt"
     history = {"commands": [], "phase": PHASES[0], "step": 0, "elapsed_phase": 0.0, "settings": {},
                "log": {p: [] for p in PHASES}, "steps": {p: 0 for p in PHASES}, "elapsed": {p: 0.0 for p in PHASES},
-               "batch_size": args.batch_size, "seq_len": args.seq_len}
+               "batch_size": args.batch_size, "seq_len": args.seq_len, "shape": args.shape}
     saved = None
     if args.resume:
         saved = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
         history = json.loads(saved["history"])
+        if history.get("shape", args.shape) != args.shape:
+            raise CheckpointError(f"--resume: {state_path} was trained with --shape {history['shape']}, "
+                                  f"not {args.shape}; pass --shape {history['shape']}")
+        model.load_state_dict(saved["model"])
         print(f"resumed in phase {history['phase']} at step {history['step']}", flush=True)
     history["commands"].append(" ".join(args.argv))
 

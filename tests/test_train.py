@@ -138,3 +138,14 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys, flag, value):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and flag in err
     assert not (tmp_path / "m").exists()
+
+
+def test_resume_with_another_shape_is_a_one_line_error(tmp_path, small_data, capsys):
+    out = tmp_path / "m"
+    assert train.main(["--out", str(out)] + ARGS) == 0
+    state = (out / "train_state.pt").read_bytes()
+    args = [a if a != "2x64" else "8x384" for a in ARGS]
+    assert train.main(["--out", str(out), "--resume"] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "--shape 2x64" in err
+    assert (out / "train_state.pt").read_bytes() == state

@@ -129,7 +129,13 @@ def plot_frontier(path: Path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
-    rows = json.loads(path.read_text())["modes"]
+    try:
+        rows = json.loads(path.read_text())["modes"]
+        ok = any(r["mode"].startswith("delayed cache") and "row_layers_per_token" in r for r in rows)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
     fig, ax = plt.subplots(figsize=(5.5, 4))
     curves = {"delayed cache (threshold sweep)": lambda r: r["mode"].startswith("delayed cache"),
               "FOCUS at 0.9 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.9"),
@@ -190,7 +196,11 @@ def main(argv=None) -> int:
         if not Path(args.plot).is_file():
             print(f"error: --plot {args.plot}: no such file", file=sys.stderr)
             return 2
-        plot_frontier(Path(args.plot))
+        try:
+            plot_frontier(Path(args.plot))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     sweeping = args.study or args.frontier or args.ablation
     try:

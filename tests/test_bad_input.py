@@ -35,6 +35,7 @@ CASES = {
     "output's partial file exists": ("generate", ["--prompt", "Hi", "--output", "{dir}/left.jsonl"],
                                      ["left.jsonl.partial exists"]),
     "eval output exists": ("eval", ["--study", "--output", "{dir}/good.jsonl"], ["exists"]),
+    "eval plot of another file": ("eval", ["--plot", "{dir}/good.jsonl"], ["--plot", "not a results file"]),
     # The output path, checked before the model is loaded.
     "output folder missing": ("generate", ["--prompt", "Hi", "--output", "{dir}/nodir/x.jsonl"], ["nodir", "does not exist"]),
     "output is a folder": ("generate", ["--prompt", "Hi", "--output", "{dir}"], ["is a folder"]),

@@ -357,15 +357,23 @@ def real_size_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path):
+def plot(path: Path) -> bool:
+    """Results JSON -> PNGs beside it (needs matplotlib). A file with nothing to plot is a ValueError;
+    without matplotlib it says so and returns False."""
+    try:
+        res = json.loads(path.read_text())
+        ok = isinstance(res, dict) and (bool(res.get("modes")) or bool(res.get("predictors")))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--plot {path}: not a results file of bench.py with throughput or predictor results")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
-        return
-    res = json.loads(path.read_text())
+        return False
     if res.get("modes"):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for mode in dict.fromkeys(r["mode"] for r in res["modes"]):
@@ -392,6 +400,7 @@ def plot(path: Path):
         fig.tight_layout()
         fig.savefig(path.with_suffix(".roc.png"), dpi=120)
     print(f"plots written next to {path}", file=sys.stderr)
+    return True
 
 
 def device_name(device) -> str:
@@ -476,8 +485,11 @@ def main(argv=None) -> int:
         if not Path(args.plot).is_file():
             print(f"error: --plot {args.plot}: no such file", file=sys.stderr)
             return 2
-        plot(Path(args.plot))
-        return 0
+        try:
+            return 0 if plot(Path(args.plot)) else 1
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     torch.manual_seed(0)
     res = {"command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),

@@ -120,15 +120,9 @@ def predictor_table(probe: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_frontier(path: Path):
-    """frontier JSON -> PNG beside it: accuracy against row-layers per generated token (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return
+def plot_frontier(path: Path) -> bool:
+    """frontier JSON -> PNG beside it: accuracy against row-layers per generated token (needs matplotlib).
+    A file that is not a frontier result is a ValueError; without matplotlib it says so and returns False."""
     try:
         rows = json.loads(path.read_text())["modes"]
         ok = any(r["mode"].startswith("delayed cache") and "row_layers_per_token" in r for r in rows)
@@ -136,6 +130,13 @@ def plot_frontier(path: Path):
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
     fig, ax = plt.subplots(figsize=(5.5, 4))
     curves = {"delayed cache (threshold sweep)": lambda r: r["mode"].startswith("delayed cache"),
               "FOCUS at 0.9 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.9"),
@@ -153,6 +154,7 @@ def plot_frontier(path: Path):
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=120)
     print(f"wrote {out}", file=sys.stderr)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,11 +199,10 @@ def main(argv=None) -> int:
             print(f"error: --plot {args.plot}: no such file", file=sys.stderr)
             return 2
         try:
-            plot_frontier(Path(args.plot))
+            return 0 if plot_frontier(Path(args.plot)) else 1
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        return 0
     sweeping = args.study or args.frontier or args.ablation
     try:
         device = resolve_device(args.device)

@@ -69,6 +69,7 @@ CASES = {
     "train device tpu": ("train", ["--out", "{dir}/t", "--device", "tpu"], ["unknown device 'tpu'"]),
     # bench.py's arguments.
     "bench plot missing": ("bench", ["--plot", "{dir}/missing.json"], ["missing.json", "no such file"]),
+    "bench plot of another file": ("bench", ["--plot", "{dir}/good.jsonl"], ["--plot", "not a results file"]),
     "bench batch size 0": ("bench", ["--batch-sizes", "32,0"], ["--batch-sizes", "0"]),
     "bench batch size x": ("bench", ["--batch-sizes", "x"], ["--batch-sizes", "'x'"]),
     "bench mode unknown": ("bench", ["--modes", "full,fast"], ["--modes", "'fast'"]),
@@ -119,6 +120,22 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
     for w in words:
         assert w in lines[0], f"{w!r} not in {lines[0]!r}"
     assert snapshot(workspace, checkpoint.path) == before
+
+
+def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsys):
+    """A good results file but no matplotlib: one line with the fix, exit 1, no file written."""
+    frontier = workspace / "frontier.json"
+    frontier.write_text(json.dumps({"modes": [{"mode": "delayed cache 0.9", "accuracy": 0.9,
+                                               "row_layers_per_token": 50.0}]}))
+    bench_result = workspace / "bench.json"
+    bench_result.write_text(json.dumps({"device": "cpu", "modes": [{"mode": "full", "batch_size": 1}]}))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for entry, path in (("eval", frontier), ("bench", bench_result)):
+        before = snapshot(workspace)
+        assert MAINS[entry](["--plot", str(path)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "pip install matplotlib" in err[0], err
+        assert snapshot(workspace) == before
 
 
 # ---------------------------------------------------------------------------------------------------

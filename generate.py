@@ -47,7 +47,7 @@ class Options:
     checked when it is made, so a bad value fails at once with a one-line ValueError."""
     max_new_tokens: int = option(256, "tokens to generate per prompt at most")
     block_size: int | None = option(None, f"tokens per block (default: the checkpoint's; at most {MAX_BLOCK_SIZE}; "
-                                          "the last block is decoded whole, so a run costs at least one block)")
+                                          "the last block ends at --max-new-tokens)")
     strategy: str = option("threshold", "unmasking rule, see unmask()", STRATEGIES)
     threshold: float = option(0.9, "threshold rule: unmask every masked token with p >= threshold")
     tokens_per_step: int = option(1, "static and sequential rules: tokens unmasked per step")
@@ -173,6 +173,8 @@ class Decoder:
         self.tokens = torch.full((S, max_len), mask_id, dtype=torch.long, device=dev)
         self.prompt_len = torch.zeros(S, dtype=torch.long, device=dev)
         self.block_start = torch.zeros(S, dtype=torch.long, device=dev)
+        self.limit = torch.zeros(S, dtype=torch.long, device=dev)         # prompt length + max_new_tokens
+        self.inside = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # block slots before the limit
         self.masked = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # MASKED slots of the active block
         self.uncached = torch.ones(S, bs, dtype=torch.bool, device=dev)   # delayed cache: still recomputed
         self.warm = torch.ones(S, dtype=torch.bool, device=dev)           # first step of a block computes all
@@ -196,12 +198,13 @@ class Decoder:
             self.tokens[slot, :n] = torch.tensor(ids, device=self.device)
             start = n // bs * bs
             self.prompt_len[slot], self.block_start[slot] = n, start
+            self.limit[slot] = n + self.opts.max_new_tokens
             rows_seq += [slot] * start
             rows_pos += range(start)
         slots_t = torch.tensor(slots, device=self.device)
         self._new_block(slots_t)
         # The first active block holds the prompt's tail: those slots are not masked.
-        self.masked[slots_t] = (self.block_start[slots_t, None] + self.cols) >= self.prompt_len[slots_t, None]
+        self.masked[slots_t] &= (self.block_start[slots_t, None] + self.cols) >= self.prompt_len[slots_t, None]
         self.live[slots_t] = True
         if rows_seq:
             seq = torch.tensor(rows_seq, device=self.device)
@@ -212,8 +215,11 @@ class Decoder:
             self.model.forward_rows(self.tokens[seq, pos], rows, self.cache, logits_for=pos[:0])
 
     def _new_block(self, slots):
-        self.masked[slots] = True
-        self.uncached[slots] = True
+        # The last block ends at the token budget: slots past it are not part of the sequence, so a run's
+        # cost follows max_new_tokens, not the block size.
+        self.inside[slots] = (self.block_start[slots, None] + self.cols) < self.limit[slots, None]
+        self.masked[slots] = self.inside[slots]
+        self.uncached[slots] = self.inside[slots]
         self.warm[slots] = True
         self.progress[slots] = -1
         self.decoded_sum[slots] = 0
@@ -223,14 +229,14 @@ class Decoder:
     def processing(self):
         """(S, block) bool: which block positions this step computes (delayed cache, reference rules)."""
         if not self.opts.delayed_cache:
-            process = torch.ones_like(self.masked)
+            process = self.inside.clone()
         else:
             process = self.masked | self.uncached       # masked slots are never cached
             process |= self.warm[:, None]               # warm-up: the block's first step computes all
             process |= ~process.any(1, keepdim=True)    # nothing left to compute: compute all
             if self.opts.exact_commit:                  # commit step: the whole block, so the keys/values
                 process |= ~self.masked.any(1, keepdim=True)  # it leaves in the cache are exact
-        return process & self.live[:, None]
+        return process & self.inside & self.live[:, None]
 
     def rows(self, process):
         """The step's rows, ordered by slot then position: slot (T,), block position (T,), their Rows, and
@@ -293,7 +299,8 @@ class Decoder:
         self.decoded_steps += n_decoded > 0                       # steps that decode nothing do not count
         computed = process.sum(1)
         deep = torch.zeros_like(computed).index_add_(0, seq, kept.long())
-        return {"computed": computed, "computed_deep": deep, "decoded": n_decoded, "target": target,
+        return {"block": self.inside.sum(1) * self.live, "computed": computed, "computed_deep": deep,
+                "decoded": n_decoded, "target": target,
                 "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1)}
 
     def finish_blocks(self, committed) -> list[tuple[int, int]]:
@@ -313,9 +320,8 @@ class Decoder:
         block = self.tokens.gather(1, idx)
         is_eos = torch.isin(block, self.eos) & (idx >= self.prompt_len[:, None])
         first_eos = torch.where(is_eos, idx, self.tokens.shape[1]).amin(1)
-        limit = self.prompt_len + o.max_new_tokens
-        end = torch.minimum(first_eos, limit)
-        stop = done_block & ((first_eos < self.tokens.shape[1]) | (self.block_start + bs >= limit))
+        end = torch.minimum(first_eos, self.limit)
+        stop = done_block & ((first_eos < self.tokens.shape[1]) | (self.block_start + bs >= self.limit))
         if o.stop_repeats >= 2:
             repeated = done_block & self._repeats(block)
             stop |= repeated
@@ -384,7 +390,8 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     queue = list(range(len(prompt_ids)))
     owner = [-1] * slots
     results = [None] * len(prompt_ids)
-    history = {i: {"computed": [], "computed_deep": [], "decoded": [], "target": [], "context": []} for i in queue}
+    history = {i: {k: [] for k in ("block", "computed", "computed_deep", "decoded", "target", "context")}
+               for i in queue}
     bar = _progress_bar(len(prompt_ids)) if opts.progress and not opts.show else None
     color = sys.stderr.isatty()
     if opts.show:
@@ -700,15 +707,18 @@ def interrupted_line(n: int, total: int | None, results_file: ResultsFile | None
 
 
 def summary(results: list[Result], elapsed: float, block_size: int) -> str:
-    """One line: tokens, steps, tokens computed per step against the full block, speed."""
+    """One line: tokens, steps, tokens computed per step against the full block (the last block of a sequence
+    ends at the token budget, so it can be shorter than block_size), speed."""
     tokens = sum(len(r.token_ids) for r in results)
     steps = sum(len(r.stats["decoded"]) for r in results)
     decoded = sum(sum(r.stats["decoded"]) for r in results)
     early = sum(sum(r.stats["computed"]) for r in results) / max(steps, 1)
     deep = sum(sum(r.stats["computed_deep"]) for r in results) / max(steps, 1)
+    full = sum(sum(r.stats["block"]) for r in results) / max(steps, 1)
     return (f"{len(results)} sequences, {tokens} tokens, {steps} steps ({decoded / max(steps, 1):.2f} decoded/step); "
-            f"computed/step: {early:.1f} in layers 0-1, {deep:.1f} in layers 2..L of a {block_size}-token block "
-            f"({1 - deep / block_size:.0%} fewer); {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s")
+            f"computed/step: {early:.1f} in layers 0-1, {deep:.1f} in layers 2..L, against {full:.1f} for the whole "
+            f"block (block size {block_size}; {1 - deep / max(full, 1):.0%} fewer); "
+            f"{elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s")
 
 
 if __name__ == "__main__":

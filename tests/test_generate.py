@@ -103,20 +103,21 @@ def test_sample_top_k_and_top_p_keep_the_right_sets():
 # generate_ids against a slow loop over the spec form (no delayed cache: every step computes the whole block).
 
 def spec_generate(net, prompt, eos_ids, strategy="threshold", threshold=0.9, k=1, max_new_tokens=16, bs=BS):
-    """The decode loop written plainly: the active block starts at P // bs * bs, each step runs the spec form
-    over everything up to the block's end and unmasks by the rule; after a fully decoded block, stop at EOS or
-    when the budget is reached, otherwise a commit step (decodes nothing) and the next block."""
+    """The decode loop written plainly: the active block starts at P // bs * bs and ends bs later or at the
+    token budget P + max_new_tokens, whichever comes first; each step runs the spec form over everything up to
+    the block's end and unmasks by the rule; after a fully decoded block, stop at EOS or when the budget is
+    reached, otherwise a commit step (decodes nothing) and the next block."""
     tokens, P = list(prompt), len(prompt)
-    start, limit, decoded = P // bs * bs, P + max_new_tokens, []
+    start, limit, decoded, computed = P // bs * bs, P + max_new_tokens, [], []
     while True:
-        end = start + bs
+        end = min(start + bs, limit)
         tokens += [MASK_ID] * (end - len(tokens))
         while MASK_ID in tokens[start:end]:
             with torch.no_grad():
                 logits = net(torch.tensor([tokens[:end]]), block_size=bs)[0, start:end].double()
             logits[:, MASK_ID] = -math.inf
             conf, best = logits.softmax(-1).max(-1)
-            cand = [j for j in range(bs) if tokens[start + j] == MASK_ID]
+            cand = [j for j in range(end - start) if tokens[start + j] == MASK_ID]
             if strategy == "threshold":
                 chosen = {j for j in cand if conf[j] >= threshold} | {max(cand, key=lambda j: conf[j])}
             elif strategy == "static":
@@ -126,12 +127,14 @@ def spec_generate(net, prompt, eos_ids, strategy="threshold", threshold=0.9, k=1
             for j in chosen:
                 tokens[start + j] = int(best[j])
             decoded.append(len(chosen))
+            computed.append(end - start)
         eos = [p for p in range(max(start, P), end) if tokens[p] in eos_ids]
         if eos:
-            return tokens[P:min(eos[0], limit)], decoded
+            return tokens[P:min(eos[0], limit)], decoded, computed
         if end >= limit:
-            return tokens[P:limit], decoded
+            return tokens[P:end], decoded, computed
         decoded.append(0)
+        computed.append(bs)
         start = end
 
 
@@ -141,10 +144,10 @@ def test_generate_matches_the_spec_form_loop(loaded, strategy, k):
     results = run(net, PROMPTS, strategy=strategy, tokens_per_step=k, threshold=0.6, max_new_tokens=14,
                   delayed_cache=False)
     for prompt, (ids, stats) in zip(PROMPTS, results):
-        want_ids, want_decoded = spec_generate(net, prompt, (), strategy, 0.6, k, max_new_tokens=14)
+        want_ids, want_decoded, want_computed = spec_generate(net, prompt, (), strategy, 0.6, k, max_new_tokens=14)
         assert ids == want_ids
         assert stats["decoded"] == want_decoded
-        assert stats["computed"] == [BS] * len(want_decoded)
+        assert stats["computed"] == want_computed
 
 
 def test_generate_is_not_trivial(loaded):
@@ -213,19 +216,31 @@ def test_eos_inside_the_prompt_does_not_stop(loaded):
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 4, 9, 12])
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[1]], ids=["P5", "P8"])
 def test_budget_stop_and_step_structure(loaded, prompt, max_new_tokens):
-    """One token a step: each block is its masked slots' steps plus a commit step, except the last block."""
+    """One token a step: each block is its masked slots' steps plus a commit step, except the last block, which
+    ends at the budget, so a run takes max_new_tokens decoding steps whatever the block size."""
     net, _ = loaded
     ids, stats = run(net, [prompt], strategy="sequential", tokens_per_step=1, max_new_tokens=max_new_tokens)[0]
     assert len(ids) == max_new_tokens
     P, limit = len(prompt), len(prompt) + max_new_tokens
     want, start = [], P // BS * BS
     while True:
-        want += [1] * (start + BS - max(start, P))
+        want += [1] * (min(start + BS, limit) - max(start, P))  # the last block ends at the budget
         if start + BS >= limit:
             break
         want.append(0)
         start += BS
     assert stats["decoded"] == want
+
+
+def test_a_large_block_costs_only_the_budget(loaded):
+    """Block 64, budget 3: at most 3 steps (each decodes at least one token), each computing at most the prompt's
+    tail and the 3 budget slots, not the 64-slot block."""
+    net, _ = loaded
+    for prompt in PROMPTS:
+        (ids, stats), = run(net, [prompt], block_size=64, max_new_tokens=3, delayed_cache=False)
+        assert len(ids) == 3
+        assert 1 <= len(stats["decoded"]) <= 3
+        assert stats["computed"] == stats["block"] == [len(prompt) + 3] * len(stats["decoded"])
 
 
 def constant_model(token):
@@ -299,7 +314,7 @@ def test_the_mask_token_is_never_generated():
     net = constant_model(MASK_ID)  # the model's favourite output is the mask token itself
     (ids, stats), = run(net, [PROMPTS[0]], max_new_tokens=12)
     assert len(ids) == 12 and MASK_ID not in ids
-    assert sum(stats["decoded"]) == 15  # every masked slot of blocks 4..7, 8..11, 12..15 was decoded
+    assert sum(stats["decoded"]) == 12  # every masked slot of blocks 4..7, 8..11, 12..15, 16 (the budget) decoded
 
 
 def test_seeded_sampling(loaded):
@@ -356,22 +371,25 @@ class Recorder:
         return [c for c, _, _ in rows], [i for _, i, _ in rows], [e for _, _, e in rows]
 
 
-def reference_processing(recorder, slot, bs=BS):
+def reference_processing(recorder, slot, limit, bs=BS):
     """The reference's delayed-cache rule (focus-algorithm.md section 2), replayed on each step's input mask:
     the first step of a block computes every position, later steps the uncached ones (all if none); after a step,
-    position i is cached iff i and i + 1 were both decoded in that step's input (the last position: i alone)."""
+    position i is cached iff i and i + 1 were both decoded in that step's input (the last position: i alone).
+    The last block ends at the token budget `limit`: its positions past the budget do not exist."""
     expected, block, uncached, warm = [], None, None, True
     for s in recorder.steps:
         if not s["live"][slot]:
             expected.append([])
             continue
         if int(s["block_start"][slot]) != block:
-            block, uncached, warm = int(s["block_start"][slot]), [True] * bs, True
-        decoded_in = [not m for m in s["masked"][slot].tolist()]
-        process = list(range(bs)) if warm or not any(uncached) else [i for i in range(bs) if uncached[i]]
+            block, warm = int(s["block_start"][slot]), True
+            size = min(bs, limit - block)
+            uncached = [True] * size
+        decoded_in = [not m for m in s["masked"][slot].tolist()[:size]]
+        process = list(range(size)) if warm or not any(uncached) else [i for i in range(size) if uncached[i]]
         expected.append(process)
-        for i in range(bs):
-            if decoded_in[i] and (i == bs - 1 or decoded_in[i + 1]):
+        for i in range(size):
+            if decoded_in[i] and (i == size - 1 or decoded_in[i + 1]):
                 uncached[i] = False
         warm = False
     return expected
@@ -386,7 +404,7 @@ def test_delayed_cache_follows_the_reference_rule(loaded, monkeypatch, strategy,
                   step_hook=rec.hook)
     fewer = 0
     for slot, (ids, stats) in enumerate(results):
-        expected = reference_processing(rec, slot)
+        expected = reference_processing(rec, slot, limit=len(prompts[slot]) + 14)
         n_steps = len(stats["computed"])
         for step in range(n_steps, len(rec.steps)):  # an ended sequence computes nothing
             assert expected[step] == rec.computed(step, slot)[0] == []
@@ -401,9 +419,7 @@ def test_delayed_cache_follows_the_reference_rule(loaded, monkeypatch, strategy,
             assert key_ends == [int(rec.steps[step]["block_start"][slot]) + cols[-1] + 1] * len(cols)
             assert len(cols) >= sum(masked)
             fewer += len(cols) < BS
-        P = len(prompts[slot])
-        last_block_end = int(rec.steps[n_steps - 1]["block_start"][slot]) + BS
-        assert sum(stats["decoded"]) == last_block_end - P
+        assert sum(stats["decoded"]) == len(ids) == 14  # the budget, no more
     assert fewer > 0
 
 
@@ -420,19 +436,31 @@ def test_sequential_decoding_caches_each_token_two_steps_after_it_is_decoded(loa
     assert rec.computed(3, 0)[1][0] == ids[1]  # column 1, decoded at step 1, enters step 3 as its token
 
 
+def block_sizes(prompt, stats, max_new_tokens):
+    """Per step, the size of the step's block: BS, but the last block ends at the budget."""
+    limit = len(prompt) + max_new_tokens
+    last_commit = max([i for i, d in enumerate(stats["decoded"]) if d == 0], default=-1)
+    last_size = limit - (limit - 1) // BS * BS
+    return [BS] * (last_commit + 1) + [last_size] * (len(stats["decoded"]) - last_commit - 1)
+
+
 def test_without_delayed_cache_every_step_computes_the_block(loaded):
     net, _ = loaded
-    for ids, stats in run(net, PROMPTS, max_new_tokens=14, delayed_cache=False):
-        assert stats["computed"] == [BS] * len(stats["computed"]) == stats["computed_deep"]
+    sizes = []
+    for prompt, (ids, stats) in zip(PROMPTS, run(net, PROMPTS, max_new_tokens=14, delayed_cache=False)):
+        assert stats["computed"] == block_sizes(prompt, stats, 14) == stats["computed_deep"] == stats["block"]
+        sizes += stats["computed"]
+    assert min(sizes) < BS  # some prompt's last block is cut by the budget
 
 
 def test_with_delayed_cache_blocks_start_with_a_full_step(loaded):
     net, _ = loaded
     for prompt, (ids, stats) in zip(PROMPTS, run(net, PROMPTS, max_new_tokens=14)):
+        sizes = block_sizes(prompt, stats, 14)
         first_steps = [0] + [i + 1 for i, d in enumerate(stats["decoded"]) if d == 0]  # after each commit step
-        assert all(stats["computed"][i] == BS for i in first_steps)
-        assert sum(c < BS for c in stats["computed"]) > 0
-        assert all(c >= 1 for c in stats["computed"])
+        assert all(stats["computed"][i] == sizes[i] for i in first_steps)
+        assert sum(c < s for c, s in zip(stats["computed"], sizes)) > 0
+        assert all(1 <= c <= s for c, s in zip(stats["computed"], sizes))
 
 
 @pytest.mark.parametrize("P", [5, 6, 7, 8, 3, 12])
@@ -452,8 +480,7 @@ def test_prompt_alignment(loaded, monkeypatch, P):
     assert in_ids == prompt[start:] + [MASK_ID] * (start + BS - P)
     assert stats["context"][0] == start + BS
     assert len(ids) == 6
-    last_block_end = -(-(P + 6 - start) // BS) * BS + start        # blocks from `start` until the budget is covered
-    assert sum(stats["decoded"]) == last_block_end - P
+    assert sum(stats["decoded"]) == 6                              # the last block ends at the budget
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -570,7 +597,7 @@ def test_cli_good_run(capsys, checkpoint, tmp_path):
         assert f"### {r['prompt']}\n{r['text']}\n" in out
     assert "Traceback" not in err
     summary = err.strip().splitlines()[-1]
-    assert summary.startswith("2 sequences, ") and summary.endswith(" tokens/s") and "of a 4-token block" in summary
+    assert summary.startswith("2 sequences, ") and summary.endswith(" tokens/s") and "(block size 4;" in summary
 
 
 def test_cli_single_prompt_prints_its_text(capsys, checkpoint, loaded):

@@ -28,7 +28,8 @@ import data
 import focus
 import kernels
 from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, encode_prompts, generate_ids
-from model import SDAR, CheckpointError, ModelConfig, Rows, cached_attention, flops_per_token, load, resolve_device
+from checkpoint import CheckpointError, load, resolve_device
+from model import SDAR, ModelConfig, Rows, cached_attention, flops_per_token
 
 MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus-1.0": dict(focus=True, alpha=1.0),
          "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0)}

@@ -26,7 +26,7 @@ import torch
 
 import data
 from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, generate, options_from
-from model import CheckpointError, load, resolve_device
+from checkpoint import CheckpointError, load, resolve_device
 
 
 def decode_stats(results, num_layers: int) -> dict:

@@ -27,7 +27,8 @@ import torch
 
 import focus
 import kernels
-from model import CheckpointError, KVCache, Rows, load, resolve_device
+from checkpoint import CheckpointError, load, resolve_device
+from model import KVCache, Rows
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "sdar-tiny"
 STRATEGIES = ("threshold", "static", "sequential")
@@ -489,13 +490,14 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
              **options) -> list[Result]:
     """Generate a completion for every prompt.
 
-        model, tok = model.load("checkpoints/sdar-tiny")
+        model, tok = checkpoint.load("checkpoints/sdar-tiny")   # import checkpoint
         results = generate(model, tok, ["What is 17 plus 25?"], max_new_tokens=64, threshold=0.9)
         results[0].text, results[0].token_ids, results[0].stats["decoded"]
 
     Options are the fields of `Options`, given as keywords or as one `Options` (already checked when made).
-    Stats hold one entry per step of the sequence: tokens computed (layers 0-1), computed_deep (layers
-    2..L), decoded, and the FOCUS retain target. on_result(index, result), if given, is called as each
+    Stats hold one entry per step of the sequence: the block's positions (block; the last block ends at
+    the budget), tokens computed (layers 0-1), computed_deep (layers 2..L), decoded, the FOCUS retain
+    target and the context length. on_result(index, result), if given, is called as each
     prompt finishes. Bad prompts or options raise a one-line ValueError.
     """
     if not isinstance(prompts, (list, tuple)):

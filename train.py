@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import SDAR, CheckpointError, ModelConfig, load_state, num_params, resolve_device, save
+from checkpoint import CheckpointError, load_state, resolve_device, save
+from model import SDAR, ModelConfig, num_params
 
 # Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model; "2x64" is for smoke tests.
 SHAPES = {

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random SDAR checkpoints in the Hugging Face layout, written through model.save, with a
+"""Shared fixtures: tiny random SDAR checkpoints in the Hugging Face layout, written through checkpoint.save, with a
 byte-level BPE tokenizer trained on a few sentences.
 
 The random weights are scaled up so that logits are peaky: greedy decoding then has no near-ties, and a batched
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from checkpoint import load, save  # noqa: E402
 import model  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]  # ids 0..3
@@ -83,7 +84,7 @@ class Checkpoint:
 def write_checkpoint(folder: Path, net: model.SDAR, hf_tokenizer, max_shard_bytes=None, dtype=torch.float32,
                      generation_config: dict | None = None) -> Checkpoint:
     folder = Path(folder)
-    model.save(net, folder, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    save(net, folder, max_shard_bytes=max_shard_bytes, dtype=dtype)
     hf_tokenizer.save(str(folder / "tokenizer.json"))
     gen = {"eos_token_id": EOS_IDS} if generation_config is None else generation_config
     (folder / "generation_config.json").write_text(json.dumps(gen))
@@ -114,4 +115,4 @@ def checkpoint(tmp_path_factory, hf_tokenizer) -> Checkpoint:
 @pytest.fixture(scope="session")
 def loaded(checkpoint):
     """(model, tokenizer) loaded from the shared checkpoint. Tests must not modify them."""
-    return model.load(checkpoint.path)
+    return load(checkpoint.path)

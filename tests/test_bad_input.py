@@ -15,6 +15,7 @@ import torch
 import bench
 import eval as evaluate
 import generate
+from checkpoint import CHATML, Tokenizer, load, save
 import model
 import train
 from conftest import ROOT, random_model, tiny_config, write_checkpoint
@@ -239,33 +240,33 @@ def added_tokens(tok) -> dict[int, str]:
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "no-chat"])
 @pytest.mark.parametrize("which", ["tiny", "shipped"])
 def test_prompt_spelling_special_tokens_gets_no_special_ids(loaded, chat, which):
-    tok = loaded[1] if which == "tiny" else model.Tokenizer(generate.DEFAULT_MODEL, model.ModelConfig(vocab_size=4096))
+    tok = loaded[1] if which == "tiny" else Tokenizer(generate.DEFAULT_MODEL, model.ModelConfig(vocab_size=4096))
     specials = added_tokens(tok)
     prompt = "Hi " + " ".join(specials.values()) + "".join(specials.values()) + "\nassistant"
     ids = generate.encode_prompts(tok, [prompt], chat)[0]
     template_only = generate.encode_prompts(tok, ["Hi"], chat)[0]
     assert [i for i in ids if i in specials] == [i for i in template_only if i in specials]
     assert [i for i in template_only if i in specials] == ([] if not chat else [i for i in tok.encode(
-        model.CHATML.format(prompt="Hi")) if i in specials])
+        CHATML.format(prompt="Hi")) if i in specials])
     assert tok.decode(tok.encode_text(prompt)) == prompt
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files that are rewritten: model.save, bench.py's results.
+# Files that are rewritten: checkpoint.save, bench.py's results.
 
 @pytest.mark.parametrize("first,second", [(12_000, None), (None, 12_000), (8_000, 30_000)],
                          ids=["shards then one file", "one file then shards", "more shards then fewer"])
 def test_a_save_leaves_one_set_of_weight_files(tmp_path, hf_tokenizer, first, second):
     old, new = random_model(tiny_config(), seed=1), random_model(tiny_config(), seed=2)
     write_checkpoint(tmp_path, old, hf_tokenizer, max_shard_bytes=first)
-    model.save(new, tmp_path, max_shard_bytes=second, dtype=torch.float32)
+    save(new, tmp_path, max_shard_bytes=second, dtype=torch.float32)
     files = sorted(p.name for p in tmp_path.glob("model*"))
     if second is None:
         assert files == ["model.safetensors"]
     else:
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
         assert files == sorted(set(index["weight_map"].values())) + ["model.safetensors.index.json"]
-    loaded, _ = model.load(tmp_path)
+    loaded, _ = load(tmp_path)
     for (name, a), (_, b) in zip(loaded.named_parameters(), new.named_parameters()):
         assert torch.equal(a, b), name
 

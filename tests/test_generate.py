@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import generate
+from checkpoint import CHATML
 import model
 from conftest import MASK_ID, random_model, tiny_config
 from generate import Options, generate_ids, sample, unmask
@@ -491,7 +492,7 @@ def test_generate_api(loaded):
     results = generate.generate(net, tok, ["What is 17 plus 25?", "Hello"], max_new_tokens=6, block_size=BS)
     assert [r.prompt for r in results] == ["What is 17 plus 25?", "Hello"]
     ids = generate.encode_prompts(tok, ["What is 17 plus 25?"], chat=True)[0]
-    assert ids == tok.encode(model.CHATML.format(prompt="What is 17 plus 25?"))
+    assert ids == tok.encode(CHATML.format(prompt="What is 17 plus 25?"))
     (want, stats), = generate_ids(net, [ids], tok.mask_id, tok.eos_ids, Options(max_new_tokens=6, block_size=BS))
     assert results[0].token_ids == want and results[0].stats == stats
     assert results[0].text == tok.decode(want)

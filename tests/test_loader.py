@@ -1,4 +1,4 @@
-"""The checkpoint: model.save -> model.load round trips, the tokenizer's special ids and chat template, and one
+"""The checkpoint: checkpoint.save -> checkpoint.load round trips, the tokenizer's special ids and chat template, and one
 clear CheckpointError per kind of broken checkpoint folder."""
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoint import CHATML, CheckpointError, load
 import model
 from conftest import ENDOFTEXT_ID, IM_END_ID, MASK_ID
 
@@ -34,7 +35,7 @@ def test_round_trip_bf16(make_checkpoint, tied, shards):
     else:
         assert files == ["model.safetensors"] and not (ckpt.path / "model.safetensors.index.json").exists()
 
-    net, tok = model.load(ckpt.path)
+    net, tok = load(ckpt.path)
     assert (net.lm_head.weight is net.embed_tokens.weight) == tied
     assert net.embed_tokens.weight.dtype == torch.float32  # bf16 on disk, fp32 compute on the CPU
     want = rounded(ckpt.net, torch.bfloat16)
@@ -58,7 +59,7 @@ def test_round_trip_bf16(make_checkpoint, tied, shards):
 def test_round_trip_fp32_is_exact_and_keeps_the_config(make_checkpoint):
     ckpt = make_checkpoint(tie_word_embeddings=False, dtype=torch.float32, rope_theta=123.0, block_size=8,
                            num_hidden_layers=3, max_position_embeddings=96)
-    net, _ = model.load(ckpt.path)
+    net, _ = load(ckpt.path)
     for (name, a), (_, b) in zip(net.named_parameters(), ckpt.net.named_parameters()):
         assert torch.equal(a, b), name
     cfg = net.config
@@ -69,10 +70,10 @@ def test_round_trip_fp32_is_exact_and_keeps_the_config(make_checkpoint):
 
 def test_load_dtype_option(make_checkpoint):
     ckpt = make_checkpoint()
-    net, _ = model.load(ckpt.path, dtype="bfloat16")
+    net, _ = load(ckpt.path, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
     with pytest.raises(ValueError, match="unknown dtype"):
-        model.load(ckpt.path, dtype="int8")
+        load(ckpt.path, dtype="int8")
 
 
 def test_tied_checkpoint_may_also_store_lm_head(make_checkpoint):
@@ -83,7 +84,7 @@ def test_tied_checkpoint_may_also_store_lm_head(make_checkpoint):
     tensors["lm_head.weight"] = torch.zeros_like(tensors["model.embed_tokens.weight"])
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     save_file(tensors, path)
-    net, _ = model.load(ckpt.path)
+    net, _ = load(ckpt.path)
     assert net.lm_head.weight is net.embed_tokens.weight
     assert torch.equal(net.embed_tokens.weight, ckpt.net.embed_tokens.weight)
 
@@ -98,7 +99,7 @@ def edit_json(path, **changes):
 
 
 def test_tokenizer_encode_decode(make_checkpoint):
-    _, tok = model.load(make_checkpoint().path)
+    _, tok = load(make_checkpoint().path)
     text = "<|im_start|>user\nWhat is 17 plus 25?<|im_end|>\n"
     ids = tok.encode(text)
     assert ids[0] == 1 and IM_END_ID in ids and MASK_ID not in ids
@@ -107,36 +108,36 @@ def test_tokenizer_encode_decode(make_checkpoint):
 
 def test_mask_id_precedence(make_checkpoint):
     path = make_checkpoint().path
-    assert model.load(path)[1].mask_id == MASK_ID  # found by name: <|MASK|>
+    assert load(path)[1].mask_id == MASK_ID  # found by name: <|MASK|>
     edit_json(path / "tokenizer_config.json", mask_token={"content": "<|im_start|>"})
-    assert model.load(path)[1].mask_id == 1
+    assert load(path)[1].mask_id == 1
     edit_json(path / "generation_config.json", mask_token_id=7)
-    assert model.load(path)[1].mask_id == 7
+    assert load(path)[1].mask_id == 7
     edit_json(path / "config.json", mask_token_id=9)
-    assert model.load(path)[1].mask_id == 9
+    assert load(path)[1].mask_id == 9
 
 
 def test_eos_ids_from_generation_config_then_tokenizer_config(make_checkpoint):
     path = make_checkpoint(generation_config={"eos_token_id": IM_END_ID}).path
-    assert model.load(path)[1].eos_ids == [IM_END_ID]
+    assert load(path)[1].eos_ids == [IM_END_ID]
     os.remove(path / "generation_config.json")
     edit_json(path / "tokenizer_config.json", eos_token="<|endoftext|>")
-    assert model.load(path)[1].eos_ids == [ENDOFTEXT_ID]
+    assert load(path)[1].eos_ids == [ENDOFTEXT_ID]
     os.remove(path / "tokenizer_config.json")
-    assert model.load(path)[1].eos_ids == []
+    assert load(path)[1].eos_ids == []
 
 
 def test_eos_ids_from_config_json(make_checkpoint):
     path = make_checkpoint(generation_config={"eos_token_id": ENDOFTEXT_ID}).path
     edit_json(path / "config.json", eos_token_id=[IM_END_ID, ENDOFTEXT_ID])
-    assert model.load(path)[1].eos_ids == [ENDOFTEXT_ID]  # generation_config.json first
+    assert load(path)[1].eos_ids == [ENDOFTEXT_ID]  # generation_config.json first
     os.remove(path / "generation_config.json")
     edit_json(path / "tokenizer_config.json", eos_token="<|im_start|>")
-    assert model.load(path)[1].eos_ids == [ENDOFTEXT_ID, IM_END_ID]  # then config.json, before tokenizer_config
+    assert load(path)[1].eos_ids == [ENDOFTEXT_ID, IM_END_ID]  # then config.json, before tokenizer_config
 
 
 def test_chat_template_is_chatml_without_a_template(make_checkpoint):
-    _, tok = model.load(make_checkpoint().path)
+    _, tok = load(make_checkpoint().path)
     assert tok.chat_template is None
     assert tok.apply_chat_template("Hi there") == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
 
@@ -148,17 +149,17 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }
 def test_chat_template_from_tokenizer_config(make_checkpoint, monkeypatch):
     path = make_checkpoint().path
     edit_json(path / "tokenizer_config.json", chat_template=TEMPLATE, bos_token="<s>")
-    _, tok = model.load(path)
+    _, tok = load(path)
     assert tok.apply_chat_template("Hi") == "<s>[user] Hi\n[assistant] "
     monkeypatch.setitem(sys.modules, "jinja2", None)  # `import jinja2` now raises ImportError
-    assert tok.apply_chat_template("Hi") == model.CHATML.format(prompt="Hi")
+    assert tok.apply_chat_template("Hi") == CHATML.format(prompt="Hi")
 
 
 def test_named_chat_templates_use_the_default_one(make_checkpoint):
     path = make_checkpoint().path
     edit_json(path / "tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "TOOLS"},
                                                              {"name": "default", "template": TEMPLATE}])
-    _, tok = model.load(path)
+    _, tok = load(path)
     assert tok.apply_chat_template("Hi") == "[user] Hi\n[assistant] "
 
 
@@ -171,7 +172,7 @@ def test_chat_template_jinja_file_wins_and_renders_the_sdar_template(make_checkp
     path = make_checkpoint().path
     edit_json(path / "tokenizer_config.json", chat_template=TEMPLATE)
     shutil.copy(SDAR_8B_TEMPLATE, path / "chat_template.jinja")
-    _, tok = model.load(path)
+    _, tok = load(path)
     # Written by hand from the template: one user turn, the assistant header, and with enable_thinking
     # false (the default here) an empty thinking block, so the model answers without one.
     assert tok.apply_chat_template("What is 17 plus 25?") == (
@@ -184,12 +185,12 @@ def test_chat_template_jinja_file_wins_and_renders_the_sdar_template(make_checkp
 def test_chat_template_that_cannot_render_is_a_checkpoint_error(make_checkpoint):
     path = make_checkpoint().path
     (path / "chat_template.jinja").write_text("{{ raise_exception('only system prompts') }}")
-    _, tok = model.load(path)
-    with pytest.raises(model.CheckpointError, match="only system prompts"):
+    _, tok = load(path)
+    with pytest.raises(CheckpointError, match="only system prompts"):
         tok.apply_chat_template("Hi")
     (path / "chat_template.jinja").write_text("{{ ''.__class__.__mro__ }}")  # the sandbox refuses internals
-    _, tok = model.load(path)
-    with pytest.raises(model.CheckpointError, match="chat template"):
+    _, tok = load(path)
+    with pytest.raises(CheckpointError, match="chat template"):
         tok.apply_chat_template("Hi")
 
 
@@ -203,8 +204,8 @@ def rewrite_tensors(path, change):
 
 
 def expect_error(path, *words):
-    with pytest.raises(model.CheckpointError) as err:
-        model.load(path)
+    with pytest.raises(CheckpointError) as err:
+        load(path)
     msg = str(err.value)
     assert "\n" not in msg, msg
     for w in words:
@@ -253,7 +254,7 @@ def test_config_defaults_head_dim_and_block_size(make_checkpoint):
     cfg = json.loads((path / "config.json").read_text())
     del cfg["head_dim"], cfg["block_size"]
     (path / "config.json").write_text(json.dumps(cfg))
-    net, _ = model.load(path)
+    net, _ = load(path)
     assert (net.config.head_dim, net.config.block_size) == (8, 8)
 
 

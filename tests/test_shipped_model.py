@@ -6,7 +6,7 @@ import torch
 
 import data
 from generate import DEFAULT_MODEL, generate
-from model import load
+from checkpoint import load
 
 pytestmark = pytest.mark.skipif(not (Path(DEFAULT_MODEL) / "config.json").exists(), reason="no shipped model")
 

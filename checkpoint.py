@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,18 +24,49 @@ class CheckpointError(Exception):
 # ---------------------------------------------------------------------------------------------------
 # config.json
 
+MODEL_TYPES = ("sdar", "sdar_moe", "llada2_moe")
+LLADA2_MASK_ID = 156895  # LLaDA2.0's mask token: its generate()'s default; its config.json names none
+
+# The fields each mixture-of-experts type must name (a missing one is an error, not a silent default).
+REQUIRED_MOE = {
+    "sdar_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"),
+    "llada2_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts",
+                   "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "score_function",
+                   "moe_router_enable_expert_bias", "head_dim"),
+}
+
+
 def config_from_dict(d) -> ModelConfig:
-    """config.json's object -> ModelConfig, or a CheckpointError naming the field and the fix."""
+    """config.json's object -> ModelConfig, or a CheckpointError naming the field and the fix.
+
+    model_type sdar: the dense Qwen3 layer. sdar_moe: the same with Qwen3-MoE layers. llada2_moe
+    (LLaDA2.0): its own field names are read as well (use_qkv_bias, use_qk_norm, rotary_dim)."""
     if not isinstance(d, dict):
         raise CheckpointError(f"config.json must hold a JSON object, not a {type(d).__name__}")
     model_type = d.get("model_type")
-    if model_type != "sdar":
-        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; this loader "
-                              "reads dense SDAR checkpoints (model_type 'sdar')")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; this loader reads "
+                              f"{', '.join(MODEL_TYPES)}")
     if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"].get("rope_type", "default") != "default":
         raise CheckpointError(f"config.json: rope_scaling {d['rope_scaling']} is not supported (plain RoPE only)")
     if d.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu only)")
+    for name in REQUIRED_MOE.get(model_type, ()):
+        if name not in d:
+            raise CheckpointError(f"config.json: {name} is missing; a {model_type} checkpoint must name it")
+    d = dict(d)
+    if model_type == "llada2_moe":
+        for name in ("use_qkv_bias", "use_bias"):
+            if d.get(name, False) is not False:
+                raise CheckpointError(f"config.json: {name} {d[name]!r} is not supported (false only)")
+        if d.get("use_qk_norm", True) is not True:
+            raise CheckpointError(f"config.json: use_qk_norm {d['use_qk_norm']!r} is not supported (true only)")
+        if "rotary_dim" in d and "partial_rotary_factor" not in d and isinstance(d["rotary_dim"], int):
+            d["partial_rotary_factor"] = d["rotary_dim"] / d["head_dim"]
+        d.setdefault("mask_token_id", LLADA2_MASK_ID)
+        d.setdefault("norm_topk_prob", True)  # its modeling code always renormalises the top-k weights
+    elif model_type == "sdar":
+        d = {k: v for k, v in d.items() if k not in ModelConfig.MOE_FIELDS}  # dense: no expert fields
     known = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in d.items() if k in known})
     check_config(cfg)
@@ -72,6 +104,38 @@ def check_config(cfg: ModelConfig):
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
     if cfg.eos_token_id is not None and not all(is_int(e) and 0 <= e < cfg.vocab_size for e in eos):
         raise bad("eos_token_id", f"a token id (or a list of them) below vocab_size {cfg.vocab_size}")
+    if cfg.model_type != "sdar":
+        check_moe_config(cfg, bad, is_int)
+
+
+def check_moe_config(cfg: ModelConfig, bad, is_int):
+    """The expert fields of sdar_moe and llada2_moe, each named when wrong."""
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "n_group",
+                 "topk_group"):
+        if not is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+            raise bad(name, "a positive integer")
+    for name in ("first_k_dense_replace", "num_shared_experts"):
+        if not is_int(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            raise bad(name, "a non-negative integer")
+    for name in ("norm_topk_prob", "moe_router_enable_expert_bias"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    if cfg.num_experts_per_tok > cfg.num_experts:
+        raise bad("num_experts_per_tok", f"at most num_experts ({cfg.num_experts})")
+    if cfg.score_function not in ("softmax", "sigmoid") or (cfg.model_type == "llada2_moe") != (cfg.score_function == "sigmoid"):
+        raise bad("score_function", "\"sigmoid\" for llada2_moe (softmax is Qwen3-MoE's, implied for sdar_moe)")
+    if cfg.num_experts % cfg.n_group or cfg.topk_group > cfg.n_group or (
+            cfg.n_group > 1 and cfg.num_experts // cfg.n_group < 2):
+        raise bad("n_group", f"a divisor of num_experts ({cfg.num_experts}) with topk_group <= n_group and at "
+                             "least 2 experts per group")
+    v = cfg.routed_scaling_factor
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise bad("routed_scaling_factor", "a positive number")
+    if cfg.mlp_only_layers is not None and not (isinstance(cfg.mlp_only_layers, list) and all(is_int(i) for i in cfg.mlp_only_layers)):
+        raise bad("mlp_only_layers", "a list of layer indices")
+    f = cfg.partial_rotary_factor
+    if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1 or int(cfg.head_dim * f) % 2:
+        raise bad("partial_rotary_factor", "in (0, 1], giving an even number of rotary dimensions")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,13 +288,33 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _hf_name(name: str) -> str:
+# LLaDA2.0 names some tensors its own way; q, k and v are one fused query_key_value tensor (rows q, k, v).
+LLADA2_NAMES = (("embed_tokens.", "word_embeddings."), (".self_attn.o_proj.", ".attention.dense."),
+                (".self_attn.q_norm.", ".attention.query_layernorm."),
+                (".self_attn.k_norm.", ".attention.key_layernorm."))
+
+
+def _hf_name(name: str, model_type: str = "sdar") -> str:
+    """Our parameter name -> the checkpoint's tensor name."""
+    if model_type == "llada2_moe":
+        for ours, theirs in LLADA2_NAMES:
+            name = name.replace(ours, theirs)
+        name = re.sub(r"\.self_attn\.[qkv]_proj\.weight$", ".attention.query_key_value.weight", name)
     return name if name == "lm_head.weight" else "model." + name
+
+
+def hf_layout(model: SDAR) -> dict[str, list[torch.nn.Parameter]]:
+    """Each checkpoint tensor name -> the parameters it holds, stacked along dim 0 in this order (one, except
+    LLaDA2.0's fused q, k, v). A tied lm_head appears once, as the embedding."""
+    layout = {}
+    for name, p in model.named_parameters():
+        layout.setdefault(_hf_name(name, model.config.model_type), []).append(p)
+    return layout
 
 
 def load_state(model: SDAR, folder: Path, device, dtype):
     from safetensors import safe_open
-    expected = {_hf_name(n): p for n, p in model.named_parameters()}  # tied lm_head appears once, as embed
+    expected = hf_layout(model)
     seen = set()
     for f in _weight_files(folder):
         try:
@@ -242,14 +326,17 @@ def load_state(model: SDAR, folder: Path, device, dtype):
                 if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.config.tie_word_embeddings):
                     continue
                 if name not in expected:
-                    raise CheckpointError(f"{f.name}: unexpected tensor {name!r} (not part of an SDAR model with this config.json)")
+                    raise CheckpointError(f"{f.name}: unexpected tensor {name!r} (not part of a "
+                                          f"{model.config.model_type} model with this config.json)")
                 tensor = handle.get_tensor(name)
-                param = expected[name]
-                if tuple(tensor.shape) != tuple(param.shape):
+                params = expected[name]
+                want = (sum(p.shape[0] for p in params), *params[0].shape[1:])
+                if tuple(tensor.shape) != want:
                     raise CheckpointError(f"{f.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                          f"config.json implies {tuple(param.shape)}")
+                                          f"config.json implies {want}")
                 with torch.no_grad():
-                    param.copy_(tensor.to(dtype))
+                    for p, piece in zip(params, tensor.split([p.shape[0] for p in params])):
+                        p.copy_(piece.to(dtype))
                 seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -320,7 +407,8 @@ def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bf
     cfg = model.config
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors = {_hf_name(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
+    tensors = {name: torch.cat([p.detach().to("cpu", dtype) for p in params]).contiguous()
+               for name, params in hf_layout(model).items()}
     shards = _shards(tensors, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 and max_shard_bytes is None else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

@@ -41,10 +41,44 @@ class ModelConfig:
     block_size: int = 32
     mask_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Mixture of experts (model_type sdar_moe: Qwen3-MoE; llada2_moe: LLaDA2.0). 0 experts: a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False          # top-k weights renormalised to sum to 1
+    decoder_sparse_step: int = 1          # sdar_moe: layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] | None = None  # ... and i is not listed here
+    first_k_dense_replace: int = 0        # llada2_moe: the first k layers are dense
+    num_shared_experts: int = 0           # experts every token goes through, beside the routed ones
+    score_function: str = "softmax"       # router: softmax (Qwen3-MoE) or sigmoid (LLaDA2.0)
+    moe_router_enable_expert_bias: bool = False  # a per-expert bias added to the scores for the choice only
+    n_group: int = 1                      # group-limited routing: experts in n_group groups, tokens use the
+    topk_group: int = 1                   # topk_group best groups (by the sum of each group's top 2 scores)
+    routed_scaling_factor: float = 1.0
+    partial_rotary_factor: float = 1.0    # RoPE on the first head_dim x factor dimensions only
+
+    MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                  "decoder_sparse_step", "mlp_only_layers", "first_k_dense_replace", "num_shared_experts",
+                  "score_function", "moe_router_enable_expert_bias", "n_group", "topk_group",
+                  "routed_scaling_factor", "partial_rotary_factor")
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.num_experts == 0:
+            return False
+        if self.model_type == "llada2_moe":
+            return i >= self.first_k_dense_replace
+        return i not in (self.mlp_only_layers or []) and (i + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["architectures"] = ["SDARForCausalLM"]
+        if self.num_experts == 0:
+            d = {k: v for k, v in d.items() if k not in self.MOE_FIELDS}
+        d["architectures"] = [{"sdar": "SDARForCausalLM", "sdar_moe": "SDARMoeForCausalLM",
+                               "llada2_moe": "LLaDA2MoeModelLM"}.get(self.model_type, "SDARForCausalLM")]
         return d
 
 
@@ -61,17 +95,21 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin for rotary embeddings at the given positions: two tensors (*positions.shape, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (..., head_dim / 2)
+def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin for rotary embeddings at the given positions: two tensors (*positions.shape, rotary_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., rotary_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: (..., heads, head_dim); cos, sin: (..., head_dim). The Qwen 'rotate half' convention."""
-    half = x.shape[-1] // 2
+    """x: (..., heads, head_dim); cos, sin: (..., rotary_dim). The Qwen 'rotate half' convention on the first
+    rotary_dim dimensions of each head; the rest pass unchanged (partial RoPE, LLaDA2.0: half of them)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    half = rot // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
@@ -99,25 +137,91 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
+class Router(nn.Module):
+    """Picks num_experts_per_tok experts per token and their weights, in fp32.
+
+    Qwen3-MoE: softmax over all experts, top-k, optionally renormalised. LLaDA2.0: sigmoid scores; the
+    choice adds a learned per-expert bias and is limited to the topk_group best of n_group groups (a group
+    scores the sum of its two best experts); the weights are the unbiased scores of the chosen experts,
+    renormalised and multiplied by routed_scaling_factor."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+        self.expert_bias = (nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+                            if cfg.moe_router_enable_expert_bias else None)
+
+    def forward(self, x):
+        """x (N, hidden) -> weights (N, k) fp32 and expert ids (N, k)."""
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float())                     # (N, experts)
+        scores = logits.sigmoid() if c.score_function == "sigmoid" else logits.softmax(-1)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        if c.n_group > 1:
+            groups = choice.view(len(x), c.n_group, -1)                        # (N, groups, experts per group)
+            best = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
+            allowed = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~allowed[..., None], float("-inf")).flatten(1)
+        experts = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, experts
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts MLP: each token goes through its k routed experts (SwiGLU MLPs of
+    moe_intermediate_size), weighted by the router, plus the shared experts if any.
+
+    Batched dispatch: the (token, expert) pairs are sorted by expert, so each expert runs once on all of its
+    tokens (a loop over experts, never over tokens). An evicted FOCUS token is not among the rows at all,
+    so it skips the experts of layers 2..L like everything else."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+                               if cfg.num_shared_experts else None)
+
+    def forward(self, x):
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        x = x.reshape(-1, hidden)
+        weights, experts = self.gate(x)                                       # (N, k) each
+        order = experts.flatten().argsort(stable=True)                        # pairs grouped by expert
+        token = order // experts.shape[1]
+        weight = weights.flatten()[order]
+        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()  # one host sync
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for expert, rows, w in zip(self.experts, token.split(counts), weight.split(counts)):
+            if len(rows):
+                out.index_add_(0, rows, expert(x[rows]).float() * w[:, None])
+        out = out.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(*lead, hidden)
+
+
 class Block(nn.Module):
     """One decoder layer, split where FOCUS needs to step in: qkv() then finish()."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def qkv(self, x, cos, sin):
         return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
@@ -234,7 +338,7 @@ class SDAR(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -242,7 +346,7 @@ class SDAR(nn.Module):
 
     def rope(self, positions):
         c = self.config
-        return rope_tables(positions, c.head_dim, c.rope_theta, self.embed_tokens.weight.dtype)
+        return rope_tables(positions, c.rotary_dim, c.rope_theta, self.embed_tokens.weight.dtype)
 
     def forward(self, input_ids, block_size: int | None = None, position_ids=None, attn_mask=None):
         """The spec form. input_ids (B, S) -> logits (B, S, vocab).
@@ -292,8 +396,11 @@ def num_params(model: nn.Module) -> int:
 
 def flops_per_token(cfg: ModelConfig, context: int) -> float:
     """The paper's per-layer cost for one query token, 8h^2 + 4 d_ff h + 4 h L, summed over layers,
-    with the projections counted at their real (GQA) sizes: 2 * (params of q,k,v,o) + 6 h d_ff + 4 H d L."""
+    with the projections counted at their real (GQA) sizes: 2 * (params of q,k,v,o) + 6 h d_ff + 4 H d L.
+    An MoE layer counts the experts a token goes through (k routed + shared) and the router."""
     h, d = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
     proj = 2 * (h * d * 2 + h * kv * 2)
-    return cfg.num_hidden_layers * (proj + 6 * h * cfg.intermediate_size + 4 * d * context)
+    moe = 6 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.num_shared_experts) + 2 * h * cfg.num_experts
+    mlp = sum(moe if cfg.is_moe_layer(i) else 6 * h * cfg.intermediate_size for i in range(cfg.num_hidden_layers))
+    return cfg.num_hidden_layers * (proj + 4 * d * context) + mlp

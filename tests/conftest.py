@@ -51,7 +51,9 @@ def random_model(cfg: model.ModelConfig, seed: int = 0) -> model.SDAR:
     net = model.SDAR(cfg)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("expert_bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name == "embed_tokens.weight":
                 p.copy_(torch.randn(p.shape, generator=gen))

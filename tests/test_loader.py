@@ -229,7 +229,7 @@ def test_error_config_invalid_json(make_checkpoint):
     expect_error(path, "config.json is not valid JSON")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "sdar_moe", None])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", None])
 def test_error_unknown_model_type(make_checkpoint, model_type):
     path = make_checkpoint().path
     edit_json(path / "config.json", model_type=model_type)

@@ -196,6 +196,8 @@ class Tokenizer:
                 raise CheckpointError(f"generation_config.json: mask_token_id must be an integer, "
                                       f"got {gen_cfg['mask_token_id']!r}")
             return gen_cfg["mask_token_id"]
+        if cfg.model_type == "llada2_moe":  # its own convention, before any guess by name
+            return LLADA2_MASK_ID
         name = tok_cfg.get("mask_token")
         name = name.get("content") if isinstance(name, dict) else name
         for candidate in (name, "<|MASK|>"):

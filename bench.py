@@ -3,6 +3,7 @@
     python bench.py                                   # shipped model, held-out problems, batch 32
     python bench.py --batch-sizes 32,64 --num-prompts 128 --device cuda
     python bench.py --real-size --device cuda         # SDAR-1.7B-shaped random weights: compute only
+    python bench.py --real-size --real-size-config llada2-mini --device cuda   # the MoE model's shape
     python bench.py --plot results/cpu-2026-11-23.json  # PNGs from a results file (needs matplotlib)
 
 Every ratio is measured inside one run, on the same prompts and machine. Results go to
@@ -11,7 +12,6 @@ device, torch version and commit, and a Markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -228,15 +228,32 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
 SDAR_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                  block_size=32, mask_token_id=151669, max_position_embeddings=32768)
+# The paper's second model (mixture of experts, 16B parameters, 1.4B active): LLaDA2.0-mini's config.json.
+LLADA2_MINI = dict(model_type="llada2_moe", vocab_size=157184, hidden_size=2048, intermediate_size=5120,
+                   num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+                   rope_theta=600000.0, partial_rotary_factor=0.5, tie_word_embeddings=False, block_size=32,
+                   mask_token_id=156895, max_position_embeddings=16384, num_experts=256, num_experts_per_tok=8,
+                   moe_intermediate_size=512, num_shared_experts=1, first_k_dense_replace=1, n_group=8,
+                   topk_group=4, routed_scaling_factor=2.5, score_function="sigmoid",
+                   moe_router_enable_expert_bias=True, norm_topk_prob=True)
 TINY_REAL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, block_size=32, mask_token_id=3,
                  max_position_embeddings=4096)
+TINY_MOE = {**LLADA2_MINI, **TINY_REAL, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "n_group": 4, "topk_group": 2}
+REAL_SIZE = {"sdar-1.7b": SDAR_1_7B, "llada2-mini": LLADA2_MINI, "tiny": TINY_REAL, "tiny-moe": TINY_MOE}
 
 
 def random_model(shape: dict, device, dtype):
+    """Random weights of a real model's shape, made directly in `dtype` on `device` (no fp32 copy first)."""
     cfg = ModelConfig(**shape)
-    with torch.device(device):
-        model = SDAR(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = SDAR(cfg)
+    finally:
+        torch.set_default_dtype(default)
     for p in model.parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
@@ -295,11 +312,11 @@ def step_probe(model, batch: int, context: int, device) -> list[dict]:
 
 def bench_real_size(args, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = TINY_REAL if args.real_size_config == "tiny" else SDAR_1_7B
+    shape = REAL_SIZE[args.real_size_config]
     model = random_model(shape, device, dtype)
     result = {"note": "random weights: every step decodes one token (nothing reaches the threshold), so this "
                       "measures compute per step, not decoding dynamics", "config": shape, "probe": [], "end_to_end": []}
-    batches = [2] if args.real_size_config == "tiny" else args.real_batches
+    batches = [2] if args.real_size_config.startswith("tiny") else args.real_batches
     for b in batches:
         for ctx in args.contexts:
             rows = step_probe(model, b, ctx, device)
@@ -429,8 +446,9 @@ def parse_args(argv=None):
     add_options(p, ["threshold", "max_new_tokens"])
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-analysis", dest="analysis", action="store_false")
-    p.add_argument("--real-size", action="store_true", help="SDAR-1.7B-shaped random weights (GPU)")
-    p.add_argument("--real-size-config", default="sdar-1.7b", help=argparse.SUPPRESS)
+    p.add_argument("--real-size", action="store_true", help="random weights of a real model's shape (GPU)")
+    p.add_argument("--real-size-config", default="sdar-1.7b", choices=list(REAL_SIZE),
+                   help="the shape: SDAR-1.7B, LLaDA2.0-mini (MoE, 32 GB in bf16), or tiny ones for a quick check")
     p.add_argument("--real-batches", default="64,128,256")
     p.add_argument("--contexts", default="256,512")
     p.add_argument("--out", default="results")
@@ -523,7 +541,8 @@ def main(argv=None) -> int:
     with open(path, "x") as f:  # "x": never over a file, even one made since the name was chosen
         f.write(json.dumps(res, indent=1) + "\n")
     print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")
-    plot(path)
+    if res.get("modes") or res.get("predictors"):  # a real-size run has no plots
+        plot(path)
     return 0
 
 

@@ -84,6 +84,25 @@ def test_spec_form_matches_literal_reference(tied):
 # ---------------------------------------------------------------------------------------------------
 # Block-causal attention in the spec form.
 
+def test_spec_form_matches_transformers_qwen3(tmp_path):
+    """The files checkpoint.save writes, read by transformers' Qwen3ForCausalLM under a 4D block-causal mask
+    (additive: 0 or -inf), gives our logits. Skipped without transformers (an optional test dependency)."""
+    transformers = pytest.importorskip("transformers")
+    import json
+    from checkpoint import save
+    net = random_model(tiny_config(tie_word_embeddings=False), seed=8)
+    save(net, tmp_path, dtype=torch.float32)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}))
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").float().eval()
+    ids = random_ids(2, 11, seed=9)
+    allowed = model.block_causal_mask(torch.arange(11), 4)
+    additive = torch.zeros(11, 11).masked_fill(~allowed, float("-inf")).expand(2, 1, 11, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids, block_size=4), hf(input_ids=ids, attention_mask=additive).logits,
+                                   atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def net():
     return random_model(tiny_config(), seed=2)

@@ -25,6 +25,8 @@ class CheckpointError(Exception):
 # config.json
 
 MODEL_TYPES = ("sdar", "sdar_moe", "llada2_moe")
+# llada2_moe: field names, tensor names and the mask id follow LLaDA2.0-mini's public modeling code and
+# inclusionAI's copy of its config.json; no released LLaDA2.0 checkpoint file was read here to confirm them.
 LLADA2_MASK_ID = 156895  # LLaDA2.0's mask token: its generate()'s default; its config.json names none
 
 # The fields each mixture-of-experts type must name (a missing one is an error, not a silent default).

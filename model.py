@@ -1,5 +1,9 @@
 """The SDAR block-diffusion transformer (Qwen3 architecture) and its decode cache. Checkpoints: checkpoint.py.
 
+One network class covers three checkpoint types: dense SDAR (Qwen3 layers), SDAR-MoE (Qwen3-MoE layers:
+`MoE` in place of `MLP` where the config says) and LLaDA2.0 (the same with a grouped sigmoid router, a
+shared expert and RoPE on half of each head).
+
 Three ways to run it, from slow-and-obvious to fast:
 - `model(input_ids, block_size=32)`: the spec form. Logits for every position of a full sequence under
   block-causal attention: position p is in block p // block_size and sees its whole block and every

@@ -25,7 +25,6 @@ import torch
 
 import data
 import focus
-import kernels
 from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, encode_prompts, generate_ids
 from checkpoint import CheckpointError, load, resolve_device
 from model import SDAR, ModelConfig, Rows, cached_attention, flops_per_token
@@ -182,7 +181,7 @@ def probe_forward(model, dec, seq, col, rows, mask_rows, g):
         q, k, v = layer.qkv(x, cos, sin)
         dec.cache.write(i, rows, k, v)
         if i < 2:
-            qg, kg = kernels.to_grid(q[mask_rows], g), kernels.to_grid(k[mask_rows], g)
+            qg, kg = focus.to_grid(q[mask_rows], g), focus.to_grid(k[mask_rows], g)
             importance.append(focus.token_importance(qg, kg, g.valid, layer.self_attn.scale).to(q.dtype))
         x = layer.finish(x, cached_attention(q, i, rows, dec.cache, layer.self_attn.scale))
     logits = model.logits(x, mask_rows).float()
@@ -211,9 +210,9 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
         mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
         if len(mask_rows) == 0:
             return
-        g = kernels.grid(seq[mask_rows])
+        g = focus.grid(seq[mask_rows])
         (i0, i1), conf = probe_forward(model, dec, seq, col, rows, mask_rows, g)
-        position = kernels.to_grid(col[mask_rows], g, fill=-1)
+        position = focus.to_grid(col[mask_rows], g, fill=-1)
         delta = focus.importance_delta(i1, i0)
         grid_scores = {"I0": i0, "I1": i1, "delta": delta, "leftmost": focus.ranking_score("leftmost", delta, position),
                        "after-decoded": focus.ranking_score("after-decoded", delta, position)}
@@ -339,9 +338,8 @@ def step_probe(model, batch: int, context: int, device) -> list[dict]:
     ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
     start = torch.full((batch,), context, device=device)
     progress, target = torch.full((batch,), bs - 1, device=device), torch.full((batch,), 4, device=device)
-    fns = kernels.focus_functions()
     is_mask = torch.ones_like(col, dtype=torch.bool)
-    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, fns)
+    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target)
     ms = time_it(run, device) * 1e3
     kept = int(run().kept.sum()) / batch
     out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept})

@@ -18,7 +18,34 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Rows, cached_attention
+import kernels
+from model import Rows, cached_attention, ragged_layout
+
+
+# ---------------------------------------------------------------------------------------------------
+# The mask-set grid: the masked rows of a whole ragged batch on one padded (A sequences x m slots) grid.
+
+@dataclass
+class Grid:
+    active: torch.Tensor  # (A,) cache slots with a non-empty mask set
+    group: torch.Tensor   # (M,) each masked row's line on the grid
+    slot: torch.Tensor    # (M,) and its column (its rank in the mask set)
+    valid: torch.Tensor   # (A, m) bool
+
+
+def grid(seq_of_row: torch.Tensor) -> Grid:
+    """Layout of M masked rows, grouped by sequence in set order, on an (A, m) grid."""
+    active, counts, group, slot = ragged_layout(seq_of_row)
+    width = int(counts.max()) if len(counts) else 0
+    valid = torch.arange(width, device=seq_of_row.device) < counts[:, None]
+    return Grid(active, group, slot, valid)
+
+
+def to_grid(x: torch.Tensor, g: Grid, fill=0):
+    """x (M, ...) -> (A, m, ...), padding filled with `fill`."""
+    out = x.new_full((g.valid.shape[0], g.valid.shape[1], *x.shape[1:]), fill)
+    out[g.group, g.slot] = x
+    return out
 
 
 def token_importance(q, k, valid, scale: float):
@@ -47,6 +74,13 @@ def max_pool3(scores):
     left = torch.cat([pad, scores[..., :-1]], dim=-1)
     right = torch.cat([scores[..., 1:], pad], dim=-1)
     return torch.maximum(scores, torch.maximum(left, right))
+
+
+def ragged_importance(q, k, g: Grid, scale: float, compiled: bool = False):
+    """Importance of every masked row of the batch in one call: q (M, heads, head_dim), k (M, kv_heads,
+    head_dim) -> (A, m). compiled: token_importance through torch.compile (kernels.py), same numbers."""
+    importance = kernels.compiled(token_importance) if compiled else token_importance
+    return importance(to_grid(q, g), to_grid(k, g), g.valid, scale)
 
 
 def importance_delta(importance_1, importance_0):
@@ -127,6 +161,11 @@ def ranking_score(rank_by: str, delta, position, generator=None):
     raise ValueError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANKINGS)}")
 
 
+def compact(keep, *tensors):
+    """Order-preserving gather of the kept rows: keep (K,) ascending row indices; tensors (T, ...) each."""
+    return tuple(t.index_select(0, keep) for t in tensors)
+
+
 @dataclass
 class FocusOutput:
     logits: torch.Tensor         # (R, vocab) for the kept masked rows
@@ -135,11 +174,11 @@ class FocusOutput:
     rightmost_kept: torch.Tensor  # (S,) block position of each sequence's last kept row (-1: none)
 
 
-def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target, fns,
-                  rank_by: str = "delta", generator=None):
+def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target,
+                  rank_by: str = "delta", generator=None, compiled: bool = False):
     """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
-    progress, target: (S,) per cache slot; fns: the importance and compaction functions (kernels.py);
-    rank_by: the ranking score (ranking_score: the delta, or an ablation control).
+    progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta, or an
+    ablation control); compiled: the importance and the compaction through torch.compile (kernels.py).
 
     Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
     (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
@@ -155,7 +194,7 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
         logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows)
         return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), _rightmost(rows, col, None, num_slots))
 
-    grid = fns.grid(rows.seq[mask_rows])
+    g = grid(rows.seq[mask_rows])
     cos, sin = model.rope(rows.pos)
     x = model.embed_tokens(input_ids)
     importance = []
@@ -163,20 +202,20 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
         layer = model.layers[i]
         q, k, v = layer.qkv(x, cos, sin)
         cache.write(i, rows, k, v)
-        importance.append(fns.importance(q[mask_rows], k[mask_rows], grid, layer.self_attn.scale).to(q.dtype))
+        importance.append(ragged_importance(q[mask_rows], k[mask_rows], g, layer.self_attn.scale, compiled).to(q.dtype))
         if i == 0:
             x = layer.finish(x, cached_attention(q, 0, rows, cache, layer.self_attn.scale))
     delta = importance_delta(importance[1], importance[0])
 
-    position = fns.to_grid(col[mask_rows], grid, fill=-1)
+    position = to_grid(col[mask_rows], g, fill=-1)
     score = ranking_score(rank_by, delta, position, generator)
-    kept_grid = select_retained(score, grid.valid, position, target[grid.active], progress[grid.active])
+    kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
-    kept[mask_rows] = kept_grid[grid.group, grid.slot]                  # decoded, uncached rows always stay
+    kept[mask_rows] = kept_grid[g.group, g.slot]                        # decoded, uncached rows always stay
     keep = kept.nonzero().squeeze(1)
     rightmost = _rightmost(rows, col, kept, num_slots)
     key_end = (block_start + rightmost + 1)[rows.seq[keep]]
-    x, q, cos, sin = fns.compact(keep, x, q, cos, sin)
+    x, q, cos, sin = (kernels.compiled(compact) if compiled else compact)(keep, x, q, cos, sin)
     rows = rows.take(keep, key_end, num_slots)
 
     layer = model.layers[1]

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 import focus
-import kernels
 from checkpoint import CheckpointError, load, resolve_device
 from model import KVCache, Rows
 
@@ -184,9 +183,6 @@ class Decoder:
         self.decoded_sum = torch.zeros(S, device=dev)                     # FOCUS avg tokens decoded per step
         self.decoded_steps = torch.zeros(S, device=dev)
         self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
-        self.focus_fns = None
-        if opts.focus:
-            self.focus_fns = kernels.focus_functions(compiled=opts.compile)
 
     # -- admission and prefill ------------------------------------------------------------------------
     def admit(self, slots: list[int], prompts: list[list[int]]):
@@ -249,7 +245,8 @@ class Decoder:
 
     def step(self) -> dict:
         """One diffusion step for every live sequence. Returns per-slot statistics of the step."""
-        o, bs = self.opts, self.block_size
+        o = self.opts
+        # 1. Plan: the rows this step computes.
         process = self.processing()
         seq, col, rows, last_col = self.rows(process)
         pos = rows.pos
@@ -258,18 +255,13 @@ class Decoder:
         masked_in = self.masked.clone()
 
         target = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
-        if self.focus_fns is not None:
+        if o.focus:
             avg = torch.where(self.decoded_steps > 0, self.decoded_sum / self.decoded_steps.clamp(min=1), 1.0)
             target = focus.retain_target(avg, self.masked.sum(1) * self.live, o.alpha)
-            out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
-                                      self.progress, target, self.focus_fns, o.focus_rank, self.generator)
-            logits, logit_rows, kept = out.logits, out.logit_rows, out.kept
-            self.progress = torch.maximum(self.progress, out.rightmost_kept)
-        else:
-            logit_rows = is_mask_row.nonzero().squeeze(1)
-            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows)
-            kept = torch.ones_like(is_mask_row)
+        # 2. Forward.
+        logits, logit_rows, kept = self.forward(ids, rows, is_mask_row, col, target)
 
+        # 3. Sample and unmask.
         logits[:, self.mask_id] = float("-inf")                  # the mask token is never an output
         token, conf = sample(logits, o.temperature, o.top_k, o.top_p, self.generator)
         cand = torch.zeros_like(self.masked)
@@ -280,7 +272,7 @@ class Decoder:
         token_grid[seq[logit_rows], col[logit_rows]] = token
         chosen = unmask(conf_grid, cand, o.strategy, o.threshold, o.tokens_per_step)
 
-        # Write decoded tokens into the sequence; the block loses those masks.
+        # 4. Bookkeeping. Write decoded tokens into the sequence; the block loses those masks.
         s_idx, c_idx = chosen.nonzero(as_tuple=True)
         self.tokens[s_idx, self.block_start[s_idx] + c_idx] = token_grid[s_idx, c_idx]
         self.masked &= ~chosen
@@ -303,6 +295,20 @@ class Decoder:
         return {"block": self.inside.sum(1) * self.live, "computed": computed, "computed_deep": deep,
                 "decoded": n_decoded, "target": target,
                 "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1)}
+
+    def forward(self, ids, rows, is_mask_row, col, target):
+        """The step's forward: the one place a decode step runs the model. Returns the logits of the masked
+        rows computed to the last layer (R, vocab), their indices among the step's rows (R,), and which rows
+        reached layers 2..L (T,) bool. Plain: every row through every layer. FOCUS: every row through layers
+        0-1, then the kept rows only (focus.forward_focus), which also advances the block's progress."""
+        if not self.opts.focus:
+            logit_rows = is_mask_row.nonzero().squeeze(1)
+            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows)
+            return logits, logit_rows, torch.ones_like(is_mask_row)
+        out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
+                                  self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile)
+        self.progress = torch.maximum(self.progress, out.rightmost_kept)
+        return out.logits, out.logit_rows, out.kept
 
     def finish_blocks(self, committed) -> list[tuple[int, int]]:
         """After a step: blocks that were committed this step start a new block or end their sequence.

@@ -64,8 +64,8 @@ def test_importance_matches_literal_loops_on_ragged_batch():
     sizes = [1, 2, 5, 7]
     seq, q, k = ragged_case(sizes, slots=[0, 2, 3, 6])
     scale = 8 ** -0.5
-    g = kernels.grid(seq)
-    got = kernels.ragged_importance(q, k, g, scale, focus.token_importance)
+    g = focus.grid(seq)
+    got = focus.ragged_importance(q, k, g, scale)
     assert got.shape == (4, 7)
     assert got.dtype == torch.float32
     start = 0
@@ -83,8 +83,8 @@ def test_importance_groups_query_heads_by_interleave():
     """Query heads 0,1 read kv head 0 and 2,3 read kv head 1: a tiled (.repeat) layout gives other numbers."""
     seq, q, k = ragged_case([5, 7], seed=3)
     scale = 0.5
-    g = kernels.grid(seq)
-    got = kernels.ragged_importance(q, k, g, scale, focus.token_importance)
+    g = focus.grid(seq)
+    got = focus.ragged_importance(q, k, g, scale)
     start = 0
     for a, n in enumerate([5, 7]):
         qq, kk = q[start:start + n], k[start:start + n]
@@ -103,16 +103,16 @@ def test_importance_pool_uses_set_neighbours_and_ignores_padding():
     q[:, 0, 0] = 1.0
     k[1, 0, 0] = 50.0          # key 1 dominates every query
     seq = torch.tensor([0, 0, 0])
-    g = kernels.grid(seq)
-    got = kernels.ragged_importance(q, k, g, 1.0, focus.token_importance)[0]
+    g = focus.grid(seq)
+    got = focus.ragged_importance(q, k, g, 1.0)[0]
     # pooled = [50, 50, 50] -> uniform softmax; 3 queries -> each key gets 1.0
     assert torch.allclose(got, torch.ones(3), atol=1e-6)
     # with padding next to a short set, the short set's values do not change
     seq2 = torch.tensor([0, 0, 1, 1, 1])
     q2 = torch.cat([q[:2], q])
     k2 = torch.cat([k[:2], k])
-    got2 = kernels.ragged_importance(q2, k2, kernels.grid(seq2), 1.0, focus.token_importance)
-    alone = kernels.ragged_importance(q[:2], k[:2], kernels.grid(torch.tensor([0, 0])), 1.0, focus.token_importance)
+    got2 = focus.ragged_importance(q2, k2, focus.grid(seq2), 1.0)
+    alone = focus.ragged_importance(q[:2], k[:2], focus.grid(torch.tensor([0, 0])), 1.0)
     assert torch.allclose(got2[0, :2], alone[0], atol=1e-6)
     assert torch.allclose(got2[0, :2], torch.tensor(slow_importance(q[:2], k[:2], 1.0)), atol=1e-5)
 
@@ -320,24 +320,23 @@ def test_compact_gathers_kept_rows_in_order():
     b = torch.randn(9, 2, 3, generator=gen)
     keep_mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
     keep = keep_mask.nonzero().squeeze(1)
-    ca, cb = kernels.compact(keep, a, b)
+    ca, cb = focus.compact(keep, a, b)
     assert torch.equal(ca, a[keep_mask])
     assert torch.equal(cb, b[keep_mask])
 
 
 def test_compiled_importance_matches_plain():
     seq, q, k = ragged_case([3, 6, 1, 4], seed=7)
-    plain = kernels.focus_functions(compiled=False)
-    fused = kernels.focus_functions(compiled=True)
-    g = plain.grid(seq)
-    want = plain.importance(q, k, g, 0.3)
+    g = focus.grid(seq)
+    want = focus.ragged_importance(q, k, g, 0.3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = fused.importance(q, k, fused.grid(seq), 0.3)
+        got = focus.ragged_importance(q, k, g, 0.3, compiled=True)
+        keep = torch.tensor([0, 2, 5, 9])
+        fused_compact = kernels.compiled(focus.compact)(keep, q, k)
     assert not [w for w in caught if "plain version" in str(w.message)]  # it really ran compiled
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-    keep = torch.tensor([0, 2, 5, 9])
-    for x, y in zip(fused.compact(keep, q, k), plain.compact(keep, q, k)):
+    for x, y in zip(fused_compact, focus.compact(keep, q, k)):
         assert torch.equal(x, y)
 
 
@@ -379,6 +378,17 @@ def test_focus_huge_alpha_equals_delayed_cache(tiny, prompts):
     for (_, s_w), (_, s_b) in zip(wide, base):
         assert s_w["computed"] == s_b["computed"]
         assert s_w["computed_deep"] == s_w["computed"]
+
+
+def test_compiled_focus_generates_the_same_tokens(tiny, prompts):
+    """generate.py --compile: the fused importance and compaction give the plain path's tokens (greedy)."""
+    plain = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0, compile=True)
+    assert not [w for w in caught if "plain version" in str(w.message)]
+    assert fused == plain
+    assert any(sum(s["computed_deep"]) < sum(s["computed"]) for _, s in plain)  # it evicted
 
 
 @pytest.mark.parametrize("batch_size", [3, 2])

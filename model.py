@@ -17,7 +17,7 @@ the token at that same position.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -282,6 +282,7 @@ class Rows:
     kv_max: int
     all_slots: bool        # the active sequences are exactly cache slots 0..A-1 of A total
     dense: bool            # every sequence has q_max rows and one shared key_end: no mask needed
+    _masks: dict = field(default_factory=dict, repr=False)  # attention masks, made once per step, by GQA group
 
     @property
     def num_rows(self) -> int:
@@ -294,6 +295,18 @@ class Rows:
         q_max, kv_max, k_min, c_min = torch.stack([counts.max(), key_end.max(), key_end.min(), counts.min()]).tolist()
         return Rows(seq, pos, group, slot, key_end, active, q_max, kv_max,
                     all_slots=len(active) == num_slots, dense=(q_max == c_min and kv_max == k_min))
+
+    def attention_mask(self, group: int):
+        """(A, 1, group * q_max, kv_max) bool, True where a query may read a key; None when dense. Built on the
+        first layer that asks and reused by every later one."""
+        if self.dense:
+            return None
+        if group not in self._masks:
+            ends = torch.ones(len(self.active), self.q_max, dtype=torch.long, device=self.pos.device)  # padding: key 0
+            ends[self.group, self.slot] = self.key_end
+            mask = torch.arange(self.kv_max, device=self.pos.device) < ends[:, None, :, None]  # (A, 1, q_max, kv_max)
+            self._masks[group] = mask.repeat(1, 1, group, 1)
+        return self._masks[group]
 
     def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int) -> "Rows":
         """The subset of rows at indices `keep` (ascending), with new key ends."""
@@ -324,13 +337,7 @@ def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):
     grid[rows.group, rows.slot] = q
     grid = grid.view(n_active, rows.q_max, kv_heads, group, -1).permute(0, 2, 3, 1, 4)
     grid = grid.reshape(n_active, kv_heads, group * rows.q_max, -1)  # head h = kv head h // group
-    mask = None
-    if not rows.dense:
-        ends = torch.ones(n_active, rows.q_max, dtype=torch.long, device=q.device)  # padding rows see key 0
-        ends[rows.group, rows.slot] = rows.key_end
-        mask = torch.arange(rows.kv_max, device=q.device) < ends[:, None, :, None]  # (A, 1, q_max, kv_max)
-        mask = mask.repeat(1, 1, group, 1)
-    out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=rows.attention_mask(group), scale=scale)
     out = out.view(n_active, kv_heads, group, rows.q_max, -1).permute(0, 3, 1, 2, 4)  # (A, q_max, kv, group, d)
     return out.reshape(n_active, rows.q_max, q.shape[1], -1)[rows.group, rows.slot]
 

@@ -25,6 +25,7 @@ import torch
 
 import data
 import focus
+import replay
 from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, encode_prompts, generate_ids
 from checkpoint import CheckpointError, load, resolve_device
 from model import SDAR, ModelConfig, Rows, cached_attention, flops_per_token
@@ -349,6 +350,7 @@ def step_probe(model, batch: int, context: int, device) -> list[dict]:
 def bench_real_size(args, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = REAL_SIZE[args.real_size_config]
+    schedules = record_schedules(args, device, shape["block_size"]) if args.replay_problems else None
     model = random_model(shape, device, dtype)
     result = {"note": "random weights: every step decodes one token (nothing reaches the threshold), so this "
                       "measures compute per step, not decoding dynamics", "config": shape, "probe": [], "end_to_end": []}
@@ -378,7 +380,58 @@ def bench_real_size(args, device) -> dict:
                 result["end_to_end"].append(row)
                 print(f"  e2e {name} batch {b} context {ctx}: {row['ms_per_step']:.1f} ms/step x{row['decode_speedup']:.2f}",
                       file=sys.stderr)
+    if schedules:
+        result["replayed"] = bench_replay(model, schedules, args, batches, device)
     return result
+
+
+REPLAY_MODES = ("full", "delayed", "focus-1.5", "paper-focus-1.5@0.8")
+
+
+def record_schedules(args, device, block_size: int) -> dict:
+    """Each replayed mode's schedules, from a decode of --model (the shipped model by default) on held-out
+    problems (replay.record)."""
+    ref, tok = load(args.model, device=device)
+    if ref.config.block_size != block_size:
+        raise ValueError(f"--model {args.model} has block size {ref.config.block_size}, the real-size shape "
+                         f"{block_size}: its schedules do not fit; pass --replay-problems 0 or another --model")
+    problems = data.make_problems("heldout", args.replay_problems)
+    prompts = encode_prompts(tok, [p.question for p in problems], chat=True)
+    return {name: replay.record(ref, prompts, tok.mask_id, tok.eos_ids, mode_options(name, args, len(prompts)))
+            for name in REPLAY_MODES}
+
+
+def bench_replay(model, schedules: dict, args, batches, device) -> list[dict]:
+    """The real-size model on schedules recorded from a decode of a trained model (replay.py): each mode's
+    own number of steps and tokens decoded per step, at real-size cost."""
+    rows = []
+    for b in batches:
+        for ctx in args.contexts:
+            base = None
+            for name in REPLAY_MODES:
+                recorded = schedules[name]
+                scheds = [recorded[i % len(recorded)] for i in range(b)]
+                opts = mode_options(name, args, b)
+                replay.replay(model, scheds[:min(b, 4)], ctx, opts)          # warm-up
+                clock = {}
+                sync(device)
+                t0 = time.perf_counter()
+                out = replay.replay(model, scheds, ctx, opts, clock=clock)
+                sync(device)
+                seconds = time.perf_counter() - t0
+                tokens = sum(len(ids) for ids, _ in out)
+                steps = max(len(st["decoded"]) for _, st in out)
+                row = {"mode": name, "schedule": "replayed", "batch": b, "context": ctx, "threshold": opts.threshold,
+                       "tokens_per_s": tokens / seconds, "decode_tokens_per_s": tokens / clock["decode_s"],
+                       "steps": steps, "ms_per_step": clock["decode_s"] / steps * 1e3,
+                       "decoded_per_step": tokens / sum(len(st["decoded"]) for _, st in out),
+                       "computed_deep_per_step": float(np.mean([d for _, st in out for d in st["computed_deep"]]))}
+                base = base or row
+                row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                rows.append(row)
+                print(f"  replayed {name} batch {b} context {ctx}: {row['ms_per_step']:.1f} ms/step, "
+                      f"{row['decode_tokens_per_s']:.0f} tokens/s x{row['decode_speedup']:.2f}", file=sys.stderr)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,6 +462,16 @@ def real_size_table(res: dict) -> str:
     for r in res["end_to_end"]:
         lines.append(f"| {r['mode']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} | "
                      f"{r['decode_tokens_per_s']:.0f} | {r['decode_speedup']:.2f} | {r['computed_deep_per_step']:.1f} |")
+    if res.get("replayed"):
+        random = {(r["mode"], r["batch"], r["context"]): r for r in res["end_to_end"]}
+        lines += ["", "| mode | threshold | batch | context | replayed: steps | decoded/step | ms/step | decode tokens/s "
+                  "| x full | random schedule: decode tokens/s | x full |", "|" + " --- |" * 11]
+        for r in res["replayed"]:
+            rnd = random.get((r["mode"], r["batch"], r["context"]))
+            lines.append(f"| {r['mode']} | {r['threshold']} | {r['batch']} | {r['context']} | {r['steps']} "
+                         f"| {r['decoded_per_step']:.2f} | {r['ms_per_step']:.1f} | {r['decode_tokens_per_s']:.0f} "
+                         f"| {r['decode_speedup']:.2f} | " +
+                         (f"{rnd['decode_tokens_per_s']:.0f} | {rnd['decode_speedup']:.2f} |" if rnd else "- | - |"))
     return "\n".join(lines)
 
 
@@ -486,6 +549,9 @@ def parse_args(argv=None):
     p.add_argument("--real-size", action="store_true", help="random weights of a real model's shape (GPU)")
     p.add_argument("--real-size-config", default="sdar-1.7b", choices=list(REAL_SIZE),
                    help="the shape: SDAR-1.7B, LLaDA2.0-mini (MoE, 32 GB in bf16), or tiny ones for a quick check")
+    p.add_argument("--replay-problems", type=int, default=64,
+                   help="--real-size: also replay the schedules of a decode of --model on this many held-out "
+                        "problems (0: off)")
     p.add_argument("--real-batches", default="64,128,256")
     p.add_argument("--contexts", default="256,512")
     p.add_argument("--out", default="results")
@@ -497,6 +563,8 @@ def parse_args(argv=None):
     for m in args.modes:
         if m not in MODES:
             p.error(f"--modes: unknown mode {m!r}; use some of {', '.join(MODES)}")
+    if args.replay_problems < 0:
+        p.error(f"--replay-problems must be 0 (off) or positive, got {args.replay_problems}")
     for name in ("num_prompts", "repeats"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -551,7 +619,11 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
            "threshold": args.threshold}
     if args.real_size:
-        res["real_size"] = bench_real_size(args, device)
+        try:
+            res["real_size"] = bench_real_size(args, device)
+        except (CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         report = real_size_table(res["real_size"])
     else:
         try:

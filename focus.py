@@ -175,10 +175,12 @@ class FocusOutput:
 
 
 def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target,
-                  rank_by: str = "delta", generator=None, compiled: bool = False):
+                  rank_by: str = "delta", generator=None, compiled: bool = False, kept_override=None):
     """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
     progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta, or an
-    ablation control); compiled: the importance and the compaction through torch.compile (kernels.py).
+    ablation control); compiled: the importance and the compaction through torch.compile (kernels.py);
+    kept_override (T,) bool: the kept rows to use instead of the selection's, which still runs (replay.py
+    times real-size models on schedules recorded from a real decode).
 
     Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
     (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
@@ -190,7 +192,8 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     mask_rows = is_mask_row.nonzero().squeeze(1)                       # the mask sets, in set order
     mask_count = torch.zeros(num_slots, dtype=torch.long, device=col.device).index_add_(0, rows.seq[mask_rows],
                                                                                       torch.ones_like(mask_rows))
-    if not ((target > 0) & (mask_count > target)).any():               # batch gate: nobody can evict
+    nobody_evicts = not ((target > 0) & (mask_count > target)).any()
+    if nobody_evicts and (kept_override is None or bool(kept_override.all())):  # batch gate
         logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows)
         return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), _rightmost(rows, col, None, num_slots))
 
@@ -212,6 +215,8 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
     kept[mask_rows] = kept_grid[g.group, g.slot]                        # decoded, uncached rows always stay
+    if kept_override is not None:
+        kept = kept_override
     keep = kept.nonzero().squeeze(1)
     rightmost = _rightmost(rows, col, kept, num_slots)
     key_end = (block_start + rightmost + 1)[rows.seq[keep]]

@@ -262,15 +262,7 @@ class Decoder:
         logits, logit_rows, kept = self.forward(ids, rows, is_mask_row, col, target)
 
         # 3. Sample and unmask.
-        logits[:, self.mask_id] = float("-inf")                  # the mask token is never an output
-        token, conf = sample(logits, o.temperature, o.top_k, o.top_p, self.generator)
-        cand = torch.zeros_like(self.masked)
-        cand[seq[logit_rows], col[logit_rows]] = True
-        conf_grid = torch.zeros(self.masked.shape, device=self.device)
-        conf_grid[seq[logit_rows], col[logit_rows]] = conf
-        token_grid = torch.full_like(self.masked, self.mask_id, dtype=torch.long)
-        token_grid[seq[logit_rows], col[logit_rows]] = token
-        chosen = unmask(conf_grid, cand, o.strategy, o.threshold, o.tokens_per_step)
+        chosen, token_grid = self.choose(logits, seq[logit_rows], col[logit_rows])
 
         # 4. Bookkeeping. Write decoded tokens into the sequence; the block loses those masks.
         s_idx, c_idx = chosen.nonzero(as_tuple=True)
@@ -295,6 +287,20 @@ class Decoder:
         return {"block": self.inside.sum(1) * self.live, "computed": computed, "computed_deep": deep,
                 "decoded": n_decoded, "target": target,
                 "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1)}
+
+    def choose(self, logits, seq, col):
+        """Sample the masked rows that reached the last layer (logits (R, vocab) at slots seq, block positions
+        col) and pick which to unmask by the rule. Returns chosen (S, block) bool and the tokens (S, block)."""
+        o = self.opts
+        logits[:, self.mask_id] = float("-inf")                  # the mask token is never an output
+        token, conf = sample(logits, o.temperature, o.top_k, o.top_p, self.generator)
+        cand = torch.zeros_like(self.masked)
+        cand[seq, col] = True
+        conf_grid = torch.zeros(self.masked.shape, device=self.device)
+        conf_grid[seq, col] = conf
+        token_grid = torch.full_like(self.masked, self.mask_id, dtype=torch.long)
+        token_grid[seq, col] = token
+        return unmask(conf_grid, cand, o.strategy, o.threshold, o.tokens_per_step), token_grid
 
     def forward(self, ids, rows, is_mask_row, col, target):
         """The step's forward: the one place a decode step runs the model. Returns the logits of the masked
@@ -375,12 +381,13 @@ def prompt_problem(prompt) -> str | None:
 
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int], opts: Options,
-                 clock: dict | None = None, step_hook=None, on_result=None):
+                 clock: dict | None = None, step_hook=None, on_result=None, decoder=Decoder):
     """Token-level generation. Returns, per prompt, (generated ids, stats dict of per-step lists).
 
     clock, if given, receives the seconds spent in prefill and in decode steps (device synchronised);
     step_hook(decoder) is called before every step (bench.py's analysis uses it); on_result(index, ids, stats)
-    as each prompt finishes, in the order they finish (generate.py's --output streams them)."""
+    as each prompt finishes, in the order they finish (generate.py's --output streams them); decoder: the
+    Decoder class (replay.py's replays recorded schedules through a subclass)."""
     cfg, bs = model.config, opts.block_size or model.config.block_size
     if not prompt_ids:
         raise ValueError("no prompts given")
@@ -393,7 +400,7 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                              "or lower --max-new-tokens")
     max_len = max(math.ceil((len(p) + opts.max_new_tokens) / bs) * bs + bs for p in prompt_ids)
     slots = min(opts.batch_size, len(prompt_ids))
-    dec = Decoder(model, mask_id, eos_ids, opts, slots, max_len)
+    dec = decoder(model, mask_id, eos_ids, opts, slots, max_len)
     queue = list(range(len(prompt_ids)))
     owner = [-1] * slots
     results = [None] * len(prompt_ids)

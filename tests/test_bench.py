@@ -1,6 +1,6 @@
 """bench.py --real-size on the tiny shapes: the MoE shape builds from LLaDA2.0-mini's config with fewer experts,
 and every mode times a step; FOCUS computes fewer rows in layers 2..L than the delayed cache, which computes fewer
-than the full block."""
+than the full block; the shipped model's schedules are replayed."""
 import json
 
 import pytest
@@ -10,8 +10,9 @@ import bench
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
 def test_real_size_runs_every_mode(tmp_path, shape, capsys):
+    replayed = 2 if shape == "tiny" else 0   # schedules of the shipped model on 2 problems
     assert bench.main(["--real-size", "--real-size-config", shape, "--contexts", "32", "--device", "cpu",
-                       "--out", str(tmp_path)]) == 0
+                       "--replay-problems", str(replayed), "--out", str(tmp_path)]) == 0
     res = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]
     assert res["config"].get("model_type", "sdar") == {"tiny": "sdar", "tiny-moe": "llada2_moe"}[shape]
     rows = {r["mode"]: r for r in res["end_to_end"]}
@@ -20,3 +21,11 @@ def test_real_size_runs_every_mode(tmp_path, shape, capsys):
     assert rows["focus-1.5"]["computed_deep_per_step"] < rows["delayed"]["computed_deep_per_step"] < 32
     assert rows["full"]["computed_deep_per_step"] == 32
     assert {p["Q"] for p in res["probe"]} >= {32, 16, 8, 4}
+    if replayed:  # the shipped model's schedules: FOCUS takes more steps than the delayed cache, and decodes less a step
+        rows = {r["mode"]: r for r in res["replayed"]}
+        assert list(rows) == ["full", "delayed", "focus-1.5", "paper-focus-1.5@0.8"]
+        assert rows["focus-1.5"]["steps"] > rows["delayed"]["steps"]
+        assert rows["focus-1.5"]["decoded_per_step"] < rows["delayed"]["decoded_per_step"]
+        assert rows["paper-focus-1.5@0.8"]["threshold"] == 0.8
+    else:
+        assert "replayed" not in res

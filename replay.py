@@ -1,0 +1,122 @@
+"""Record the decoding dynamics of a real model and replay them on a real-size one.
+
+A model with random weights decodes one token per step, so timing it says nothing about how many steps each
+mode takes: on a trained model FOCUS takes more steps than the delayed cache (a step decodes only what it
+kept), and every mode decodes several tokens in some steps. So bench.py --real-size also:
+1. records, from a decode of a trained model (the shipped one by default), the schedule of each mode: per
+   sequence and step, which block positions the step decoded, and for FOCUS which rows it kept in layers
+   2..L (`record`);
+2. replays those schedules on the real-size model (`replay`): the decoder runs as usual (its rows follow
+   from the delayed-cache rules, FOCUS still computes importance and runs the selection, every step samples),
+   but which positions are decoded, which rows are kept and when a sequence ends come from the schedule.
+A replayed sequence has a random prompt of the benchmark's context length, aligned in its block as the
+recorded prompt was, so its blocks hold the same masked positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+import focus
+from generate import Decoder, Options, generate_ids
+
+
+@dataclass
+class Schedule:
+    """One recorded sequence: per step, the block positions decoded and those kept in layers 2..L (every
+    computed position when nothing was evicted), and the positions computed (for checking a replay)."""
+    prompt_offset: int          # the prompt's length modulo the block size
+    tokens: int                 # tokens generated
+    decoded: list[list[int]]
+    kept: list[list[int]]
+    computed: list[list[int]]
+
+
+def record(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int], opts: Options) -> list[Schedule]:
+    """Decode every prompt at once (one cache slot each, so slot i is prompt i) and record its schedule."""
+    steps, decoder = [], []
+
+    def hook(dec):
+        decoder[:] = [dec]
+        if hasattr(dec, "last_step"):
+            steps.append(dec.last_step)
+
+    batch = replace(opts, batch_size=len(prompt_ids), progress=False)
+    out = generate_ids(model, prompt_ids, mask_id, eos_ids, batch, step_hook=hook)
+    steps.append(decoder[0].last_step)
+    bs = decoder[0].block_size
+    schedules = []
+    for slot, (prompt, (ids, stats)) in enumerate(zip(prompt_ids, out)):
+        n = len(stats["decoded"])                        # the slot was live for its first n steps
+        cols = [[(grid[slot].nonzero().squeeze(1).tolist()) for grid in step[:3]] for step in steps[:n]]
+        schedules.append(Schedule(len(prompt) % bs, len(ids), decoded=[c[2] for c in cols],
+                                  kept=[c[1] for c in cols], computed=[c[0] for c in cols]))
+    return schedules
+
+
+class ReplayDecoder(Decoder):
+    """A Decoder whose decisions (positions decoded, rows kept, the end of a sequence) come from schedules
+    (the class attribute `schedules`, slot i following schedules[i]); the computation is the usual one. The
+    schedules sit on the device as (S, steps, block) grids, so a replayed step adds no host work."""
+    schedules: list[Schedule] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        mine = self.schedules[:self.num_slots]
+        length = max(len(s.decoded) for s in mine)
+        self.decoded_at = torch.zeros(self.num_slots, length, self.block_size, dtype=torch.bool, device=self.device)
+        self.kept_at = torch.zeros_like(self.decoded_at)
+        for slot, sched in enumerate(mine):
+            for t, (decoded, kept) in enumerate(zip(sched.decoded, sched.kept)):
+                self.decoded_at[slot, t, decoded] = True
+                self.kept_at[slot, t, kept] = True
+        self.length = torch.tensor([len(s.decoded) for s in mine], device=self.device)
+        self.tokens_out = torch.tensor([s.tokens for s in mine], device=self.device)
+        self.t = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # each slot's step
+
+    def _now(self, grids):
+        """(S, block): this step's row of each slot's schedule grid (nothing for ended sequences)."""
+        t = self.t.clamp(max=grids.shape[1] - 1)
+        return grids[torch.arange(self.num_slots, device=self.device), t] & (self.live & (self.t < self.length))[:, None]
+
+    def forward(self, ids, rows, is_mask_row, col, target):
+        if not self.opts.focus:
+            return super().forward(ids, rows, is_mask_row, col, target)
+        out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
+                                  self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile,
+                                  kept_override=self._now(self.kept_at)[rows.seq, col])
+        self.progress = torch.maximum(self.progress, out.rightmost_kept)
+        return out.logits, out.logit_rows, out.kept
+
+    def choose(self, logits, seq, col):
+        _, token_grid = super().choose(logits, seq, col)      # sampled as usual, so the step costs the same
+        return self._now(self.decoded_at) & self.masked, token_grid
+
+    def step(self) -> dict:
+        live = self.live.clone()
+        stats = super().step()
+        self.t += live
+        return stats
+
+    def finish_blocks(self, committed) -> list[tuple[int, int]]:
+        ended = super().finish_blocks(committed)
+        over = self.live & (self.t >= self.length)            # the recorded sequence ended here (at its EOS)
+        self.live &= ~over
+        slots = over.nonzero().squeeze(1)
+        return ended + list(zip(slots.tolist(), (self.prompt_len[slots] + self.tokens_out[slots]).tolist()))
+
+
+def replay(model, schedules: list[Schedule], context: int, opts: Options, clock: dict | None = None,
+           step_hook=None, seed: int = 0):
+    """Run one batch of len(schedules) sequences on `model`, each with a random prompt of about `context`
+    tokens, following its schedule. Returns generate_ids' outputs (random tokens, real step structure)."""
+    cfg = model.config
+    bs = opts.block_size or cfg.block_size
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(10, cfg.vocab_size, (context // bs * bs + s.prompt_offset,), generator=g).tolist()
+               for s in schedules]
+    decoder = type("Replay", (ReplayDecoder,), {"schedules": schedules})
+    batch = replace(opts, batch_size=len(schedules), progress=False)
+    return generate_ids(model, prompts, cfg.mask_token_id, [-1], batch, clock=clock, step_hook=step_hook,
+                        decoder=decoder)

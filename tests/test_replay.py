@@ -1,0 +1,40 @@
+"""replay.py: schedules recorded from one model, replayed on another of a different size, give back exactly
+the recorded steps (rows computed, rows kept, positions decoded) and lengths, in every mode."""
+import pytest
+import torch
+
+import replay
+from conftest import random_model, tiny_config
+from generate import Options
+
+PROMPTS = [[17, 42, 99, 150, 201], [8, 9, 10, 11, 12, 13, 14, 15], [250, 251, 252], list(range(60, 71))]
+MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus": dict(focus=True, alpha=1.0),
+         "focus, lower threshold": dict(focus=True, alpha=1.5, threshold=0.5)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_replay_follows_the_recorded_schedule(loaded, mode):
+    net, tok = loaded
+    opts = Options(**{"max_new_tokens": 14, "threshold": 0.7, **MODES[mode]})
+    eos = [int(net(torch.tensor([PROMPTS[0]]), block_size=4)[0, -1].argmax())]  # ends some sequences early
+    with torch.no_grad():
+        schedules = replay.record(net, PROMPTS, tok.mask_id, eos, opts)
+    assert any(s.tokens < 14 for s in schedules) and any(s.tokens == 14 for s in schedules)
+    assert any(len(d) > 1 for s in schedules for d in s.decoded)           # some steps decode several
+    if opts.focus:
+        assert any(len(k) < len(c) for s in schedules for k, c in zip(s.kept, s.computed))  # and some evict
+    other = random_model(tiny_config(hidden_size=48, num_hidden_layers=3, mask_token_id=3), seed=9)
+    steps, last = [], {}
+
+    def hook(dec):
+        last["dec"] = dec
+        if hasattr(dec, "last_step"):
+            steps.append(dec.last_step)
+    with torch.no_grad():
+        out = replay.replay(other, schedules, 9, opts, step_hook=hook)
+    steps.append(last["dec"].last_step)
+    for slot, (sched, (ids, stats)) in enumerate(zip(schedules, out)):
+        assert len(ids) == sched.tokens and len(stats["decoded"]) == len(sched.decoded)
+        for t in range(len(sched.decoded)):
+            got = [grid[slot].nonzero().squeeze(1).tolist() for grid in steps[t][:3]]
+            assert got == [sched.computed[t], sched.kept[t], sched.decoded[t]], f"slot {slot} step {t}"

@@ -293,7 +293,7 @@ def random_model(shape: dict, device, dtype):
     finally:
         torch.set_default_dtype(default)
     for p in model.parameters():
-        if p.dim() == 2:
+        if p.dim() >= 2:  # projections and stacked experts
             torch.nn.init.normal_(p, std=0.02)
     return model.eval()
 

@@ -307,12 +307,18 @@ def _hf_name(name: str, model_type: str = "sdar") -> str:
     return name if name == "lm_head.weight" else "model." + name
 
 
-def hf_layout(model: SDAR) -> dict[str, list[torch.nn.Parameter]]:
-    """Each checkpoint tensor name -> the parameters it holds, stacked along dim 0 in this order (one, except
-    LLaDA2.0's fused q, k, v). A tied lm_head appears once, as the embedding."""
+def hf_layout(model: SDAR) -> dict[str, list[torch.Tensor]]:
+    """Each checkpoint tensor name -> the parameters (or slices of one) it holds, stacked along dim 0 in this
+    order: one, except LLaDA2.0's fused q, k, v. Stacked expert weights (model.Experts) are one tensor per
+    expert in the checkpoint: experts.{e}.gate_proj.weight is slice e. A tied lm_head appears once."""
     layout = {}
     for name, p in model.named_parameters():
-        layout.setdefault(_hf_name(name, model.config.model_type), []).append(p)
+        stacked = re.fullmatch(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)", name)
+        if stacked:
+            for e in range(p.shape[0]):
+                layout[_hf_name(f"{stacked[1]}.{e}.{stacked[2]}.weight", model.config.model_type)] = [p[e]]
+        else:
+            layout.setdefault(_hf_name(name, model.config.model_type), []).append(p)
     return layout
 
 

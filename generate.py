@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import focus
+import kernels
 from checkpoint import CheckpointError, load, resolve_device
 from model import KVCache, Rows
 
@@ -57,7 +58,8 @@ class Options:
     delayed_cache: bool = option(True, "stop recomputing decoded tokens whose right neighbour is decoded")
     focus: bool = option(False, "FOCUS eviction after layer 1 (needs the delayed cache)")
     alpha: float = option(1.5, "FOCUS: keep about alpha x (average tokens decoded per step)")
-    compile: bool = option(False, "FOCUS: fused kernels through torch.compile")
+    compile: bool = option(False, "fast paths (kernels.py): FOCUS's importance and compaction through "
+                                  "torch.compile, MoE experts as batched matrix products")
     focus_rank: str = option("delta", "FOCUS: ranking score, the delta or an ablation control", RANKINGS)
     exact_commit: bool = option(False, "the commit step recomputes the whole block (exact committed keys/values)")
     stop_repeats: int = option(0, "stop after this many identical consecutive blocks (0: off)")
@@ -420,32 +422,33 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                 dec.admit([s for s, _ in take], [prompt_ids[r] for _, r in take])
 
     try:
-        fill(list(range(slots)))
-        while any(o >= 0 for o in owner):
-            if step_hook is not None:
-                step_hook(dec)
-            with _timed(clock, "decode_s", dec.device):
-                stats = dec.step()
-                stats = {k: v.tolist() for k, v in stats.items()}
-            for s, r in enumerate(owner):
-                if r >= 0:
-                    for k in history[r]:
-                        history[r][k].append(stats[k][s])
-            if opts.show and owner[0] == 0:
-                print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
-            ended = dec.finish_blocks(torch.tensor(stats["committing"], device=dec.device))
-            free = []
-            for s, end in ended:
-                r = owner[s]
-                start = len(prompt_ids[r])
-                results[r] = (dec.tokens[s, start:end].tolist(), history[r])
-                if on_result is not None:
-                    on_result(r, *results[r])
-                owner[s] = -1
-                free.append(s)
-                if bar:
-                    bar.update(1)
-            fill(free)
+        with kernels.fast_paths(opts.compile):   # --compile: e.g. MoE experts batched (kernels.py)
+            fill(list(range(slots)))
+            while any(o >= 0 for o in owner):
+                if step_hook is not None:
+                    step_hook(dec)
+                with _timed(clock, "decode_s", dec.device):
+                    stats = dec.step()
+                    stats = {k: v.tolist() for k, v in stats.items()}
+                for s, r in enumerate(owner):
+                    if r >= 0:
+                        for k in history[r]:
+                            history[r][k].append(stats[k][s])
+                if opts.show and owner[0] == 0:
+                    print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
+                ended = dec.finish_blocks(torch.tensor(stats["committing"], device=dec.device))
+                free = []
+                for s, end in ended:
+                    r = owner[s]
+                    start = len(prompt_ids[r])
+                    results[r] = (dec.tokens[s, start:end].tolist(), history[r])
+                    if on_result is not None:
+                        on_result(r, *results[r])
+                    owner[s] = -1
+                    free.append(s)
+                    if bar:
+                        bar.update(1)
+                fill(free)
     finally:  # also on an interrupt: the bar's line ends before anything else is printed
         if bar:
             bar.close()

@@ -6,16 +6,39 @@ expects them (focus.py) and stay the reference; each fast path is tested against
   (focus.forward_focus(compiled=True), `generate.py --compile`). Where compilation is not available the
   plain function runs and a warning says so.
 
-Tests: tests/test_focus_rules.py::test_compiled_importance_matches_plain (the functions) and
-tests/test_focus_rules.py::test_compiled_focus_generates_the_same_tokens (greedy generation, end to end).
+- batched_experts: a mixture-of-experts layer's experts in two batched matrix products over a padded
+  (experts x rows) grid, instead of model.MoE's loop over experts (a few kernel launches per layer instead
+  of several per expert; `--compile` turns it on).
+
+Tests: tests/test_focus_rules.py::test_compiled_importance_matches_plain (the functions),
+tests/test_focus_rules.py::test_compiled_focus_generates_the_same_tokens (greedy generation, end to end),
+tests/test_moe.py::test_batched_experts_match_the_loop.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 _COMPILED = {}
+_FAST = False
+
+
+@contextlib.contextmanager
+def fast_paths(on: bool = True):
+    """Inside the block the model takes its fast paths (model.MoE: batched_experts); generate_ids enters it
+    with --compile. FOCUS's compiled functions are asked for explicitly (focus.forward_focus(compiled=...))."""
+    global _FAST
+    before, _FAST = _FAST, on
+    try:
+        yield
+    finally:
+        _FAST = before
+
+
+def fast_paths_on() -> bool:
+    return _FAST
 
 
 def compiled(fn):
@@ -44,3 +67,19 @@ def _with_fallback(fn):
             state["fn"] = fn
             return fn(*args)
     return call
+
+
+def batched_experts(experts, x, expert, token, weight):
+    """The routed experts' weighted sum for every token, (N, hidden) fp32. x (N, hidden); expert, token,
+    weight (N * k,): the (token, expert) pairs sorted by expert, with their router weights. Each expert's
+    rows go to its line of a zero-padded (E, most rows of any expert, hidden) grid, then one batched SwiGLU."""
+    num_experts = experts.gate_proj.shape[0]
+    counts = torch.bincount(expert, minlength=num_experts)
+    first = torch.cumsum(counts, 0) - counts
+    place = torch.arange(len(expert), device=x.device) - first[expert]   # the pair's row in its expert's line
+    grid = x.new_zeros(num_experts, int(counts.max()), x.shape[1])
+    grid[expert, place] = x[token]
+    h = torch.nn.functional.silu(grid @ experts.gate_proj.transpose(1, 2)) * (grid @ experts.up_proj.transpose(1, 2))
+    y = (h @ experts.down_proj.transpose(1, 2))[expert, place]            # (N * k, hidden)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, y.float() * weight[:, None])

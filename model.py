@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 
 @dataclass
 class ModelConfig:
@@ -184,18 +186,35 @@ class Router(nn.Module):
         return weights * c.routed_scaling_factor, experts
 
 
+class Experts(nn.Module):
+    """num_experts SwiGLU MLPs with their weights stacked: gate_proj and up_proj (E, inner, hidden), down_proj
+    (E, hidden, inner). Checkpoints hold one tensor per expert (experts.{e}.gate_proj.weight, ...), which
+    checkpoint.py reads into and writes from the slices."""
+
+    def __init__(self, num_experts: int, hidden_size: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.randn(num_experts, inner, hidden_size) * hidden_size ** -0.5)
+        self.up_proj = nn.Parameter(torch.randn(num_experts, inner, hidden_size) * hidden_size ** -0.5)
+        self.down_proj = nn.Parameter(torch.randn(num_experts, hidden_size, inner) * inner ** -0.5)
+
+    def forward(self, e: int, x):
+        """Expert e on rows x (n, hidden) -> (n, hidden)."""
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+
 class MoE(nn.Module):
     """Mixture-of-experts MLP: each token goes through its k routed experts (SwiGLU MLPs of
     moe_intermediate_size), weighted by the router, plus the shared experts if any.
 
-    Batched dispatch: the (token, expert) pairs are sorted by expert, so each expert runs once on all of its
-    tokens (a loop over experts, never over tokens). An evicted FOCUS token is not among the rows at all,
-    so it skips the experts of layers 2..L like everything else."""
+    Dispatch: the (token, expert) pairs are sorted by expert, so each expert runs once on all of its tokens
+    (a loop over experts, never over tokens). Under kernels.fast_paths (`--compile`) all experts run in
+    two batched matrix products instead (kernels.batched_experts), with the same result. An evicted FOCUS
+    token is not among the rows at all, so it skips the experts of later layers like everything else."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
 
@@ -203,14 +222,17 @@ class MoE(nn.Module):
         lead, hidden = x.shape[:-1], x.shape[-1]
         x = x.reshape(-1, hidden)
         weights, experts = self.gate(x)                                       # (N, k) each
-        order = experts.flatten().argsort(stable=True)                        # pairs grouped by expert
+        expert, order = experts.flatten().sort(stable=True)                   # pairs grouped by expert
         token = order // experts.shape[1]
         weight = weights.flatten()[order]
-        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()  # one host sync
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for expert, rows, w in zip(self.experts, token.split(counts), weight.split(counts)):
-            if len(rows):
-                out.index_add_(0, rows, expert(x[rows]).float() * w[:, None])
+        if kernels.fast_paths_on():
+            out = kernels.batched_experts(self.experts, x, expert, token, weight)
+        else:
+            counts = torch.bincount(expert, minlength=self.gate.weight.shape[0]).tolist()  # one host sync
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for e, (rows, w) in enumerate(zip(token.split(counts), weight.split(counts))):
+                if len(rows):
+                    out.index_add_(0, rows, self.experts(e, x[rows]).float() * w[:, None])
         out = out.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

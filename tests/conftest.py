@@ -60,7 +60,7 @@ def random_model(cfg: model.ModelConfig, seed: int = 0) -> model.SDAR:
             elif name == "lm_head.weight":  # untied only
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:  # projections: std 1/sqrt(fan_in), so every layer changes the residual stream by about its size
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     return net.eval()
 
 

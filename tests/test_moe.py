@@ -284,6 +284,21 @@ def test_evicted_tokens_skip_the_experts_of_later_layers(moe_net, monkeypatch):
     assert any(i >= 1 for i in moe_layers) and (0 in moe_layers) == (moe_net.config.model_type == "sdar_moe")
 
 
+def test_batched_experts_match_the_loop(moe_net):
+    """kernels.batched_experts (--compile) against MoE's loop over experts: same logits, same greedy tokens;
+    the fast path ends with its block."""
+    import kernels
+    ids = random_ids(3, 12, seed=13)
+    with torch.no_grad():
+        want = moe_net(ids, block_size=BS)
+        with kernels.fast_paths():
+            got = moe_net(ids, block_size=BS)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    plain = run(moe_net, PROMPTS, max_new_tokens=10, batch_size=3)
+    assert run(moe_net, PROMPTS, max_new_tokens=10, batch_size=3, compile=True) == plain
+    assert not kernels.fast_paths_on()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config errors: a missing or unusable expert field is a CheckpointError naming it.
 

@@ -3,7 +3,7 @@
     python bench.py                                   # shipped model, held-out problems, batch 32
     python bench.py --batch-sizes 32,64 --num-prompts 128 --device cuda
     python bench.py --real-size --device cuda         # SDAR-1.7B-shaped random weights: compute only
-    python bench.py --real-size --real-size-config llada2-mini --device cuda   # the MoE model's shape
+    python bench.py --real-size --real-size-config llada2-mini --device cuda --compile   # the MoE shape
     python bench.py --plot results/cpu-2026-11-23.json  # PNGs from a results file (needs matplotlib)
 
 Every ratio is measured inside one run, on the same prompts and machine. Results go to
@@ -94,7 +94,7 @@ def summarise(out, seconds, clock, cfg: ModelConfig, block_size: int) -> dict:
 
 def mode_options(name: str, args, batch_size: int) -> Options:
     return Options(**{"max_new_tokens": args.max_new_tokens, "threshold": args.threshold, "batch_size": batch_size,
-                      **MODES[name]})
+                      "compile": args.compile, **MODES[name]})
 
 
 def row_layers_per_token(out, num_layers: int) -> float:
@@ -367,7 +367,7 @@ def bench_real_size(args, device) -> dict:
             prompts = [torch.randint(10, shape["vocab_size"], (ctx,), generator=g).tolist() for _ in range(b)]
             base = None
             for name in ("full", "delayed", "focus-1.5"):
-                opts = Options(max_new_tokens=64, batch_size=b, **MODES[name])
+                opts = Options(max_new_tokens=64, batch_size=b, compile=args.compile, **MODES[name])
                 seconds, clock, out, peak = run_mode(model, prompts, shape["mask_token_id"], [-1], opts, 1)
                 tokens = sum(len(ids) for ids, _ in out)
                 steps = len(out[0][1]["decoded"])
@@ -543,7 +543,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="32")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    add_options(p, ["threshold", "max_new_tokens"])
+    add_options(p, ["threshold", "max_new_tokens", "compile"])
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-analysis", dest="analysis", action="store_false")
     p.add_argument("--real-size", action="store_true", help="random weights of a real model's shape (GPU)")

@@ -124,8 +124,8 @@ def check_moe_config(cfg: ModelConfig, bad, is_int):
             raise bad(name, "true or false")
     if cfg.num_experts_per_tok > cfg.num_experts:
         raise bad("num_experts_per_tok", f"at most num_experts ({cfg.num_experts})")
-    if cfg.score_function not in ("softmax", "sigmoid") or (cfg.model_type == "llada2_moe") != (cfg.score_function == "sigmoid"):
-        raise bad("score_function", "\"sigmoid\" for llada2_moe (softmax is Qwen3-MoE's, implied for sdar_moe)")
+    if cfg.score_function not in ("softmax", "sigmoid"):
+        raise bad("score_function", "\"softmax\" or \"sigmoid\"")
     if cfg.num_experts % cfg.n_group or cfg.topk_group > cfg.n_group or (
             cfg.n_group > 1 and cfg.num_experts // cfg.n_group < 2):
         raise bad("n_group", f"a divisor of num_experts ({cfg.num_experts}) with topk_group <= n_group and at "

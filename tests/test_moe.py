@@ -310,7 +310,7 @@ def test_batched_experts_match_the_loop(moe_net):
     ("sdar_moe", {"mlp_only_layers": "1"}, ["mlp_only_layers"]),
     ("llada2_moe", {"n_group": 3}, ["n_group", "divisor"]),
     ("llada2_moe", {"topk_group": None}, ["topk_group is missing", "llada2_moe"]),
-    ("llada2_moe", {"score_function": "softmax"}, ["score_function", "sigmoid"]),
+    ("llada2_moe", {"score_function": "relu"}, ["score_function", "sigmoid"]),
     ("llada2_moe", {"use_qkv_bias": True}, ["use_qkv_bias"]),
     ("llada2_moe", {"routed_scaling_factor": "2.5"}, ["routed_scaling_factor", "positive number"]),
 ], ids=lambda v: v if isinstance(v, str) else None)

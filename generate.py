@@ -267,8 +267,8 @@ class Decoder:
         chosen, token_grid = self.choose(logits, seq[logit_rows], col[logit_rows])
 
         # 4. Bookkeeping. Write decoded tokens into the sequence; the block loses those masks.
-        s_idx, c_idx = chosen.nonzero(as_tuple=True)
-        self.tokens[s_idx, self.block_start[s_idx] + c_idx] = token_grid[s_idx, c_idx]
+        idx = (self.block_start[:, None] + self.cols).clamp(max=self.tokens.shape[1] - 1)  # (S, block) positions
+        self.tokens.scatter_(1, idx, torch.where(chosen, token_grid, self.tokens.gather(1, idx)))
         self.masked &= ~chosen
 
         # Delayed cache, from the step's INPUT mask: a slot is cached once it and its right neighbour were
@@ -429,14 +429,15 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                     step_hook(dec)
                 with _timed(clock, "decode_s", dec.device):
                     stats = dec.step()
-                    stats = {k: v.tolist() for k, v in stats.items()}
+                    committing = stats.pop("committing")                  # (S,) bool, stays on the device
+                    stats = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one sync a step
                 for s, r in enumerate(owner):
                     if r >= 0:
                         for k in history[r]:
                             history[r][k].append(stats[k][s])
                 if opts.show and owner[0] == 0:
                     print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
-                ended = dec.finish_blocks(torch.tensor(stats["committing"], device=dec.device))
+                ended = dec.finish_blocks(committing)
                 free = []
                 for s, end in ended:
                     r = owner[s]

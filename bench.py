@@ -475,6 +475,31 @@ def real_size_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None, with the fix on stderr, where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+
+
+def plot_command(path: str, draw) -> int:
+    """--plot FILE of eval.py and bench.py: draw(Path) -> drawn. Exit 0 drawn, 1 without matplotlib, 2 for
+    a missing file or one that is not a results file of the kind (draw raises ValueError)."""
+    if not Path(path).is_file():
+        print(f"error: --plot {path}: no such file", file=sys.stderr)
+        return 2
+    try:
+        return 0 if draw(Path(path)) else 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def plot(path: Path) -> bool:
     """Results JSON -> PNGs beside it (needs matplotlib). A file with nothing to plot is a ValueError;
     without matplotlib it says so and returns False."""
@@ -485,12 +510,8 @@ def plot(path: Path) -> bool:
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of bench.py with throughput or predictor results")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     if res.get("modes"):
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -606,14 +627,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.plot:
-        if not Path(args.plot).is_file():
-            print(f"error: --plot {args.plot}: no such file", file=sys.stderr)
-            return 2
-        try:
-            return 0 if plot(Path(args.plot)) else 1
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return plot_command(args.plot, plot)
     torch.manual_seed(0)
     res = {"command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),

@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
+import bench
 import data
 from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, generate, options_from
 from checkpoint import CheckpointError, load, resolve_device
@@ -130,12 +130,8 @@ def plot_frontier(path: Path) -> bool:
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    plt = bench.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 4))
     curves = {"delayed cache (threshold sweep)": lambda r: r["mode"].startswith("delayed cache"),
@@ -195,14 +191,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code
     if args.plot:
-        if not Path(args.plot).is_file():
-            print(f"error: --plot {args.plot}: no such file", file=sys.stderr)
-            return 2
-        try:
-            return 0 if plot_frontier(Path(args.plot)) else 1
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return bench.plot_command(args.plot, plot_frontier)
     sweeping = args.study or args.frontier or args.ablation
     try:
         device = resolve_device(args.device)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+import analysis
 import bench
 import data
 from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, generate, options_from
@@ -88,13 +89,12 @@ def sweep(model, tok, problems, entries, base: Options, phrasings=None) -> list[
 
 def study(model, tok, args, base: Options) -> dict:
     """Everything one row of the model card's study table needs."""
-    import bench  # the predictor analysis lives with the benchmark
     problems = data.make_problems("heldout", args.num_problems)
     phrasings = data.make_problems("heldout-phrasing", args.num_problems)
     rows = sweep(model, tok, problems, STUDY_MODES, base, phrasings)
     by = {r["mode"]: r for r in rows}
-    probe = bench.predictor_probe(model, tok, problems[:args.probe_problems], base.max_new_tokens, base.threshold,
-                                  base.batch_size)
+    probe = analysis.predictor_probe(model, tok, problems[:args.probe_problems], base.max_new_tokens,
+                                     base.threshold, base.batch_size)
     return {"modes": rows, "predictors": probe,
             "focus_steps_over_delayed": by["FOCUS 1.5"]["steps"] / by["delayed cache"]["steps"]}
 

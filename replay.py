@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 import focus
-from generate import Decoder, Options, generate_ids
+from decoder import Decoder
+from generate import Options, generate_ids
 
 
 @dataclass

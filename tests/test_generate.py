@@ -10,7 +10,8 @@ import generate
 from checkpoint import CHATML
 import model
 from conftest import MASK_ID, random_model, tiny_config
-from generate import Options, generate_ids, sample, unmask
+from decoder import sample, unmask
+from generate import Options, generate_ids
 
 BS = 4
 PROMPTS = [[17, 42, 99, 150, 201], [8, 9, 10, 11, 12, 13, 14, 15], [250, 251, 252], list(range(60, 71))]  # 5, 8, 3, 11

@@ -1,0 +1,257 @@
+"""The decoder: the state of a batch of sequences being decoded, one block at a time, all on the device.
+
+One step (Decoder.step): plan the rows to compute (the delayed cache's rules), run the forward (plain, or
+FOCUS), sample and unmask by the rule, then the bookkeeping (cache flags, statistics). After a step,
+finish_blocks commits finished blocks, starts new ones and ends sequences at EOS or the token budget.
+generate.py's generate_ids drives it: admission of prompts into free slots, the steps, the results.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+import focus
+from model import KVCache, Rows
+
+if TYPE_CHECKING:
+    from generate import Options
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling and unmasking rules.
+
+def sample(logits, temperature: float, top_k: int, top_p: float, generator=None):
+    """logits (R, vocab) -> token (R,) and its confidence (R,): the probability of the chosen token."""
+    if temperature == 0:
+        conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return token, conf
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, probs.gather(-1, token[:, None]).squeeze(-1)
+
+
+def unmask(conf, candidate, strategy: str, threshold: float, k: int):
+    """Which masked slots to decode this step. conf (B, block) confidences; candidate (B, block) bool: masked
+    slots that got logits this step (unprocessed or evicted slots never are). -> (B, block) bool.
+
+    threshold:  every candidate with conf >= threshold, and always the single most confident one
+                (the reference's low_confidence_dynamic).
+    static:     the k most confident candidates (low_confidence_static).
+    sequential: the k leftmost candidates.
+    """
+    conf = conf.masked_fill(~candidate, -1.0)
+    if strategy == "sequential":
+        return candidate & (candidate.cumsum(1) <= k)
+    top1 = torch.zeros_like(candidate).scatter_(1, conf.argmax(1, keepdim=True), True) & candidate
+    if strategy == "threshold":
+        return (candidate & (conf >= threshold)) | top1
+    k = min(k, conf.shape[1])
+    chosen = torch.zeros_like(candidate).scatter_(1, torch.topk(conf, k, dim=1).indices, True)
+    return chosen & candidate
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder: per-slot state for a batch of sequences, all on the device.
+
+class Decoder:
+    def __init__(self, model, mask_id: int, eos_ids: list[int], opts: Options, num_slots: int, max_len: int):
+        self.model, self.opts, self.mask_id = model, opts, mask_id
+        dev = model.embed_tokens.weight.device
+        self.device = dev
+        bs = self.block_size = opts.block_size or model.config.block_size
+        self.cache = KVCache(model.config, num_slots, max_len, dev, model.embed_tokens.weight.dtype)
+        self.eos = torch.tensor(eos_ids or [-1], device=dev)
+        self.cols = torch.arange(bs, device=dev)
+        S = self.num_slots = num_slots
+        self.tokens = torch.full((S, max_len), mask_id, dtype=torch.long, device=dev)
+        self.prompt_len = torch.zeros(S, dtype=torch.long, device=dev)
+        self.block_start = torch.zeros(S, dtype=torch.long, device=dev)
+        self.limit = torch.zeros(S, dtype=torch.long, device=dev)         # prompt length + max_new_tokens
+        self.inside = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # block slots before the limit
+        self.masked = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # MASKED slots of the active block
+        self.uncached = torch.ones(S, bs, dtype=torch.bool, device=dev)   # delayed cache: still recomputed
+        self.warm = torch.ones(S, dtype=torch.bool, device=dev)           # first step of a block computes all
+        self.live = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.progress = torch.full((S,), -1, dtype=torch.long, device=dev)  # FOCUS block progress
+        self.decoded_sum = torch.zeros(S, device=dev)                     # FOCUS avg tokens decoded per step
+        self.decoded_steps = torch.zeros(S, device=dev)
+        self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
+
+    # -- admission and prefill ------------------------------------------------------------------------
+    def admit(self, slots: list[int], prompts: list[list[int]]):
+        """Put prompts into free slots and prefill their whole blocks into the cache."""
+        bs = self.block_size
+        rows_seq, rows_pos = [], []
+        for slot, ids in zip(slots, prompts):
+            n = len(ids)
+            self.tokens[slot].fill_(self.mask_id)
+            self.tokens[slot, :n] = torch.tensor(ids, device=self.device)
+            start = n // bs * bs
+            self.prompt_len[slot], self.block_start[slot] = n, start
+            self.limit[slot] = n + self.opts.max_new_tokens
+            rows_seq += [slot] * start
+            rows_pos += range(start)
+        slots_t = torch.tensor(slots, device=self.device)
+        self._new_block(slots_t)
+        # The first active block holds the prompt's tail: those slots are not masked.
+        self.masked[slots_t] &= (self.block_start[slots_t, None] + self.cols) >= self.prompt_len[slots_t, None]
+        self.live[slots_t] = True
+        if rows_seq:
+            seq = torch.tensor(rows_seq, device=self.device)
+            pos = torch.tensor(rows_pos, device=self.device)
+            order = torch.argsort(seq, stable=True)
+            seq, pos = seq[order], pos[order]
+            rows = Rows.build(seq, pos, (pos // bs + 1) * bs, self.num_slots)  # block-causal prefill
+            self.model.forward_rows(self.tokens[seq, pos], rows, self.cache, logits_for=pos[:0])
+
+    def _new_block(self, slots):
+        # The last block ends at the token budget: slots past it are not part of the sequence, so a run's
+        # cost follows max_new_tokens, not the block size.
+        self.inside[slots] = (self.block_start[slots, None] + self.cols) < self.limit[slots, None]
+        self.masked[slots] = self.inside[slots]
+        self.uncached[slots] = self.inside[slots]
+        self.warm[slots] = True
+        self.progress[slots] = -1
+        self.decoded_sum[slots] = 0
+        self.decoded_steps[slots] = 0
+
+    # -- one step -------------------------------------------------------------------------------------
+    def processing(self):
+        """(S, block) bool: which block positions this step computes (delayed cache, reference rules)."""
+        if not self.opts.delayed_cache:
+            process = self.inside.clone()
+        else:
+            process = self.masked | self.uncached       # masked slots are never cached
+            process |= self.warm[:, None]               # warm-up: the block's first step computes all
+            process |= ~process.any(1, keepdim=True)    # nothing left to compute: compute all
+            if self.opts.exact_commit:                  # commit step: the whole block, so the keys/values
+                process |= ~self.masked.any(1, keepdim=True)  # it leaves in the cache are exact
+        return process & self.inside & self.live[:, None]
+
+    def rows(self, process):
+        """The step's rows, ordered by slot then position: slot (T,), block position (T,), their Rows, and
+        each slot's last computed block position (S,), up to which attention reaches in the block."""
+        seq, col = process.nonzero(as_tuple=True)
+        last_col = torch.where(process, self.cols, -1).amax(1)
+        key_end = (self.block_start + last_col + 1)[seq]
+        return seq, col, Rows.build(seq, self.block_start[seq] + col, key_end, self.num_slots), last_col
+
+    def step(self) -> dict:
+        """One diffusion step for every live sequence. Returns per-slot statistics of the step."""
+        o = self.opts
+        # 1. Plan: the rows this step computes.
+        process = self.processing()
+        seq, col, rows, last_col = self.rows(process)
+        pos = rows.pos
+        ids = self.tokens[seq, pos]
+        is_mask_row = self.masked[seq, col]
+        masked_in = self.masked.clone()
+
+        target = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        if o.focus:
+            avg = torch.where(self.decoded_steps > 0, self.decoded_sum / self.decoded_steps.clamp(min=1), 1.0)
+            target = focus.retain_target(avg, self.masked.sum(1) * self.live, o.alpha)
+        # 2. Forward.
+        logits, logit_rows, kept = self.forward(ids, rows, is_mask_row, col, target)
+
+        # 3. Sample and unmask.
+        chosen, token_grid = self.choose(logits, seq[logit_rows], col[logit_rows])
+
+        # 4. Bookkeeping. Write decoded tokens into the sequence; the block loses those masks.
+        idx = (self.block_start[:, None] + self.cols).clamp(max=self.tokens.shape[1] - 1)  # (S, block) positions
+        self.tokens.scatter_(1, idx, torch.where(chosen, token_grid, self.tokens.gather(1, idx)))
+        self.masked &= ~chosen
+
+        # Delayed cache, from the step's INPUT mask: a slot is cached once it and its right neighbour were
+        # both decoded (the block's last slot needs only itself), so a fresh token is recomputed once.
+        decoded_in = ~masked_in
+        right = torch.cat([decoded_in[:, 1:], torch.ones_like(decoded_in[:, :1])], 1)
+        self.uncached &= ~(decoded_in & right & self.live[:, None])
+        self.warm &= ~self.live
+
+        kept_grid = torch.zeros_like(process)
+        kept_grid[seq, col] = kept
+        self.last_step = (process, kept_grid, chosen, masked_in)  # for --show and bench.py's analysis
+        n_decoded = chosen.sum(1)
+        self.decoded_sum += n_decoded
+        self.decoded_steps += n_decoded > 0                       # steps that decode nothing do not count
+        computed = process.sum(1)
+        deep = torch.zeros_like(computed).index_add_(0, seq, kept.long())
+        return {"block": self.inside.sum(1) * self.live, "computed": computed, "computed_deep": deep,
+                "decoded": n_decoded, "target": target,
+                "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1)}
+
+    def choose(self, logits, seq, col):
+        """Sample the masked rows that reached the last layer (logits (R, vocab) at slots seq, block positions
+        col) and pick which to unmask by the rule. Returns chosen (S, block) bool and the tokens (S, block)."""
+        o = self.opts
+        logits[:, self.mask_id] = float("-inf")                  # the mask token is never an output
+        token, conf = sample(logits, o.temperature, o.top_k, o.top_p, self.generator)
+        cand = torch.zeros_like(self.masked)
+        cand[seq, col] = True
+        conf_grid = torch.zeros(self.masked.shape, device=self.device)
+        conf_grid[seq, col] = conf
+        token_grid = torch.full_like(self.masked, self.mask_id, dtype=torch.long)
+        token_grid[seq, col] = token
+        return unmask(conf_grid, cand, o.strategy, o.threshold, o.tokens_per_step), token_grid
+
+    def forward(self, ids, rows, is_mask_row, col, target):
+        """The step's forward: the one place a decode step runs the model. Returns the logits of the masked
+        rows computed to the last layer (R, vocab), their indices among the step's rows (R,), and which rows
+        reached layers 2..L (T,) bool. Plain: every row through every layer. FOCUS: every row through layers
+        0-1, then the kept rows only (focus.forward_focus), which also advances the block's progress."""
+        if not self.opts.focus:
+            logit_rows = is_mask_row.nonzero().squeeze(1)
+            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows)
+            return logits, logit_rows, torch.ones_like(is_mask_row)
+        out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
+                                  self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile)
+        self.progress = torch.maximum(self.progress, out.rightmost_kept)
+        return out.logits, out.logit_rows, out.kept
+
+    def finish_blocks(self, committed) -> list[tuple[int, int]]:
+        """After a step: blocks that were committed this step start a new block or end their sequence.
+        Returns (slot, end position) of the sequences that ended. A block is checked for stops as soon as it
+        is fully decoded, so an ending sequence skips its commit step."""
+        bs, o = self.block_size, self.opts
+        done_block = self.live & ~self.masked.any(1) & ~committed
+        # Blocks committed this step: move on.
+        if committed.any():
+            c = committed.nonzero().squeeze(1)
+            self.block_start[c] += bs
+            self._new_block(c)
+        if not done_block.any():
+            return []
+        idx = self.block_start[:, None] + self.cols                         # (S, block) positions
+        block = self.tokens.gather(1, idx)
+        is_eos = torch.isin(block, self.eos) & (idx >= self.prompt_len[:, None])
+        first_eos = torch.where(is_eos, idx, self.tokens.shape[1]).amin(1)
+        end = torch.minimum(first_eos, self.limit)
+        stop = done_block & ((first_eos < self.tokens.shape[1]) | (self.block_start + bs >= self.limit))
+        if o.stop_repeats >= 2:
+            repeated = done_block & self._repeats(block)
+            stop |= repeated
+            end = torch.where(repeated, torch.minimum(end, self.block_start + bs), end)
+        ended = stop.nonzero().squeeze(1)
+        self.live[ended] = False
+        return list(zip(ended.tolist(), end[ended].tolist()))
+
+    def _repeats(self, block):
+        """(S,) bool: the current block equals each of the previous stop_repeats-1 blocks, all generated."""
+        n, bs = self.opts.stop_repeats, self.block_size
+        same = self.block_start - (n - 1) * bs >= self.prompt_len
+        for k in range(1, n):
+            start = (self.block_start - k * bs).clamp(min=0)
+            prev = self.tokens.gather(1, start[:, None] + self.cols)
+            same &= (prev == block).all(1)
+        return same

@@ -118,3 +118,13 @@ def checkpoint(tmp_path_factory, hf_tokenizer) -> Checkpoint:
 def loaded(checkpoint):
     """(model, tokenizer) loaded from the shared checkpoint. Tests must not modify them."""
     return load(checkpoint.path)
+
+
+def assert_one_line_error(code: int, err: str, words=()):
+    """A refused command: exit 2, and stderr one line `error: ...` holding each of `words`, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"

@@ -18,7 +18,7 @@ import generate
 from checkpoint import CHATML, Tokenizer, load, save
 import model
 import train
-from conftest import ROOT, random_model, tiny_config, write_checkpoint
+from conftest import ROOT, assert_one_line_error, random_model, tiny_config, write_checkpoint
 
 MAINS = {"generate": generate.main, "eval": evaluate.main, "bench": bench.main, "train": train.main}
 NO_MODEL = "{dir}/no-model"  # checks that must come before the model is loaded name a folder that is not there
@@ -113,13 +113,7 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
         argv += ["--model", NO_MODEL.format(**fill)]  # so a check that waits for the model fails the test
     before = snapshot(workspace, checkpoint.path)
     code = MAINS[entry](argv)
-    out, err = capsys.readouterr()
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    assert_one_line_error(code, capsys.readouterr().err, words)
     assert snapshot(workspace, checkpoint.path) == before
 
 

@@ -9,7 +9,7 @@ import torch
 import generate
 from checkpoint import CHATML
 import model
-from conftest import MASK_ID, random_model, tiny_config
+from conftest import MASK_ID, assert_one_line_error, random_model, tiny_config
 from decoder import sample, unmask
 from generate import Options, generate_ids
 
@@ -509,12 +509,7 @@ def cli(capsys, *argv):
 
 def assert_cli_error(capsys, argv, *words):
     code, out, err = cli(capsys, *argv)
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    assert_one_line_error(code, err, words)
 
 
 BAD_OPTIONS = [

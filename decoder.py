@@ -168,7 +168,7 @@ class Decoder:
         chosen, token_grid = self.choose(logits, seq[logit_rows], col[logit_rows])
 
         # 4. Bookkeeping. Write decoded tokens into the sequence; the block loses those masks.
-        idx = (self.block_start[:, None] + self.cols).clamp(max=self.tokens.shape[1] - 1)  # (S, block) positions
+        idx = self.block_start[:, None] + self.cols                        # (S, block) positions
         self.tokens.scatter_(1, idx, torch.where(chosen, token_grid, self.tokens.gather(1, idx)))
         self.masked &= ~chosen
 
@@ -181,7 +181,7 @@ class Decoder:
 
         kept_grid = torch.zeros_like(process)
         kept_grid[seq, col] = kept
-        self.last_step = (process, kept_grid, chosen, masked_in)  # for --show and bench.py's analysis
+        self.last_step = (process, kept_grid, chosen, masked_in)  # for --show, analysis.py and replay.py
         n_decoded = chosen.sum(1)
         self.decoded_sum += n_decoded
         self.decoded_steps += n_decoded > 0                       # steps that decode nothing do not count

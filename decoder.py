@@ -7,11 +7,13 @@ generate.py's generate_ids drives it: admission of prompts into free slots, the 
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 
 import focus
+import kernels
 from model import KVCache, Rows
 
 if TYPE_CHECKING:
@@ -69,7 +71,10 @@ class Decoder:
         dev = model.embed_tokens.weight.device
         self.device = dev
         bs = self.block_size = opts.block_size or model.config.block_size
-        self.cache = KVCache(model.config, num_slots, max_len, dev, model.embed_tokens.weight.dtype)
+        # One cache slot more than sequences: the spare slot that a graphed step's padding rows write to.
+        # With --compile on CUDA the cache (and the graphs captured on it) is reused by the next decoder.
+        make_cache = functools.partial(kernels.reused, KVCache) if opts.compile and dev.type == "cuda" else KVCache
+        self.cache = make_cache(model.config, num_slots + 1, max_len, dev, model.embed_tokens.weight.dtype)
         self.eos = torch.tensor(eos_ids or [-1], device=dev)
         self.cols = torch.arange(bs, device=dev)
         S = self.num_slots = num_slots
@@ -209,10 +214,11 @@ class Decoder:
         """The step's forward: the one place a decode step runs the model. Returns the logits of the masked
         rows computed to the last layer (R, vocab), their indices among the step's rows (R,), and which rows
         reached layers 2..L (T,) bool. Plain: every row through every layer. FOCUS: every row through layers
-        0-1, then the kept rows only (focus.forward_focus), which also advances the block's progress."""
+        0-1, then the kept rows only (focus.forward_focus), which also advances the block's progress.
+        --compile: the same through kernels.py's fast paths (on CUDA, the layers as CUDA graphs)."""
         if not self.opts.focus:
             logit_rows = is_mask_row.nonzero().squeeze(1)
-            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows)
+            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows, compiled=self.opts.compile)
             return logits, logit_rows, torch.ones_like(is_mask_row)
         out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
                                   self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile)

@@ -178,9 +178,10 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
                   rank_by: str = "delta", generator=None, compiled: bool = False, kept_override=None):
     """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
     progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta, or an
-    ablation control); compiled: the importance and the compaction through torch.compile (kernels.py);
-    kept_override (T,) bool: the kept rows to use instead of the selection's, which still runs (replay.py
-    times real-size models on schedules recorded from a real decode).
+    ablation control); compiled: the fast paths of kernels.py (importance and compaction through
+    torch.compile; on CUDA the layers before and after the selection as two CUDA graphs); kept_override (T,)
+    bool: the kept rows to use instead of the selection's, which still runs (replay.py times real-size models
+    on schedules recorded from a real decode).
 
     Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
     (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
@@ -194,20 +195,14 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
                                                                                       torch.ones_like(mask_rows))
     nobody_evicts = not ((target > 0) & (mask_count > target)).any()
     if nobody_evicts and (kept_override is None or bool(kept_override.all())):  # batch gate
-        logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows)
+        logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows, compiled=compiled)
         return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), _rightmost(rows, col, None, num_slots))
 
+    early, late = (kernels.graphed(early_layers), kernels.graphed(late_layers)) if compiled else (early_layers, late_layers)
+    x, q0, k0, q1, k1 = early(model, model.embed_tokens(input_ids), rows, cache)
     g = grid(rows.seq[mask_rows])
-    cos, sin = model.rope(rows.pos)
-    x = model.embed_tokens(input_ids)
-    importance = []
-    for i in (0, 1):
-        layer = model.layers[i]
-        q, k, v = layer.qkv(x, cos, sin)
-        cache.write(i, rows, k, v)
-        importance.append(ragged_importance(q[mask_rows], k[mask_rows], g, layer.self_attn.scale, compiled).to(q.dtype))
-        if i == 0:
-            x = layer.finish(x, cached_attention(q, 0, rows, cache, layer.self_attn.scale))
+    importance = [ragged_importance(q[mask_rows], k[mask_rows], g, model.layers[i].self_attn.scale, compiled).to(q.dtype)
+                  for i, (q, k) in enumerate(((q0, k0), (q1, k1)))]
     delta = importance_delta(importance[1], importance[0])
 
     position = to_grid(col[mask_rows], g, fill=-1)
@@ -220,15 +215,32 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     keep = kept.nonzero().squeeze(1)
     rightmost = _rightmost(rows, col, kept, num_slots)
     key_end = (block_start + rightmost + 1)[rows.seq[keep]]
-    x, q, cos, sin = (kernels.compiled(compact) if compiled else compact)(keep, x, q, cos, sin)
-    rows = rows.take(keep, key_end, num_slots)
-
-    layer = model.layers[1]
-    x = layer.finish(x, cached_attention(q, 1, rows, cache, layer.self_attn.scale))
-    for i in range(2, len(model.layers)):
-        x = model.layer_rows(i, x, cos, sin, rows, cache)
+    x, q1 = (kernels.compiled(compact) if compiled else compact)(keep, x, q1)
+    x = late(model, x, q1, rows.take(keep, key_end, num_slots), cache)
     logit_rows = is_mask_row[keep].nonzero().squeeze(1)                  # kept masked rows, compacted index
     return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, rightmost)
+
+
+def early_layers(model, x, rows: Rows, cache):
+    """Layers 0 and 1 up to the selection, on every row: layer 0 whole, layer 1's q, k, v with its keys and
+    values written. x (T, hidden) -> x after layer 0, and the post-RoPE queries and keys of both layers,
+    q0, k0, q1, k1, from which the importance is computed."""
+    cos, sin = model.rope(rows.pos)
+    layer0, layer1 = model.layers[0], model.layers[1]
+    q0, k0, v0 = layer0.qkv(x, cos, sin)
+    cache.write(0, rows, k0, v0)
+    x = layer0.finish(x, cached_attention(q0, 0, rows, cache, layer0.self_attn.scale))
+    q1, k1, v1 = layer1.qkv(x, cos, sin)
+    cache.write(1, rows, k1, v1)
+    return x, q0, k0, q1, k1
+
+
+def late_layers(model, x, q1, rows: Rows, cache):
+    """After the selection, on the kept rows (compacted): layer 1's attention, then layers 2..L.
+    x (K, hidden), q1 (K, heads, head_dim) -> x (K, hidden). RoPE comes from the kept rows' positions."""
+    layer1 = model.layers[1]
+    x = layer1.finish(x, cached_attention(q1, 1, rows, cache, layer1.self_attn.scale))
+    return model.decode_layers(x, rows, cache, 2, len(model.layers))
 
 
 def _rightmost(rows: Rows, col, kept, num_slots: int):

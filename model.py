@@ -95,10 +95,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@kernels.fusable
+def rms_norm(x, weight, eps: float):
+    """Qwen3's RMSNorm: normalised in fp32, rounded back to x's dtype, then scaled."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
@@ -109,6 +115,7 @@ def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: t
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+@kernels.fusable
 def apply_rope(x, cos, sin):
     """x: (..., heads, head_dim); cos, sin: (..., rotary_dim). The Qwen 'rotate half' convention on the first
     rotary_dim dimensions of each head; the rest pass unchanged (partial RoPE, LLaDA2.0: half of them)."""
@@ -150,7 +157,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@kernels.fusable
+def swiglu(gate, up):
+    return F.silu(gate) * up
 
 
 class Router(nn.Module):
@@ -199,7 +211,7 @@ class Experts(nn.Module):
 
     def forward(self, e: int, x):
         """Expert e on rows x (n, hidden) -> (n, hidden)."""
-        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+        return F.linear(swiglu(F.linear(x, self.gate_proj[e]), F.linear(x, self.up_proj[e])), self.down_proj[e])
 
 
 class MoE(nn.Module):
@@ -302,7 +314,7 @@ class Rows:
     active: torch.Tensor   # (A,) cache slots of the sequences with rows, ascending
     q_max: int
     kv_max: int
-    all_slots: bool        # the active sequences are exactly cache slots 0..A-1 of A total
+    all_slots: bool        # the active sequences are exactly cache slots 0..A-1
     dense: bool            # every sequence has q_max rows and one shared key_end: no mask needed
     _masks: dict = field(default_factory=dict, repr=False)  # attention masks, made once per step, by GQA group
 
@@ -352,9 +364,11 @@ def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):
     along the query axis, so each kv head is read once, as is, by whichever SDPA kernel runs."""
     n_active, kv_heads = len(rows.active), cache.k.shape[2]
     group = q.shape[1] // kv_heads
-    keys, values = cache.k[layer, :, :, :rows.kv_max], cache.v[layer, :, :, :rows.kv_max]
-    if not rows.all_slots:
-        keys, values = keys[rows.active], values[rows.active]  # (A, kv_heads, kv_max, head_dim)
+    if rows.all_slots:  # the active sequences are slots 0..A-1: a view, no copy
+        keys, values = cache.k[layer, :n_active, :, :rows.kv_max], cache.v[layer, :n_active, :, :rows.kv_max]
+    else:
+        keys, values = cache.k[layer, rows.active, :, :rows.kv_max], cache.v[layer, rows.active, :, :rows.kv_max]
+    # keys, values: (A, kv_heads, kv_max, head_dim)
     grid = q.new_zeros(n_active, rows.q_max, *q.shape[1:])   # (A, q_max, heads, head_dim)
     grid[rows.group, rows.slot] = q
     grid = grid.view(n_active, rows.q_max, kv_heads, group, -1).permute(0, 2, 3, 1, 4)
@@ -402,14 +416,21 @@ class SDAR(nn.Module):
             x = layer.finish(x, attn.transpose(1, 2))
         return self.lm_head(self.norm(x))
 
-    def forward_rows(self, input_ids, rows: Rows, cache: KVCache, logits_for=None):
+    def forward_rows(self, input_ids, rows: Rows, cache: KVCache, logits_for=None, compiled: bool = False):
         """The decode path. input_ids (T,) at rows -> logits (R, vocab) for the rows indexed by logits_for
-        (all rows when None). Every layer writes the rows' keys/values into the cache, then attends."""
-        cos, sin = self.rope(rows.pos)
-        x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = self.layer_rows(i, x, cos, sin, rows, cache)
+        (all rows when None). Every layer writes the rows' keys/values into the cache, then attends.
+        compiled: the layers as a CUDA graph (kernels.graphed; on CUDA, for a cache with a spare slot)."""
+        layers = kernels.graphed(SDAR.decode_layers) if compiled else SDAR.decode_layers
+        x = layers(self, self.embed_tokens(input_ids), rows, cache, 0, len(self.layers))
         return self.logits(x, logits_for)
+
+    def decode_layers(self, x, rows: Rows, cache: KVCache, start: int, stop: int):
+        """Layers start..stop-1 of the decode path on the rows' hidden states x (T, hidden) -> (T, hidden).
+        (kernels.graphed runs this as a CUDA graph.)"""
+        cos, sin = self.rope(rows.pos)
+        for i in range(start, stop):
+            x = self.layer_rows(i, x, cos, sin, rows, cache)
+        return x
 
     def layer_rows(self, i: int, x, cos, sin, rows: Rows, cache: KVCache):
         layer = self.layers[i]

@@ -25,6 +25,7 @@ import torch
 
 import data
 import focus
+import kernels
 import replay
 from analysis import PREDICTORS, predictor_probe
 from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, encode_prompts, generate_ids
@@ -48,7 +49,7 @@ def sync(device):
 
 def run_mode(model, prompts, mask_id, eos_ids, opts: Options, repeats: int):
     """Warm-up, then `repeats` timed runs; returns the median run's numbers and the last run's outputs."""
-    generate_ids(model, prompts[:min(len(prompts), 4)], mask_id, eos_ids, opts)  # warm-up
+    generate_ids(model, warm_up(prompts, opts), mask_id, eos_ids, opts)
     times, clocks = [], []
     for _ in range(repeats):
         seconds, clock, out, peak = timed_run(model, prompts, mask_id, eos_ids, opts)
@@ -56,6 +57,12 @@ def run_mode(model, prompts, mask_id, eos_ids, opts: Options, repeats: int):
         clocks.append(clock)
     i = int(np.argsort(times)[len(times) // 2])
     return times[i], clocks[i], out, peak
+
+
+def warm_up(batch: list, opts: Options) -> list:
+    """What a warm-up run decodes: a few sequences; with --compile the whole batch, so that the timed runs
+    replay the CUDA graphs captured on the same (reused) cache instead of capturing them."""
+    return batch if opts.compile else batch[:min(len(batch), 4)]
 
 
 def timed_run(model, prompts, mask_id, eos_ids, opts: Options):
@@ -112,7 +119,7 @@ def bench_modes(model, tok, problems, args) -> list[dict]:
     for bs in args.batch_sizes:
         opts = {name: mode_options(name, args, bs) for name in args.modes}
         for name in args.modes:  # warm-up
-            generate_ids(model, prompts[:min(len(prompts), 4)], tok.mask_id, tok.eos_ids, opts[name])
+            generate_ids(model, warm_up(prompts, opts[name]), tok.mask_id, tok.eos_ids, opts[name])
         times = {name: [] for name in args.modes}
         runs = {}
         for _ in range(args.repeats):
@@ -194,11 +201,12 @@ def time_it(fn, device, n=10):
 
 
 @torch.inference_mode()
-def step_probe(model, batch: int, context: int, device) -> list[dict]:
-    """One decode forward with Q rows per sequence after a context of `context` tokens, as compute-bound.md."""
+def step_probe(model, batch: int, context: int, device, compiled: bool = False) -> list[dict]:
+    """One decode forward with Q rows per sequence after a context of `context` tokens, as compute-bound.md;
+    compiled: through the same fast paths as the decoder's steps (CUDA graphs)."""
     from model import KVCache
     cfg, bs = model.config, model.config.block_size
-    cache = KVCache(cfg, batch, context + bs, device, model.embed_tokens.weight.dtype)
+    cache = KVCache(cfg, batch + 1, context + bs, device, model.embed_tokens.weight.dtype)  # + the spare slot
     seq = torch.arange(batch, device=device).repeat_interleave(context)
     pos = torch.arange(context, device=device).repeat(batch)
     for chunk in range(0, batch, 16):  # prefill in chunks to bound the attention grid
@@ -211,7 +219,7 @@ def step_probe(model, batch: int, context: int, device) -> list[dict]:
         pos = context + torch.arange(q, device=device).repeat(batch)
         rows = Rows.build(seq, pos, torch.full_like(pos, context + q), batch)
         ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
-        ms = time_it(lambda: model.forward_rows(ids, rows, cache, logits_for=pos[:0]), device) * 1e3
+        ms = time_it(lambda: model.forward_rows(ids, rows, cache, logits_for=pos[:0], compiled=compiled), device) * 1e3
         flops = len(seq) * flops_per_token(cfg, context + q)
         out.append({"batch": batch, "context": context, "Q": q, "ms": ms, "tflops": flops / ms / 1e9})
     # A FOCUS step: 32 masked rows per sequence in layers 0-1, about 4 kept after layer 1.
@@ -222,7 +230,7 @@ def step_probe(model, batch: int, context: int, device) -> list[dict]:
     start = torch.full((batch,), context, device=device)
     progress, target = torch.full((batch,), bs - 1, device=device), torch.full((batch,), 4, device=device)
     is_mask = torch.ones_like(col, dtype=torch.bool)
-    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target)
+    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, compiled=compiled)
     ms = time_it(run, device) * 1e3
     kept = int(run().kept.sum()) / batch
     out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept})
@@ -239,7 +247,8 @@ def bench_real_size(args, device) -> dict:
     batches = [2] if args.real_size_config.startswith("tiny") else args.real_batches
     for b in batches:
         for ctx in args.contexts:
-            rows = step_probe(model, b, ctx, device)
+            with kernels.fast_paths(args.compile):
+                rows = step_probe(model, b, ctx, device, args.compile)
             result["probe"] += rows
             for r in rows:
                 print(f"  probe batch {b} context {ctx} Q {r['Q']}: {r['ms']:.1f} ms", file=sys.stderr)
@@ -294,7 +303,7 @@ def bench_replay(model, schedules: dict, args, batches, device) -> list[dict]:
                 recorded = schedules[name]
                 scheds = [recorded[i % len(recorded)] for i in range(b)]
                 opts = mode_options(name, args, b)
-                replay.replay(model, scheds[:min(b, 4)], ctx, opts)          # warm-up
+                replay.replay(model, warm_up(scheds, opts), ctx, opts)
                 clock = {}
                 sync(device)
                 t0 = time.perf_counter()

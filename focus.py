@@ -178,8 +178,8 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
                   rank_by: str = "delta", generator=None, compiled: bool = False, kept_override=None):
     """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
     progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta, or an
-    ablation control); compiled: the fast paths of kernels.py (importance and compaction through
-    torch.compile; on CUDA the layers before and after the selection as two CUDA graphs); kept_override (T,)
+    ablation control); compiled: the fast paths of kernels.py (importance, selection and compaction
+    through torch.compile; on CUDA the layers before and after the selection as two CUDA graphs); kept_override (T,)
     bool: the kept rows to use instead of the selection's, which still runs (replay.py times real-size models
     on schedules recorded from a real decode).
 
@@ -207,7 +207,8 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
 
     position = to_grid(col[mask_rows], g, fill=-1)
     score = ranking_score(rank_by, delta, position, generator)
-    kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
+    select = kernels.compiled(select_retained) if compiled else select_retained
+    kept_grid = select(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
     kept[mask_rows] = kept_grid[g.group, g.slot]                        # decoded, uncached rows always stay
     if kept_override is not None:

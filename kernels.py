@@ -128,14 +128,19 @@ def _graphed_call(fn, capture: bool, model, *args):
     cache = next(a for a in args if isinstance(a, KVCache))
     if capture and (rows.pos.device.type != "cuda" or model.config.num_experts):
         return fn(model, *args)
-    shape = (_bucket(rows.num_rows), 1 << (rows.q_max - 1).bit_length(),  # rows; rows per sequence, keys:
-             min(cache.max_len, -(-rows.kv_max // 256) * 256))              # powers of two, multiples of 256
-    key = (fn, capture, id(model), shape, tuple(a for a in args if isinstance(a, int)),
+    # Every sequence with the same rows and keys, no padding: no attention mask, so SDPA's flash kernel runs.
+    dense = rows.dense and len(rows.active) == cache.k.shape[1] - 1 and _bucket(rows.num_rows) == rows.num_rows
+    if dense:
+        shape = (rows.num_rows, rows.q_max, rows.kv_max)
+    else:
+        shape = (_bucket(rows.num_rows), 1 << (rows.q_max - 1).bit_length(),  # rows; rows per sequence, keys:
+                 min(cache.max_len, -(-rows.kv_max // 256) * 256))              # powers of two, multiples of 256
+    key = (fn, capture, id(model), dense, shape, tuple(a for a in args if isinstance(a, int)),
            tuple((a.shape[1:], a.dtype) for a in args if isinstance(a, torch.Tensor)))
     store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {}})
     graph = store["graphs"].get(key)
     if graph is None or graph.model() is not model:
-        graph = store["graphs"][key] = _Graph(fn, model, args, rows, cache, shape, store["pool"], capture)
+        graph = store["graphs"][key] = _Graph(fn, model, args, rows, cache, shape, dense, store["pool"], capture)
     return graph.run(args, rows)
 
 
@@ -148,16 +153,16 @@ def _bucket(n: int) -> int:
 class _Graph:
     """One captured graph: static input buffers (the padded rows and row tensors), the graph, its outputs."""
 
-    def __init__(self, fn, model, args, rows, cache, shape, pool, capture: bool = True):
+    def __init__(self, fn, model, args, rows, cache, shape, dense: bool, pool, capture: bool = True):
         from model import Rows
         padded, per_seq, keys = shape
         dev = rows.pos.device
-        slots = cache.k.shape[1]
-        self.spare = slots - 1
+        self.spare = cache.k.shape[1] - 1
         self.seq, self.pos, self.slot, self.key_end = (torch.zeros(padded, dtype=torch.long, device=dev) for _ in range(4))
-        # Every cache slot has a line of the attention grid (group = slot), the spare one too.
-        self.rows = Rows(self.seq, self.pos, self.seq, self.slot, self.key_end, torch.arange(slots, device=dev),
-                         per_seq, keys, all_slots=True, dense=False)
+        # Every cache slot has a line of the attention grid (group = slot), the spare one too unless dense.
+        lines = torch.arange(self.spare if dense else self.spare + 1, device=dev)
+        self.rows = Rows(self.seq, self.pos, self.seq, self.slot, self.key_end, lines, per_seq, keys,
+                         all_slots=True, dense=dense)
         self.args = [self.rows if a is rows else a.new_zeros((padded, *a.shape[1:])) if isinstance(a, torch.Tensor)
                      else a for a in args]
         self.model = weakref.ref(model)

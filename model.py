@@ -350,9 +350,11 @@ class Rows:
 def ragged_layout(seq: torch.Tensor):
     """For rows grouped by sequence, seq (T,) ascending -> the sequences present (A,), their row counts (A,),
     and each row's place in a padded (A, max count) grid: group (T,) and slot (T,)."""
-    active, counts = torch.unique_consecutive(seq, return_counts=True)
+    active, counts = torch.unique_consecutive(seq, return_counts=True)   # one host sync (the output's size)
     starts = torch.cumsum(counts, 0) - counts
-    group = torch.repeat_interleave(torch.arange(len(active), device=seq.device), counts)
+    first = torch.ones_like(seq, dtype=torch.bool)
+    first[1:] = seq[1:] != seq[:-1]                                         # a row that starts its sequence
+    group = first.cumsum(0) - 1
     slot = torch.arange(len(seq), device=seq.device) - starts[group]
     return active, counts, group, slot
 

@@ -56,12 +56,15 @@ def net():
     return random_model(tiny_config(num_hidden_layers=4, block_size=8), seed=3)
 
 
-@pytest.mark.parametrize("counts,slots", [([3, 8, 1, 5], None), ([2, 7], [1, 3]), ([8] * 5, None)])
-def test_padded_layers_equal_the_plain_layers(net, counts, slots):
+@pytest.mark.parametrize("counts,slots,starts", [([3, 8, 1, 5], None, None), ([2, 7], [1, 3], None),
+                                                 ([8] * 5, None, None), ([8] * 5, None, [16] * 5)])
+def test_padded_layers_equal_the_plain_layers(net, counts, slots, starts):
     """decode_layers on the padded buffers (capture=False) == on the ragged rows: the same outputs, and the same
-    keys and values in every sequence's slot; the padding touches only the spare slot."""
+    keys and values in every sequence's slot; the padding touches only the spare slot. The last case is dense
+    (every slot, the same rows and keys): no padding and no attention mask."""
     num_slots = 5
-    rows = ragged_rows(counts, [16 + 8 * i for i in range(len(counts))], num_slots, slots)
+    rows = ragged_rows(counts, starts or [16 + 8 * i for i in range(len(counts))], num_slots, slots)
+    assert rows.dense == (starts is not None)
     x = torch.randn(rows.num_rows, net.config.hidden_size, generator=torch.Generator().manual_seed(1))
     plain_cache = filled_cache(net.config, num_slots, 64, seed=2)
     padded_cache = clone(plain_cache)

@@ -265,6 +265,7 @@ def bench_real_size(args, device) -> dict:
                 row = {"mode": name, "batch": b, "context": ctx, "tokens_per_s": tokens / seconds,
                        "decode_tokens_per_s": tokens / clock["decode_s"], "steps": steps,
                        "ms_per_step": clock["decode_s"] / steps * 1e3, "peak_mb": peak,
+                       "computed_per_step": float(np.mean(out[0][1]["computed"])),
                        "computed_deep_per_step": float(np.mean(out[0][1]["computed_deep"]))}
                 base = base or row
                 row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]

@@ -76,11 +76,10 @@ def max_pool3(scores):
     return torch.maximum(scores, torch.maximum(left, right))
 
 
-def ragged_importance(q, k, g: Grid, scale: float, compiled: bool = False):
+def ragged_importance(q, k, g: Grid, scale: float):
     """Importance of every masked row of the batch in one call: q (M, heads, head_dim), k (M, kv_heads,
-    head_dim) -> (A, m). compiled: token_importance through torch.compile (kernels.py), same numbers."""
-    importance = kernels.compiled(token_importance) if compiled else token_importance
-    return importance(to_grid(q, g), to_grid(k, g), g.valid, scale)
+    head_dim) -> (A, m)."""
+    return token_importance(to_grid(q, g), to_grid(k, g), g.valid, scale)
 
 
 def importance_delta(importance_1, importance_0):
@@ -178,8 +177,8 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
                   rank_by: str = "delta", generator=None, compiled: bool = False, kept_override=None):
     """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
     progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta, or an
-    ablation control); compiled: the fast paths of kernels.py (importance, selection and compaction
-    through torch.compile; on CUDA the layers before and after the selection as two CUDA graphs); kept_override (T,)
+    ablation control); compiled: the fast paths of kernels.py (on CUDA the layers before and after the
+    selection as two CUDA graphs, with RMSNorm, RoPE and SwiGLU fused); kept_override (T,)
     bool: the kept rows to use instead of the selection's, which still runs (replay.py times real-size models
     on schedules recorded from a real decode).
 
@@ -201,14 +200,13 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     early, late = (kernels.graphed(early_layers), kernels.graphed(late_layers)) if compiled else (early_layers, late_layers)
     x, q0, k0, q1, k1 = early(model, model.embed_tokens(input_ids), rows, cache)
     g = grid(rows.seq[mask_rows])
-    importance = [ragged_importance(q[mask_rows], k[mask_rows], g, model.layers[i].self_attn.scale, compiled).to(q.dtype)
+    importance = [ragged_importance(q[mask_rows], k[mask_rows], g, model.layers[i].self_attn.scale).to(q.dtype)
                   for i, (q, k) in enumerate(((q0, k0), (q1, k1)))]
     delta = importance_delta(importance[1], importance[0])
 
     position = to_grid(col[mask_rows], g, fill=-1)
     score = ranking_score(rank_by, delta, position, generator)
-    select = kernels.compiled(select_retained) if compiled else select_retained
-    kept_grid = select(score, g.valid, position, target[g.active], progress[g.active])
+    kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
     kept[mask_rows] = kept_grid[g.group, g.slot]                        # decoded, uncached rows always stay
     if kept_override is not None:
@@ -216,7 +214,7 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     keep = kept.nonzero().squeeze(1)
     rightmost = _rightmost(rows, col, kept, num_slots)
     key_end = (block_start + rightmost + 1)[rows.seq[keep]]
-    x, q1 = (kernels.compiled(compact) if compiled else compact)(keep, x, q1)
+    x, q1 = compact(keep, x, q1)
     x = late(model, x, q1, rows.take(keep, key_end, num_slots), cache)
     logit_rows = is_mask_row[keep].nonzero().squeeze(1)                  # kept masked rows, compacted index
     return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, rightmost)

@@ -60,8 +60,9 @@ class Options:
     delayed_cache: bool = option(True, "stop recomputing decoded tokens whose right neighbour is decoded")
     focus: bool = option(False, "FOCUS eviction after layer 1 (needs the delayed cache)")
     alpha: float = option(1.5, "FOCUS: keep about alpha x (average tokens decoded per step)")
-    compile: bool = option(False, "fast paths (kernels.py): FOCUS's importance and compaction through "
-                                  "torch.compile, MoE experts as batched matrix products")
+    compile: bool = option(False, "fast paths (kernels.py): on CUDA each step's layers as CUDA graphs; "
+                                  "RMSNorm, RoPE and SwiGLU through torch.compile; MoE experts as "
+                                  "batched matrix products")
     focus_rank: str = option("delta", "FOCUS: ranking score, the delta or an ablation control", RANKINGS)
     exact_commit: bool = option(False, "the commit step recomputes the whole block (exact committed keys/values)")
     stop_repeats: int = option(0, "stop after this many identical consecutive blocks (0: off)")

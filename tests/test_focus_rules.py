@@ -325,21 +325,6 @@ def test_compact_gathers_kept_rows_in_order():
     assert torch.equal(cb, b[keep_mask])
 
 
-def test_compiled_importance_matches_plain():
-    seq, q, k = ragged_case([3, 6, 1, 4], seed=7)
-    g = focus.grid(seq)
-    want = focus.ragged_importance(q, k, g, 0.3)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = focus.ragged_importance(q, k, g, 0.3, compiled=True)
-        keep = torch.tensor([0, 2, 5, 9])
-        fused_compact = kernels.compiled(focus.compact)(keep, q, k)
-    assert not [w for w in caught if "plain version" in str(w.message)]  # it really ran compiled
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-    for x, y in zip(fused_compact, focus.compact(keep, q, k)):
-        assert torch.equal(x, y)
-
-
 # ---------------------------------------------------------------------------------------------------
 # 6. End to end on a tiny random model
 
@@ -381,7 +366,8 @@ def test_focus_huge_alpha_equals_delayed_cache(tiny, prompts):
 
 
 def test_compiled_focus_generates_the_same_tokens(tiny, prompts):
-    """generate.py --compile: the fused importance and compaction give the plain path's tokens (greedy)."""
+    """generate.py --compile: FOCUS with the fused RMSNorm, RoPE and SwiGLU (kernels.fusable) gives the plain
+    path's tokens (greedy). tests/test_kernels.py checks the CUDA graphs."""
     plain = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

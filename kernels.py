@@ -163,8 +163,9 @@ class _Graph:
         lines = torch.arange(self.spare if dense else self.spare + 1, device=dev)
         self.rows = Rows(self.seq, self.pos, self.seq, self.slot, self.key_end, lines, per_seq, keys,
                          all_slots=True, dense=dense)
+        # The cache only weakly: it keys the store this graph lives in, which must not keep it alive.
         self.args = [self.rows if a is rows else a.new_zeros((padded, *a.shape[1:])) if isinstance(a, torch.Tensor)
-                     else a for a in args]
+                     else weakref.proxy(a) if a is cache else a for a in args]
         self.model = weakref.ref(model)
         self.fn, self.graph = fn, None
         if not capture:

@@ -97,6 +97,21 @@ def test_padded_focus_layers_equal_the_plain_ones(net):
     torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
 
 
+def test_a_dropped_cache_frees_its_graphs(net):
+    """The graphs live in a store keyed weakly by their cache; they must not keep it (and its memory) alive."""
+    import gc
+    import weakref
+    cache = filled_cache(net.config, 4, 64, seed=7)
+    rows = ragged_rows([3, 2, 5, 1], [8, 16, 24, 32], 4)
+    with torch.no_grad():
+        kernels.graphed(model.SDAR.decode_layers, capture=False)(net, torch.randn(rows.num_rows, 32), rows, cache, 0, 4)
+    assert cache in kernels._STORES
+    alive = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert alive() is None
+
+
 def test_buckets_waste_at_most_an_eighth():
     for n in range(1, 20000, 7):
         b = kernels._bucket(n)

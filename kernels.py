@@ -42,8 +42,8 @@ _FAST = False
 @contextlib.contextmanager
 def fast_paths(on: bool = True):
     """Inside the block the model takes its fast paths (@fusable functions compiled, model.MoE's experts
-    batched); generate_ids enters it with --compile. FOCUS's compiled functions and the graphed layers are
-    asked for explicitly (focus.forward_focus(compiled=...), model.forward_rows(compiled=...))."""
+    batched); generate_ids enters it with --compile. The graphed layers are asked for explicitly
+    (model.forward_rows(compiled=...), focus.forward_focus(compiled=...))."""
     global _FAST
     before, _FAST = _FAST, on
     try:

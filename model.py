@@ -11,6 +11,9 @@ Three ways to run it, from slow-and-obvious to fast:
 - `model.forward_rows(ids, rows, cache)`: the decode path. Only the listed token rows are computed; their
   keys and values are written in place into a preallocated KV cache and the rows attend to the cache.
 - `focus.forward_focus(...)`: the same rows, with FOCUS evicting tokens after layer 1.
+The last two take `compiled=True` (`--compile`): on a GPU their layers run as CUDA graphs (kernels.graphed),
+and the functions marked `@kernels.fusable` (RMSNorm, RoPE, SwiGLU) run fused; the code here stays the one
+a reader follows, and the fast paths are tested against it.
 
 Unlike an autoregressive model there is no shift: the logits at a masked position are the distribution of
 the token at that same position.
@@ -162,6 +165,7 @@ class MLP(nn.Module):
 
 @kernels.fusable
 def swiglu(gate, up):
+    """SwiGLU's gating: silu(gate) * up."""
     return F.silu(gate) * up
 
 

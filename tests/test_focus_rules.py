@@ -17,7 +17,6 @@ if str(ROOT) not in sys.path:
 
 import focus  # noqa: E402
 import generate  # noqa: E402
-import kernels  # noqa: E402
 import model  # noqa: E402
 
 
@@ -312,7 +311,7 @@ def test_select_rule5_progress_fills_left_of_rightmost():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. Compaction and the compiled functions
+# 5. Compaction
 
 def test_compact_gathers_kept_rows_in_order():
     gen = torch.Generator().manual_seed(5)

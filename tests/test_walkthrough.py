@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = re.compile(r"`((?:tests/)?\w+\.py)::([\w.]+)`")
+REFERENCE = re.compile(r"`((?:tests/|tools/)?\w+\.py)::([\w.]+)`")
 
 
 def defined_names(path: Path) -> set[str]:

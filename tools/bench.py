@@ -1,10 +1,10 @@
 """Throughput, compute and decoding statistics of full block, delayed cache and FOCUS, in one run.
 
-    python bench.py                                   # shipped model, held-out problems, batch 32
-    python bench.py --batch-sizes 32,64 --num-prompts 128 --device cuda
-    python bench.py --real-size --device cuda         # SDAR-1.7B-shaped random weights: compute only
-    python bench.py --real-size --real-size-config llada2-mini --device cuda --compile   # the MoE shape
-    python bench.py --plot results/cpu-2026-11-23.json  # PNGs from a results file (needs matplotlib)
+    python tools/bench.py                                   # shipped model, held-out problems, batch 32
+    python tools/bench.py --batch-sizes 32,64 --num-prompts 128 --device cuda
+    python tools/bench.py --real-size --device cuda         # SDAR-1.7B-shaped random weights: compute only
+    python tools/bench.py --real-size --real-size-config llada2-mini --device cuda --compile   # the MoE shape
+    python tools/bench.py --plot results/cpu-2026-11-23.json  # PNGs from a results file (needs matplotlib)
 
 Every ratio is measured inside one run, on the same prompts and machine. Results go to
 results/<device>-<date>.json (or -2.json, -3.json, ...: a results file is never overwritten) with the command,
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
 import data
 import focus
 import kernels
@@ -521,7 +522,7 @@ def main(argv=None) -> int:
     if args.plot:
         return plot_command(args.plot, plot)
     torch.manual_seed(0)
-    res = {"command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
+    res = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
            "threshold": args.threshold}
     if args.real_size:

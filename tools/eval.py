@@ -1,11 +1,11 @@
 """Exact-match accuracy on held-out problems, how many tokens each step decodes, and what it costs.
 
-    python eval.py                                 # 500 held-out problems, default decoding, shipped model
-    python eval.py --focus --alpha 1.5             # the same with FOCUS
-    python eval.py --update-card                   # also append the results to the model card
-    python eval.py --study --output study.json     # the model card's study row: modes, phrasings, predictors
-    python eval.py --frontier --output f.json      # accuracy against compute: threshold and alpha sweeps
-    python eval.py --ablation --output a.json      # FOCUS with the delta replaced by controls
+    python tools/eval.py                                 # 500 held-out problems, default decoding, shipped model
+    python tools/eval.py --focus --alpha 1.5             # the same with FOCUS
+    python tools/eval.py --update-card                   # also append the results to the model card
+    python tools/eval.py --study --output study.json     # the model card's study row: modes, phrasings, predictors
+    python tools/eval.py --frontier --output f.json      # accuracy against compute: threshold and alpha sweeps
+    python tools/eval.py --ablation --output a.json      # FOCUS with the delta replaced by controls
 
 Two held-out sets, neither ever trained on: in-template questions (data.make_problems("heldout")) and a
 whole family of question phrasings (data.make_problems("heldout-phrasing")).
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
 import analysis
 import bench
 import data
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
             check_new_file(args.output)
         opts = options_from(args, progress=not sweeping)
         model, tok = load(args.model, device=device, dtype=args.dtype)
-        command = "python eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python tools/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         if sweeping:
             if args.study:
                 res = study(model, tok, args, opts)

@@ -1,8 +1,8 @@
 """Train a small SDAR-layout model the way SDAR models are made: autoregressive first, then block diffusion.
 
-    python train.py --out checkpoints/my-model --ar-minutes 3 --minutes 3.5   # both phases (GPU)
-    python train.py --out checkpoints/my-model --resume                       # continue, in either phase
-    python train.py --out /tmp/random-sdar --steps 0 --ar-steps 0             # untrained, real tokenizer
+    python tools/train.py --out checkpoints/my-model --ar-minutes 3 --minutes 3.5   # both phases (GPU)
+    python tools/train.py --out checkpoints/my-model --resume                       # continue, in either phase
+    python tools/train.py --out /tmp/random-sdar --steps 0 --ar-steps 0             # untrained, real tokenizer
 
 Why two phases. SDAR models are not trained from scratch: they are autoregressive Qwen3 models continued
 with the block-diffusion objective (LLaDA2.0 likewise starts from an autoregressive model). The network is
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
 import data
 from checkpoint import CheckpointError, load_state, resolve_device, save
 from model import SDAR, ModelConfig, num_params
@@ -270,7 +271,7 @@ def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
         f"MLP {cfg.intermediate_size}, vocabulary {cfg.vocab_size} (byte-level BPE), block size {cfg.block_size}, "
         "tied embeddings, weights in bfloat16.", "",
         "## Training", "",
-        "Commands, in order:", "", "```bash", *[f"python train.py {c}" for c in history["commands"]], "```", "",
+        "Commands, in order:", "", "```bash", *[f"python tools/train.py {c}" for c in history["commands"]], "```", "",
     ]
     for phase, title in (("ar", "Phase 1, autoregressive (next-token cross-entropy, causal inside each example)"),
                          ("diffusion", "Phase 2, block diffusion (masked-token cross-entropy weighted by 1/t)")):
@@ -289,7 +290,7 @@ def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
         "- Natural text: docstrings of the Python standard library (PSF License), read from the running Python's",
         "  own source files, and generated short stories (data.py).", "",
         "## Evaluation", "",
-        "See the results below (written by `python eval.py`).", "",
+        "See the results below (written by `python tools/eval.py`).", "",
     ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 

@@ -3,12 +3,16 @@
 One step (Decoder.step): plan the rows to compute (the delayed cache's rules), run the forward (plain, or
 FOCUS), sample and unmask by the rule, then the bookkeeping (cache flags, statistics). After a step,
 finish_blocks commits finished blocks, starts new ones and ends sequences at EOS or the token budget.
-generate.py's generate_ids drives it: admission of prompts into free slots, the steps, the results.
+generate.py's generate_ids drives it: admission of prompts into free cache slots, the steps, the results.
+
+Words: a cache slot holds one sequence (S slots, one row of every (S, block) tensor here); a block position
+(`col`, 0..block-1) is a token's place in its block; a row is one token a step computes.
 """
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 
@@ -16,8 +20,89 @@ import focus
 import kernels
 from model import KVCache, Rows
 
-if TYPE_CHECKING:
-    from generate import Options
+STRATEGIES = ("threshold", "static", "sequential")
+RANKINGS = focus.RANKINGS  # (inside Options the name `focus` is a field)
+MAX_BLOCK_SIZE = 256  # a step computes up to a whole block and a block takes up to block-size steps
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A field of Options: its default, its --help line and, for a name, the values it may take."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Options:
+    """Decoding options: the one place they are declared and checked. generate.py builds its command line from
+    these fields (flag --max-new-tokens for max_new_tokens, default and choices from here), and every Options
+    is checked when it is made, so a bad value fails at once with a one-line ValueError."""
+    max_new_tokens: int = option(256, "tokens to generate per prompt at most")
+    block_size: int | None = option(None, f"tokens per block (default: the checkpoint's; at most {MAX_BLOCK_SIZE}; "
+                                          "the last block ends at --max-new-tokens)")
+    strategy: str = option("threshold", "unmasking rule, see decoder.unmask()", STRATEGIES)
+    threshold: float = option(0.9, "threshold rule: unmask every masked token with p >= threshold")
+    tokens_per_step: int = option(1, "static and sequential rules: tokens unmasked per step")
+    temperature: float = option(0.0, "0: greedy")
+    top_k: int = option(0, "sample from the k most likely tokens (0: all)")
+    top_p: float = option(1.0, "sample from the smallest set of tokens whose probability reaches top-p")
+    delayed_cache: bool = option(True, "stop recomputing decoded tokens whose right neighbour is decoded")
+    focus: bool = option(False, "FOCUS eviction after layer 1 (needs the delayed cache)")
+    alpha: float = option(1.5, "FOCUS: keep about alpha x (average tokens decoded per step)")
+    focus_rank: str = option("delta", "FOCUS: ranking score, the delta or an ablation control", RANKINGS)
+    compile: bool = option(False, "fast paths (kernels.py): on CUDA each step's layers as CUDA graphs; "
+                                  "RMSNorm, RoPE and SwiGLU through torch.compile; MoE experts as "
+                                  "batched matrix products")
+    exact_commit: bool = option(False, "the commit step recomputes the whole block (exact committed keys/values)")
+    stop_repeats: int = option(0, "stop after this many identical consecutive blocks (0: off)")
+    batch_size: int = option(32, "sequences decoded together")
+    seed: int = option(0, "sampling seed")
+
+    def __post_init__(self):
+        """Raise ValueError with a one-line message for a bad value."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type, f.metadata["choices"])
+        for name in ("max_new_tokens", "batch_size", "tokens_per_step"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        if self.block_size is not None and not 0 < self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block-size must be in 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature and top-k must be >= 0 and top-p in (0, 1], got {self.temperature}, "
+                             f"{self.top_k} and {self.top_p}")
+        if self.focus and self.alpha < 1:
+            raise ValueError(f"alpha must be >= 1, got {self.alpha}")
+        if self.focus and not self.delayed_cache:
+            raise ValueError("FOCUS runs on top of the delayed cache; drop --no-delayed-cache or --focus")
+        if self.stop_repeats == 1 or self.stop_repeats < 0:
+            raise ValueError(f"stop-repeats must be 0 (off) or at least 2, got {self.stop_repeats}")
+
+
+def flag(name: str) -> str:
+    """An option's command-line spelling, without the dashes: max_new_tokens -> max-new-tokens."""
+    return name.replace("_", "-")
+
+
+def _check_type(name: str, value, kind: str, choices):
+    """kind is the field's annotation as written: int, int | None, float, bool or str."""
+    if value is None and kind.endswith("| None"):
+        return
+    if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{flag(name)} must be an integer, got {value!r}")
+    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+        raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
+    if kind == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{flag(name)} must be True or False, got {value!r}")
+    if kind == "str" and value not in choices:
+        raise ValueError(f"unknown {flag(name)} {value!r}; use one of {', '.join(choices)}")
+
+
+class StepRecord(NamedTuple):
+    """What the last step did, per cache slot and block position, each (S, block) bool (--show, replay)."""
+    computed: torch.Tensor       # rows computed in layers 0-1
+    kept: torch.Tensor           # rows computed in layers 2..L too (FOCUS evicts the others)
+    decoded: torch.Tensor        # masked tokens the step unmasked
+    masked_before: torch.Tensor  # still masked when the step began
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,8 +128,8 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
 
 
 def unmask(conf, candidate, strategy: str, threshold: float, k: int):
-    """Which masked slots to decode this step. conf (B, block) confidences; candidate (B, block) bool: masked
-    slots that got logits this step (unprocessed or evicted slots never are). -> (B, block) bool.
+    """Which masked tokens to decode this step. conf (S, block) confidences; candidate (S, block) bool: masked
+    tokens that got logits this step (unprocessed or evicted ones never do). -> (S, block) bool.
 
     threshold:  every candidate with conf >= threshold, and always the single most confident one
                 (the reference's low_confidence_dynamic).
@@ -73,8 +158,9 @@ class Decoder:
         bs = self.block_size = opts.block_size or model.config.block_size
         # One cache slot more than sequences: the spare slot that a graphed step's padding rows write to.
         # With --compile on CUDA the cache (and the graphs captured on it) is reused by the next decoder.
-        make_cache = functools.partial(kernels.reused, KVCache) if opts.compile and dev.type == "cuda" else KVCache
-        self.cache = make_cache(model.config, num_slots + 1, max_len, dev, model.embed_tokens.weight.dtype)
+        shape = (model.config, num_slots + 1, max_len, dev, model.embed_tokens.weight.dtype)
+        self.cache = (kernels.reused_cache(model, KVCache, *shape) if opts.compile and dev.type == "cuda"
+                      else KVCache(*shape))
         self.eos = torch.tensor(eos_ids or [-1], device=dev)
         self.cols = torch.arange(bs, device=dev)
         S = self.num_slots = num_slots
@@ -82,8 +168,8 @@ class Decoder:
         self.prompt_len = torch.zeros(S, dtype=torch.long, device=dev)
         self.block_start = torch.zeros(S, dtype=torch.long, device=dev)
         self.limit = torch.zeros(S, dtype=torch.long, device=dev)         # prompt length + max_new_tokens
-        self.inside = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # block slots before the limit
-        self.masked = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # MASKED slots of the active block
+        self.inside = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # block positions before the limit
+        self.masked = torch.zeros(S, bs, dtype=torch.bool, device=dev)    # MASKED positions of the active block
         self.uncached = torch.ones(S, bs, dtype=torch.bool, device=dev)   # delayed cache: still recomputed
         self.warm = torch.ones(S, dtype=torch.bool, device=dev)           # first step of a block computes all
         self.live = torch.zeros(S, dtype=torch.bool, device=dev)
@@ -108,7 +194,7 @@ class Decoder:
             rows_pos += range(start)
         slots_t = torch.tensor(slots, device=self.device)
         self._new_block(slots_t)
-        # The first active block holds the prompt's tail: those slots are not masked.
+        # The first active block holds the prompt's tail: those positions are not masked.
         self.masked[slots_t] &= (self.block_start[slots_t, None] + self.cols) >= self.prompt_len[slots_t, None]
         self.live[slots_t] = True
         if rows_seq:
@@ -120,7 +206,7 @@ class Decoder:
             self.model.forward_rows(self.tokens[seq, pos], rows, self.cache, logits_for=pos[:0])
 
     def _new_block(self, slots):
-        # The last block ends at the token budget: slots past it are not part of the sequence, so a run's
+        # The last block ends at the token budget: positions past it are not part of the sequence, so a run's
         # cost follows max_new_tokens, not the block size.
         self.inside[slots] = (self.block_start[slots, None] + self.cols) < self.limit[slots, None]
         self.masked[slots] = self.inside[slots]
@@ -136,7 +222,7 @@ class Decoder:
         if not self.opts.delayed_cache:
             process = self.inside.clone()
         else:
-            process = self.masked | self.uncached       # masked slots are never cached
+            process = self.masked | self.uncached       # masked tokens are never cached
             process |= self.warm[:, None]               # warm-up: the block's first step computes all
             process |= ~process.any(1, keepdim=True)    # nothing left to compute: compute all
             if self.opts.exact_commit:                  # commit step: the whole block, so the keys/values
@@ -177,8 +263,8 @@ class Decoder:
         self.tokens.scatter_(1, idx, torch.where(chosen, token_grid, self.tokens.gather(1, idx)))
         self.masked &= ~chosen
 
-        # Delayed cache, from the step's INPUT mask: a slot is cached once it and its right neighbour were
-        # both decoded (the block's last slot needs only itself), so a fresh token is recomputed once.
+        # Delayed cache, from the step's INPUT mask: a position is cached once it and its right neighbour
+        # were both decoded (the block's last position needs only itself), so a fresh token is recomputed once.
         decoded_in = ~masked_in
         right = torch.cat([decoded_in[:, 1:], torch.ones_like(decoded_in[:, :1])], 1)
         self.uncached &= ~(decoded_in & right & self.live[:, None])
@@ -186,7 +272,7 @@ class Decoder:
 
         kept_grid = torch.zeros_like(process)
         kept_grid[seq, col] = kept
-        self.last_step = (process, kept_grid, chosen, masked_in)  # for --show, analysis.py and replay.py
+        self.last_step = StepRecord(process, kept_grid, chosen, masked_in)
         n_decoded = chosen.sum(1)
         self.decoded_sum += n_decoded
         self.decoded_steps += n_decoded > 0                       # steps that decode nothing do not count
@@ -218,7 +304,7 @@ class Decoder:
         --compile: the same through kernels.py's fast paths (on CUDA, the layers as CUDA graphs)."""
         if not self.opts.focus:
             logit_rows = is_mask_row.nonzero().squeeze(1)
-            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows, compiled=self.opts.compile)
+            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows, graphs=self.opts.compile)
             return logits, logit_rows, torch.ones_like(is_mask_row)
         out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
                                   self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile)

@@ -9,8 +9,9 @@ Each step of a block, per sequence, over its mask set M (the block's still-maske
 5. compact the running state and run layers 1 (attention) .. L on the kept     forward_focus()
 
 Everything works on a batch at once: the mask sets of all sequences are laid out on a padded grid
-(A sequences x m slots) with a `valid` mask. Rules follow the public reference implementation (an LMDeploy
-fork); where this code differs it says so.
+(A sequences x m places) with a `valid` mask; a place is a token's index in its mask set, its block position
+is `position`. Rules follow the public reference implementation (an LMDeploy fork); where this code differs
+it says so.
 """
 from __future__ import annotations
 
@@ -23,28 +24,28 @@ from model import Rows, cached_attention, ragged_layout
 
 
 # ---------------------------------------------------------------------------------------------------
-# The mask-set grid: the masked rows of a whole ragged batch on one padded (A sequences x m slots) grid.
+# The mask-set grid: the masked rows of a whole ragged batch on one padded (A sequences x m places) grid.
 
 @dataclass
 class Grid:
     active: torch.Tensor  # (A,) cache slots with a non-empty mask set
-    group: torch.Tensor   # (M,) each masked row's line on the grid
-    slot: torch.Tensor    # (M,) and its column (its rank in the mask set)
+    line: torch.Tensor    # (M,) each masked row's line on the grid
+    place: torch.Tensor   # (M,) and its place in the line (its index in the mask set)
     valid: torch.Tensor   # (A, m) bool
 
 
 def grid(seq_of_row: torch.Tensor) -> Grid:
     """Layout of M masked rows, grouped by sequence in set order, on an (A, m) grid."""
-    active, counts, group, slot = ragged_layout(seq_of_row)
+    active, counts, line, place = ragged_layout(seq_of_row)
     width = int(counts.max()) if len(counts) else 0
     valid = torch.arange(width, device=seq_of_row.device) < counts[:, None]
-    return Grid(active, group, slot, valid)
+    return Grid(active, line, place, valid)
 
 
 def to_grid(x: torch.Tensor, g: Grid, fill=0):
     """x (M, ...) -> (A, m, ...), padding filled with `fill`."""
     out = x.new_full((g.valid.shape[0], g.valid.shape[1], *x.shape[1:]), fill)
-    out[g.group, g.slot] = x
+    out[g.line, g.place] = x
     return out
 
 
@@ -52,10 +53,10 @@ def token_importance(q, k, valid, scale: float):
     """Eq. (importance): I_j = sum_h sum_i softmax_j( MaxPool1D( S^(h)_{i,j} ) ),  S^(h)_{i,j} = q_i.k_j * scale.
 
     q: (A, m, heads, head_dim) and k: (A, m, kv_heads, head_dim), post-norm and post-RoPE, of the masked
-    tokens only, in block order; valid (A, m) marks real slots. Returns I (A, m) in fp32.
+    tokens only, in block order; valid (A, m) marks real places. Returns I (A, m) in fp32.
     - keys are the mask set alone (no context, no decoded tokens) and there is no causal mask;
-    - the max-pool (window 3) runs along the key axis in set order: the neighbours of a masked slot are the
-      previous and next masked slots, whatever decoded tokens lie between; missing ends count as -inf;
+    - the max-pool (window 3) runs along the key axis in set order: the neighbours of a masked token are the
+      previous and next masked tokens, whatever decoded tokens lie between; missing ends count as -inf;
     - grouped-query attention: query head h reads kv head h // (heads / kv_heads), as the model does.
     """
     A, m, heads, _ = q.shape
@@ -82,11 +83,11 @@ def ragged_importance(q, k, g: Grid, scale: float):
     return token_importance(to_grid(q, g), to_grid(k, g), g.valid, scale)
 
 
-def importance_delta(importance_1, importance_0):
+def importance_delta(importance_1, importance_0, dtype: torch.dtype):
     """dI_j = I^(1)_j - I^(0)_j. Both are rounded to the model's dtype first, as the reference does
     (importance.to(query dtype)); the difference is taken in fp32. Subtracting layer 0 removes what both
     layers share ("common-mode rejection"), leaving what layer 1 learned about decodability."""
-    return importance_1.float() - importance_0.float()
+    return importance_1.to(dtype).float() - importance_0.to(dtype).float()
 
 
 def retain_target(avg_decoded, mask_count, alpha: float):
@@ -98,38 +99,39 @@ def retain_target(avg_decoded, mask_count, alpha: float):
     return torch.where(mask_count > 0, torch.minimum(target, mask_count), 0)
 
 
-def select_retained(delta, valid, position, target, progress):
+def select_retained(score, valid, position, target, progress):
     """Which masked tokens stay in layers 2..L. All (A, m) on the mask-set grid except target and progress (A,).
 
-    position: each slot's position in the block; progress: the rightmost block position kept by an earlier
-    step of this block (-1 at the block's start). The rules, in the reference's order:
+    score: what ranks the tokens (the paper: the delta; ranking_score gives the others); position: each
+    token's position in the block; progress: the rightmost block position kept by an earlier step of this
+    block (-1 at the block's start). The rules, in the reference's order:
     1. no eviction unless L > target: keep the whole mask set;
-    2. base set: the `target` largest deltas (ties to the lower position), unless at least `target` tokens
-       reach mean + std of the deltas (population std), in which case exactly those;
+    2. base set: the `target` highest scores (ties to the lower position), unless at least `target` tokens
+       reach mean + std of the scores (population std), in which case exactly those;
     3. adjacency, one leftward pass against the base set: a token whose right neighbour in the set sits at
        the next block position and is in the base set is kept too (no cascade);
     4. nothing kept: keep everything;
     5. progress: a never-computed token left of the rightmost kept one cannot be skipped, so every masked
        token between `progress` and the rightmost kept position is kept.
     """
-    m = delta.shape[1]
+    m = score.shape[1]
     count = valid.sum(1)
-    evicting = (target > 0) & (count > target)
-    d = delta.masked_fill(~valid, float("-inf"))
-    order = torch.sort(d, dim=1, descending=True, stable=True).indices      # stable: ties keep set order
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=d.device).expand_as(order))
+    evicting = (target > 0) & (count > target)                              # rule 1
+    s = score.masked_fill(~valid, float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices      # rule 2: stable, ties keep set order
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=s.device).expand_as(order))
     top = valid & (rank < target[:, None])
     n = count.clamp(min=1)[:, None]
-    mean = (delta * valid).sum(1, keepdim=True) / n
-    std = (((delta - mean) ** 2) * valid).sum(1, keepdim=True).div(n).sqrt()
-    over = valid & (delta >= mean + std)
+    mean = (score * valid).sum(1, keepdim=True) / n
+    std = (((score - mean) ** 2) * valid).sum(1, keepdim=True).div(n).sqrt()
+    over = valid & (score >= mean + std)
     base = torch.where((over.sum(1) >= target)[:, None], over, top)
-    base = torch.where(evicting[:, None], base, valid)
-    right_kept = torch.zeros_like(base)
+    base = torch.where(evicting[:, None], base, valid)                      # rule 1
+    right_kept = torch.zeros_like(base)                                     # rule 3
     right_kept[:, :-1] = base[:, 1:] & (position[:, 1:] == position[:, :-1] + 1)
     kept = base | (valid & right_kept)
-    kept = torch.where(kept.any(1, keepdim=True), kept, valid)
-    rightmost = position.masked_fill(~kept, -1).amax(1, keepdim=True)
+    kept = torch.where(kept.any(1, keepdim=True), kept, valid)              # rule 4
+    rightmost = position.masked_fill(~kept, -1).amax(1, keepdim=True)       # rule 5
     return kept | (valid & (position < rightmost) & (position > progress[:, None]))
 
 
@@ -166,6 +168,15 @@ def compact(keep, *tensors):
 
 
 @dataclass
+class Selected:
+    """A FOCUS step up to the selection (select_step), what the rest of the step (finish_step) needs."""
+    x: torch.Tensor          # (T, hidden) hidden states after layer 0
+    q1: torch.Tensor         # (T, heads, head_dim) layer 1's queries
+    mask_rows: torch.Tensor  # (M,) indices of the masked rows, in set order
+    kept: torch.Tensor       # (T,) bool: the selection's rows for layers 2..L (decoded, uncached rows always)
+
+
+@dataclass
 class FocusOutput:
     logits: torch.Tensor         # (R, vocab) for the kept masked rows
     logit_rows: torch.Tensor     # (R,) their indices among the step's rows
@@ -174,13 +185,11 @@ class FocusOutput:
 
 
 def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target,
-                  rank_by: str = "delta", generator=None, compiled: bool = False, kept_override=None):
-    """One decode step with FOCUS. input_ids, is_mask_row, col: (T,) for the step's rows; block_start,
-    progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta, or an
-    ablation control); compiled: the fast paths of kernels.py (on CUDA the layers before and after the
-    selection as two CUDA graphs, with RMSNorm, RoPE and SwiGLU fused); kept_override (T,)
-    bool: the kept rows to use instead of the selection's, which still runs (replay.py times real-size models
-    on schedules recorded from a real decode).
+                  rank_by: str = "delta", generator=None, graphs: bool = False) -> FocusOutput:
+    """One decode step with FOCUS. input_ids, is_mask_row, col (block positions): (T,) for the step's rows;
+    block_start, progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta,
+    or an ablation control); graphs: the layers before and after the selection as two CUDA graphs
+    (kernels.graphed, on CUDA).
 
     Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
     (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
@@ -188,36 +197,54 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     keep, in layers 2..L, the keys/values of the last step that computed them, and kept rows attend up to
     the rightmost kept position of their block (the reference's kv_len after eviction).
     """
-    num_slots = block_start.shape[0]
-    mask_rows = is_mask_row.nonzero().squeeze(1)                       # the mask sets, in set order
-    mask_count = torch.zeros(num_slots, dtype=torch.long, device=col.device).index_add_(0, rows.seq[mask_rows],
-                                                                                      torch.ones_like(mask_rows))
-    nobody_evicts = not ((target > 0) & (mask_count > target)).any()
-    if nobody_evicts and (kept_override is None or bool(kept_override.all())):  # batch gate
-        logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows, compiled=compiled)
-        return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), _rightmost(rows, col, None, num_slots))
+    if not evicts(rows, is_mask_row, target):  # nobody in the batch evicts: the plain forward
+        mask_rows = is_mask_row.nonzero().squeeze(1)
+        logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows, graphs=graphs)
+        return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), rightmost(rows, col, None, len(target)))
+    selected = select_step(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by, generator,
+                           graphs)
+    return finish_step(model, selected, selected.kept, rows, cache, is_mask_row, col, block_start, graphs)
 
-    early, late = (kernels.graphed(early_layers), kernels.graphed(late_layers)) if compiled else (early_layers, late_layers)
+
+def evicts(rows: Rows, is_mask_row, target) -> bool:
+    """Does any sequence of the step have more masked rows than its target (rule 1)? One host sync."""
+    mask_count = torch.zeros_like(target).index_add_(0, rows.seq, is_mask_row.long())
+    return bool(((target > 0) & (mask_count > target)).any())
+
+
+def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress, target, rank_by="delta",
+                generator=None, graphs: bool = False) -> Selected:
+    """Layers 0 and 1 up to the selection on every row, then Eq. (importance) at both layers, the delta, the
+    ranking score and the selection rules on the mask sets (arguments as forward_focus)."""
+    early = kernels.graphed(early_layers) if graphs else early_layers
     x, q0, k0, q1, k1 = early(model, model.embed_tokens(input_ids), rows, cache)
+    mask_rows = is_mask_row.nonzero().squeeze(1)                      # the mask sets, in set order
     g = grid(rows.seq[mask_rows])
-    importance = [ragged_importance(q[mask_rows], k[mask_rows], g, model.layers[i].self_attn.scale).to(q.dtype)
+    importance = [ragged_importance(q[mask_rows], k[mask_rows], g, model.layers[i].self_attn.scale)
                   for i, (q, k) in enumerate(((q0, k0), (q1, k1)))]
-    delta = importance_delta(importance[1], importance[0])
-
+    delta = importance_delta(importance[1], importance[0], q1.dtype)
     position = to_grid(col[mask_rows], g, fill=-1)
     score = ranking_score(rank_by, delta, position, generator)
     kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
-    kept[mask_rows] = kept_grid[g.group, g.slot]                        # decoded, uncached rows always stay
-    if kept_override is not None:
-        kept = kept_override
+    kept[mask_rows] = kept_grid[g.line, g.place]                       # decoded, uncached rows always stay
+    return Selected(x, q1, mask_rows, kept)
+
+
+def finish_step(model, selected: Selected, kept, rows: Rows, cache, is_mask_row, col, block_start,
+                graphs: bool = False) -> FocusOutput:
+    """Compaction and the rest of the step on the kept rows, kept (T,) bool (the selection's, or a recorded
+    one when tools/replay.py replays a schedule): layer 1's attention and layers 2..L, then the logits of the
+    kept masked rows."""
+    num_slots = block_start.shape[0]
     keep = kept.nonzero().squeeze(1)
-    rightmost = _rightmost(rows, col, kept, num_slots)
-    key_end = (block_start + rightmost + 1)[rows.seq[keep]]
-    x, q1 = compact(keep, x, q1)
-    x = late(model, x, q1, rows.take(keep, key_end, num_slots), cache)
+    last_kept = rightmost(rows, col, kept, num_slots)
+    key_end = (block_start + last_kept + 1)[rows.seq[keep]]
+    x, q1 = compact(keep, selected.x, selected.q1)
+    late = kernels.graphed(late_layers) if graphs else late_layers
+    x = late(model, x, rows.take(keep, key_end, num_slots), cache, q1)
     logit_rows = is_mask_row[keep].nonzero().squeeze(1)                  # kept masked rows, compacted index
-    return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, rightmost)
+    return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, last_kept)
 
 
 def early_layers(model, x, rows: Rows, cache):
@@ -234,7 +261,7 @@ def early_layers(model, x, rows: Rows, cache):
     return x, q0, k0, q1, k1
 
 
-def late_layers(model, x, q1, rows: Rows, cache):
+def late_layers(model, x, rows: Rows, cache, q1):
     """After the selection, on the kept rows (compacted): layer 1's attention, then layers 2..L.
     x (K, hidden), q1 (K, heads, head_dim) -> x (K, hidden). RoPE comes from the kept rows' positions."""
     layer1 = model.layers[1]
@@ -242,8 +269,9 @@ def late_layers(model, x, q1, rows: Rows, cache):
     return model.decode_layers(x, rows, cache, 2, len(model.layers))
 
 
-def _rightmost(rows: Rows, col, kept, num_slots: int):
-    """(S,) the block position of each sequence's last kept row; -1 where a sequence has none."""
+def rightmost(rows: Rows, col, kept, num_slots: int):
+    """(S,) the block position of each sequence's last kept row (every row when kept is None); -1 where a
+    sequence has none."""
     c = col if kept is None else torch.where(kept, col, -1)
     out = torch.full((num_slots,), -1, dtype=col.dtype, device=col.device)
     return out.scatter_reduce(0, rows.seq, c, reduce="amax")

@@ -10,8 +10,8 @@ How a sequence is decoded (SDAR's scheme; the comments name the reference's rule
 3. Once no mask is left, the block is checked for stops; if generation goes on, one more step (the commit)
    refreshes its keys/values, and a new block of masks starts at the next position.
 A finished sequence's cache slot is given to the next prompt waiting (continuous batching).
-The per-step state and rules are decoder.py's; this file drives them (generate_ids), and holds the options,
-the Python API (generate) and the command line.
+The per-step state, the rules and the decoding options are decoder.py's; this file drives them
+(generate_ids), and holds the Python API (generate) and the command line.
 """
 from __future__ import annotations
 
@@ -27,89 +27,11 @@ from pathlib import Path
 
 import torch
 
-import focus
 import kernels
 from checkpoint import CheckpointError, load, resolve_device
-from decoder import Decoder
+from decoder import Decoder, Options, flag
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "sdar-tiny"
-STRATEGIES = ("threshold", "static", "sequential")
-RANKINGS = focus.RANKINGS  # (inside Options the name `focus` is a field)
-MAX_BLOCK_SIZE = 256  # a step computes up to a whole block and a block takes up to block-size steps
-
-
-def option(default, help: str, choices: tuple | None = None):
-    """A field of Options: its default, its --help line and, for a name, the values it may take."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class Options:
-    """Decoding options: the one place they are declared and checked. The command line is built from these
-    fields (flag --max-new-tokens for max_new_tokens, default and choices from here), and every Options is
-    checked when it is made, so a bad value fails at once with a one-line ValueError."""
-    max_new_tokens: int = option(256, "tokens to generate per prompt at most")
-    block_size: int | None = option(None, f"tokens per block (default: the checkpoint's; at most {MAX_BLOCK_SIZE}; "
-                                          "the last block ends at --max-new-tokens)")
-    strategy: str = option("threshold", "unmasking rule, see unmask()", STRATEGIES)
-    threshold: float = option(0.9, "threshold rule: unmask every masked token with p >= threshold")
-    tokens_per_step: int = option(1, "static and sequential rules: tokens unmasked per step")
-    temperature: float = option(0.0, "0: greedy")
-    top_k: int = option(0, "sample from the k most likely tokens (0: all)")
-    top_p: float = option(1.0, "sample from the smallest set of tokens whose probability reaches top-p")
-    delayed_cache: bool = option(True, "stop recomputing decoded tokens whose right neighbour is decoded")
-    focus: bool = option(False, "FOCUS eviction after layer 1 (needs the delayed cache)")
-    alpha: float = option(1.5, "FOCUS: keep about alpha x (average tokens decoded per step)")
-    compile: bool = option(False, "fast paths (kernels.py): on CUDA each step's layers as CUDA graphs; "
-                                  "RMSNorm, RoPE and SwiGLU through torch.compile; MoE experts as "
-                                  "batched matrix products")
-    focus_rank: str = option("delta", "FOCUS: ranking score, the delta or an ablation control", RANKINGS)
-    exact_commit: bool = option(False, "the commit step recomputes the whole block (exact committed keys/values)")
-    stop_repeats: int = option(0, "stop after this many identical consecutive blocks (0: off)")
-    batch_size: int = option(32, "sequences decoded together")
-    chat: bool = option(True, "wrap prompts in the checkpoint's chat template")
-    seed: int = option(0, "sampling seed")
-    progress: bool = option(False, "tqdm bar over the prompts")
-    show: bool = option(False, "FOCUS: print the first sequence's block at every step")
-
-    def __post_init__(self):
-        """Raise ValueError with a one-line message for a bad value."""
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type, f.metadata["choices"])
-        for name in ("max_new_tokens", "batch_size", "tokens_per_step"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        if self.block_size is not None and not 0 < self.block_size <= MAX_BLOCK_SIZE:
-            raise ValueError(f"block-size must be in 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature and top-k must be >= 0 and top-p in (0, 1], got {self.temperature}, "
-                             f"{self.top_k} and {self.top_p}")
-        if self.focus and self.alpha < 1:
-            raise ValueError(f"alpha must be >= 1, got {self.alpha}")
-        if self.focus and not self.delayed_cache:
-            raise ValueError("FOCUS runs on top of the delayed cache; drop --no-delayed-cache or --focus")
-        if self.stop_repeats == 1 or self.stop_repeats < 0:
-            raise ValueError(f"stop-repeats must be 0 (off) or at least 2, got {self.stop_repeats}")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _check_type(name: str, value, kind: str, choices):
-    """kind is the field's annotation as written: int, int | None, float, bool or str."""
-    if value is None and kind.endswith("| None"):
-        return
-    if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
-    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
-        raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
-    if kind == "bool" and not isinstance(value, bool):
-        raise ValueError(f"{_flag(name)} must be True or False, got {value!r}")
-    if kind == "str" and value not in choices:
-        raise ValueError(f"unknown {_flag(name)} {value!r}; use one of {', '.join(choices)}")
 
 
 @dataclass
@@ -147,13 +69,15 @@ def prompt_problem(prompt) -> str | None:
 
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int], opts: Options,
-                 clock: dict | None = None, step_hook=None, on_result=None, decoder=Decoder):
+                 clock: dict | None = None, step_hook=None, on_result=None, decoder=Decoder, show: bool = False,
+                 show_progress: bool = False):
     """Token-level generation. Returns, per prompt, (generated ids, stats dict of per-step lists).
 
     clock, if given, receives the seconds spent in prefill and in decode steps (device synchronised);
-    step_hook(decoder) is called before every step (bench.py's analysis uses it); on_result(index, ids, stats)
-    as each prompt finishes, in the order they finish (generate.py's --output streams them); decoder: the
-    Decoder class (replay.py's replays recorded schedules through a subclass)."""
+    step_hook(decoder) is called before every step (tools/analysis.py uses it); on_result(index, ids, stats)
+    as each prompt finishes, in the order they finish (--output streams them); decoder: the Decoder class
+    (tools/replay.py replays recorded schedules through a subclass); show: print the first sequence's block
+    after every step (--show); show_progress: a tqdm bar over the prompts."""
     cfg, bs = model.config, opts.block_size or model.config.block_size
     if not prompt_ids:
         raise ValueError("no prompts given")
@@ -172,9 +96,9 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     results = [None] * len(prompt_ids)
     history = {i: {k: [] for k in ("block", "computed", "computed_deep", "decoded", "target", "context")}
                for i in queue}
-    bar = _progress_bar(len(prompt_ids)) if opts.progress and not opts.show else None
+    bar = _progress_bar(len(prompt_ids)) if show_progress and not show else None
     color = sys.stderr.isatty()
-    if opts.show:
+    if show:
         print(show_legend(color), file=sys.stderr)
 
     def fill(free):
@@ -186,7 +110,7 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                 dec.admit([s for s, _ in take], [prompt_ids[r] for _, r in take])
 
     try:
-        with kernels.fast_paths(opts.compile):   # --compile: e.g. MoE experts batched (kernels.py)
+        with kernels.fast_paths(model, opts.compile):   # --compile: the fused functions (kernels.py)
             fill(list(range(slots)))
             while any(o >= 0 for o in owner):
                 if step_hook is not None:
@@ -199,7 +123,7 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                     if r >= 0:
                         for k in history[r]:
                             history[r][k].append(stats[k][s])
-                if opts.show and owner[0] == 0:
+                if show and owner[0] == 0:
                     print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
                 ended = dec.finish_blocks(committing)
                 free = []
@@ -244,9 +168,10 @@ class _timed:
 def show_line(dec: Decoder, stats: dict, slot: int, step: int, color: bool) -> str:
     """One sequence's block after a step, one character a slot: decoded this step, masked and kept in all
     layers, masked and evicted after layer 1, decoded earlier and recomputed, decoded earlier and cached."""
-    process, kept, chosen, masked_in = (t[slot].tolist() for t in dec.last_step)
+    step_record = dec.last_step
     chars = []
-    for p, k, c, m in zip(process, kept, chosen, masked_in):
+    for p, k, c, m in zip(*(t[slot].tolist() for t in (step_record.computed, step_record.kept, step_record.decoded,
+                                                      step_record.masked_before))):
         kind = ("decoded" if c else "kept" if m and k else "evicted" if m and p else "skipped" if m
                 else "recomputed" if p else "cached")
         ch, code = SHOW_LEGEND[kind]
@@ -267,19 +192,20 @@ def _progress_bar(total):
     return tqdm(total=total, unit="seq", file=sys.stderr)
 
 
-def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, on_result=None,
-             **options) -> list[Result]:
+def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, on_result=None, chat: bool = True,
+             show: bool = False, show_progress: bool = False, **options) -> list[Result]:
     """Generate a completion for every prompt.
 
         model, tok = checkpoint.load("checkpoints/sdar-tiny")   # import checkpoint
         results = generate(model, tok, ["What is 17 plus 25?"], max_new_tokens=64, threshold=0.9)
         results[0].text, results[0].token_ids, results[0].stats["decoded"]
 
-    Options are the fields of `Options`, given as keywords or as one `Options` (already checked when made).
-    Stats hold one entry per step of the sequence: the block's positions (block; the last block ends at
-    the budget), tokens computed (layers 0-1), computed_deep (layers 2..L), decoded, the FOCUS retain
-    target and the context length. on_result(index, result), if given, is called as each
-    prompt finishes. Bad prompts or options raise a one-line ValueError.
+    Decoding options are the fields of `decoder.Options`, given as keywords or as one `Options` (already
+    checked when made). chat: wrap each prompt in the checkpoint's chat template; show, show_progress: as
+    generate_ids. Stats hold one entry per step of the sequence: the block's positions (block; the last
+    block ends at the budget), tokens computed (layers 0-1), computed_deep (layers 2..L), decoded, the FOCUS
+    retain target and the context length. on_result(index, result), if given, is called as each prompt
+    finishes. Bad prompts or options raise a one-line ValueError.
     """
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of strings, got a {type(prompts).__name__}"
@@ -288,11 +214,11 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
         raise ValueError("prompts is empty; give at least one prompt")
     unknown = set(options) - set(Options.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see generate.Options")
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see decoder.Options")
     if opts is not None and (options or not isinstance(opts, Options)):
-        raise ValueError("give options either as one generate.Options or as keywords, not both")
+        raise ValueError("give options either as one decoder.Options or as keywords, not both")
     opts = opts if opts is not None else Options(**options)
-    ids = encode_prompts(tokenizer, prompts, opts.chat)
+    ids = encode_prompts(tokenizer, prompts, chat)
 
     done = {}
 
@@ -301,7 +227,8 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
         if on_result is not None:
             on_result(i, done[i])
 
-    generate_ids(model, ids, tokenizer.mask_id, tokenizer.eos_ids, opts, on_result=finished)
+    generate_ids(model, ids, tokenizer.mask_id, tokenizer.eos_ids, opts, on_result=finished, show=show,
+                 show_progress=show_progress)
     return [done[i] for i in range(len(prompts))]
 
 
@@ -320,12 +247,12 @@ def add_options(p: argparse.ArgumentParser, names=None):
     for f in fields(Options):
         if names is not None and f.name not in names:
             continue
-        flag, kw = "--" + _flag(f.name), dict(default=f.default, help=f.metadata["help"])
+        name, kw = "--" + flag(f.name), dict(default=f.default, help=f.metadata["help"])
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         else:
             kind = {"int": int, "int | None": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, choices=f.metadata["choices"], **kw)
+            p.add_argument(name, type=kind, choices=f.metadata["choices"], **kw)
 
 
 def options_from(args, **extra) -> Options:
@@ -424,7 +351,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: the shipped model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    add_options(p, [f.name for f in fields(Options) if f.name != "progress"])  # progress: set by the prompt count
+    add_options(p)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap prompts in the checkpoint's chat template")
+    p.add_argument("--show", action="store_true", help="FOCUS: print the first sequence's block at every step")
     return p.parse_args(argv)
 
 
@@ -439,7 +369,7 @@ def main(argv=None) -> int:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         total = len(prompts)
-        opts = options_from(args, progress=len(prompts) > 1)
+        opts = options_from(args)
         device = resolve_device(args.device)
         if args.output:
             results_file = ResultsFile(check_output(args.output, args.prompts_file, args.overwrite), args.overwrite)
@@ -452,7 +382,8 @@ def main(argv=None) -> int:
                 results_file.add(i, r)
             finished.append(r)
 
-        results = generate(model, tok, prompts, opts, on_result=on_result)
+        results = generate(model, tok, prompts, opts, on_result=on_result, chat=args.chat, show=args.show,
+                           show_progress=len(prompts) > 1)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0

@@ -1,78 +1,80 @@
-"""The fast paths, in one place. The plain PyTorch code they speed up lives where a reader expects it (model.py,
-focus.py) and stays the reference; each fast path is tested against it. `generate.py --compile` turns them on.
+"""The fast paths of `--compile`, in one place. The plain PyTorch code they speed up lives where a reader expects
+it (model.py, focus.py) and stays the reference; each fast path is tested against it (tests/test_kernels.py,
+tests/test_moe.py::test_batched_experts_match_the_loop). The decoder asks for them explicitly, with the one
+option `compile`:
 
-- fusable / compiled(fn): a small function through `torch.compile` (Inductor fuses its element-wise steps into
-  one kernel; on CPU it emits C++). model.py marks RMSNorm, RoPE and SwiGLU `@fusable`: inside fast_paths()
-  they run compiled. Where compilation is not available the plain function runs, with a warning. (FOCUS's
-  importance and selection run plain: on the GPU a compiled call with dynamic shapes cost more host time,
-  about 0.35 ms, than its kernels took.)
+- fast_paths(model): inside the block, the model's small functions run fused. Modules call them through an
+  attribute (RMSNorm.norm, Attention.apply_rope, MLP.act, Experts.act: model.py's plain functions), which is
+  swapped for the function compiled by `torch.compile` (Inductor fuses its element-wise steps into one kernel;
+  on CPU it emits C++), and MoE.run_experts for batched_experts. Where compilation is not available the plain
+  function runs, with a warning. (FOCUS's importance and selection run plain: on the GPU a compiled call with
+  dynamic shapes cost more host time, about 0.35 ms, than its kernels took.)
 
-- graphed(fn): the layers of a decode step as CUDA graphs (CUDA only; elsewhere fn runs as it is). A step's
-  rows are ragged (each sequence computes its own number of block positions), a graph's shapes are fixed,
-  so the rows are padded to a few buckets (rows in all, rows per sequence, keys per sequence) and one graph
-  is captured per bucket, on first use, then replayed. Padding rows write their keys and values into a
-  spare cache slot that no sequence reads. A plain step runs layers 0..L-1 as one graph; a FOCUS step runs
-  layers 0-1 as one graph and layer 1's attention and layers 2..L as another, around the selection, as the
-  reference implementation does. The logits are computed outside, for the masked rows only.
+- graphed(fn): the layers of a decode step as CUDA graphs (CUDA only; elsewhere fn runs as it is), asked for
+  by `graphs=True` of model.forward_rows and focus.forward_focus. A step's rows are ragged (each sequence
+  computes its own number of block positions), a graph's shapes are fixed, so the rows are padded to a few
+  buckets (rows in all, rows per sequence, keys per sequence) and one graph is captured per bucket, on first
+  use, then replayed. Padding rows write their keys and values into a spare cache slot that no sequence
+  reads. A plain step runs layers 0..L-1 as one graph; a FOCUS step runs layers 0-1 as one graph and layer
+  1's attention and layers 2..L as another, around the selection, as the reference implementation does. The
+  logits are computed outside, for the masked rows only.
 
-- reused(make, *args): the decoder's KV cache, made once and handed to the next decoder of the same shape,
-  so that the graphs captured on it (which hold its addresses) serve later runs too.
+- reused_cache(model, make, *args): the decoder's KV cache, made once and handed to the next decoder of the same
+  shape, so that the graphs captured on it (which hold its addresses) serve later runs too; release(model)
+  frees it (and its graphs), as does dropping the model.
 
 - batched_experts: a mixture-of-experts layer's experts in two batched matrix products over a padded
-  (experts x rows) grid, instead of model.MoE's loop over experts. (MoE layers sync with the host, so MoE
+  (experts x rows) grid, instead of model.experts_loop. (MoE layers sync with the host to route, so MoE
   models run without graphs.)
-
-Tests: tests/test_kernels.py (graph padding against the plain forward on CPU, the fused functions, greedy
-generation with --compile on CPU, and with CUDA graphs where a GPU is present),
-tests/test_moe.py::test_batched_experts_match_the_loop.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import weakref
 import warnings
+import weakref
 
 import torch
 
-_COMPILED = {}
-_FAST = False
+# ---------------------------------------------------------------------------------------------------
+# Fused small functions.
+
+SWAPPABLE = ("norm", "apply_rope", "act", "run_experts")  # the module attributes that hold a plain function
+_FAST_OF, _PLAIN_OF = {}, {}                              # plain function <-> its fast version
 
 
 @contextlib.contextmanager
-def fast_paths(on: bool = True):
-    """Inside the block the model takes its fast paths (@fusable functions compiled, model.MoE's experts
-    batched); generate_ids enters it with --compile. The graphed layers are asked for explicitly
-    (model.forward_rows(compiled=...), focus.forward_focus(compiled=...))."""
-    global _FAST
-    before, _FAST = _FAST, on
+def fast_paths(model, on: bool = True):
+    """Inside the block, `model` calls the fast versions of its small functions (on=False: the plain ones).
+    The attributes are put back on the way out."""
+    swapped = []
+    for module in model.modules():
+        for name in SWAPPABLE:
+            fn = module.__dict__.get(name)
+            if fn is None:
+                continue
+            plain = _PLAIN_OF.get(fn, fn)
+            want = _fast_version(name, plain) if on else plain
+            if want is not fn:
+                swapped.append((module, name, fn))
+                setattr(module, name, want)
     try:
         yield
     finally:
-        _FAST = before
+        for module, name, fn in reversed(swapped):
+            setattr(module, name, fn)
 
 
-def fast_paths_on() -> bool:
-    return _FAST
-
-
-def fusable(fn):
-    """A small function of the model whose fast path is its compiled version: inside fast_paths() it runs
-    through torch.compile (one fused kernel instead of one per element-wise step), elsewhere as written."""
-    @functools.wraps(fn)
-    def call(*args):
-        return (compiled(fn) if _FAST else fn)(*args)
-    return call
+def _fast_version(name: str, plain):
+    if plain not in _FAST_OF:
+        fast = batched_experts if name == "run_experts" else compiled(plain)
+        _FAST_OF[plain], _PLAIN_OF[fast] = fast, plain
+    return _FAST_OF[plain]
 
 
 def compiled(fn):
-    """torch.compile(fn), made once per function, falling back to fn (with one warning) where compilation fails."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = _with_fallback(fn)
-    return _COMPILED[fn]
-
-
-def _with_fallback(fn):
+    """torch.compile(fn, dynamic=True), falling back to fn (with one warning) where compilation fails."""
     name = fn.__name__
     try:
         fast = torch.compile(fn, dynamic=True)
@@ -81,6 +83,7 @@ def _with_fallback(fn):
         return fn
     state = {"fn": fast}
 
+    @functools.wraps(fn)
     def call(*args):
         try:
             return state["fn"](*args)
@@ -98,44 +101,48 @@ def _with_fallback(fn):
 
 _GRAPHED = {}
 _STORES = weakref.WeakKeyDictionary()  # KV cache -> its graphs and their memory pool
-_REUSED = {}
+_CACHES = weakref.WeakKeyDictionary()  # model -> (arguments, the KV cache made with them)
+KEY_STEP = 256                         # keys per sequence are padded to a multiple of this
 
 
-def reused(make, *args):
-    """make(*args), or the object that the last call with equal arguments made (one kept per `make`)."""
-    key = tuple(a if isinstance(a, (int, float, str, torch.device, torch.dtype)) else repr(a) for a in args)
-    last = _REUSED.get(make)
-    if last is None or last[0] != key:
-        _REUSED.pop(make, None)  # free the old one (and its graphs) before making the new one
-        _REUSED[make] = last = (key, make(*args))
+def reused_cache(model, make, *args):
+    """make(*args), or the cache that the last call for this model made with equal arguments (one kept per
+    model, for as long as the model lives or until release(model))."""
+    last = _CACHES.get(model)
+    if last is None or last[0] != args:
+        _CACHES.pop(model, None)  # free the old one (and its graphs) before making the new one
+        _CACHES[model] = last = (args, make(*args))
     return last[1]
 
 
+def release(model):
+    """Free the KV cache kept for `model` (and the graphs captured on it)."""
+    _CACHES.pop(model, None)
+
+
 def graphed(fn, capture: bool = True):
-    """fn(model, *args) with CUDA graphs, on CUDA. args hold one Rows, one KVCache whose last slot is spare
-    (no sequence uses it), tensors with one row per row of the Rows, and ints; the ints and the padded shapes
-    pick the graph. Returns what fn returns, one row per row; these are the graph's own buffers, valid until
-    the same graph runs again. Off CUDA, and for MoE models (their routing syncs with the host), fn runs as is.
-    capture=False: the same padded buffers, run eagerly on any device (what a graph computes; for tests)."""
+    """fn(model, x, rows, cache, *extra) with CUDA graphs, on CUDA. rows is a model.Rows; cache a model.KVCache
+    whose last slot is spare (no sequence uses it); x and the tensors among extra have one entry per row; the
+    ints among extra, and the padded shapes, pick the graph. Returns what fn returns, one entry per row: the
+    graph's own buffers, valid until the same graph runs again. Off CUDA, and for MoE models (their routing
+    syncs with the host), fn runs as is. capture=False: the same padded buffers, run eagerly on any device
+    (what a graph computes; for tests)."""
     if (fn, capture) not in _GRAPHED:
         _GRAPHED[fn, capture] = functools.partial(_graphed_call, fn, capture)
     return _GRAPHED[fn, capture]
 
 
-def _graphed_call(fn, capture: bool, model, *args):
-    from model import KVCache, Rows  # here: model.py imports this module
-    rows = next(a for a in args if isinstance(a, Rows))
-    cache = next(a for a in args if isinstance(a, KVCache))
+def _graphed_call(fn, capture: bool, model, x, rows, cache, *extra):
+    args = (x, rows, cache, *extra)
     if capture and (rows.pos.device.type != "cuda" or model.config.num_experts):
         return fn(model, *args)
-    # Every sequence with the same rows and keys, no padding: no attention mask, so SDPA's flash kernel runs.
-    dense = rows.dense and len(rows.active) == cache.k.shape[1] - 1 and _bucket(rows.num_rows) == rows.num_rows
-    if dense:
-        shape = (rows.num_rows, rows.q_max, rows.kv_max)
-    else:
-        shape = (_bucket(rows.num_rows), 1 << (rows.q_max - 1).bit_length(),  # rows; rows per sequence, keys:
-                 min(cache.max_len, -(-rows.kv_max // 256) * 256))              # powers of two, multiples of 256
-    key = (fn, capture, id(model), dense, shape, tuple(a for a in args if isinstance(a, int)),
+    spare = cache.k.shape[1] - 1
+    # Padded shape: rows in all (buckets), rows per sequence (powers of two), keys (multiples of KEY_STEP).
+    shape = (_bucket(rows.num_rows), 1 << (rows.q_max - 1).bit_length(),
+             min(cache.max_len, -(-rows.kv_max // KEY_STEP) * KEY_STEP))
+    # Every slot with the same rows and keys, and nothing padded: no attention mask, so SDPA's flash kernel runs.
+    dense = rows.dense and len(rows.active) == spare and shape == (rows.num_rows, rows.q_max, rows.kv_max)
+    key = (fn, capture, dense, shape, tuple(a for a in extra if isinstance(a, int)),
            tuple((a.shape[1:], a.dtype) for a in args if isinstance(a, torch.Tensor)))
     store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {}})
     graph = store["graphs"].get(key)
@@ -154,15 +161,16 @@ class _Graph:
     """One captured graph: static input buffers (the padded rows and row tensors), the graph, its outputs."""
 
     def __init__(self, fn, model, args, rows, cache, shape, dense: bool, pool, capture: bool = True):
-        from model import Rows
         padded, per_seq, keys = shape
         dev = rows.pos.device
         self.spare = cache.k.shape[1] - 1
-        self.seq, self.pos, self.slot, self.key_end = (torch.zeros(padded, dtype=torch.long, device=dev) for _ in range(4))
-        # Every cache slot has a line of the attention grid (group = slot), the spare one too unless dense.
+        self.seq, self.pos, self.place, self.key_end = (torch.zeros(padded, dtype=torch.long, device=dev)
+                                                        for _ in range(4))
+        # Every cache slot has a line of the attention grid (line = slot), the spare one too unless dense.
         lines = torch.arange(self.spare if dense else self.spare + 1, device=dev)
-        self.rows = Rows(self.seq, self.pos, self.seq, self.slot, self.key_end, lines, per_seq, keys,
-                         all_slots=True, dense=dense)
+        self.rows = dataclasses.replace(rows, seq=self.seq, pos=self.pos, line=self.seq, place=self.place,
+                                        key_end=self.key_end, active=lines, q_max=per_seq, kv_max=keys,
+                                        all_slots=True, dense=dense, _masks={})
         # The cache only weakly: it keys the store this graph lives in, which must not keep it alive.
         self.args = [self.rows if a is rows else a.new_zeros((padded, *a.shape[1:])) if isinstance(a, torch.Tensor)
                      else weakref.proxy(a) if a is cache else a for a in args]
@@ -186,8 +194,8 @@ class _Graph:
         """Copy a step's rows and row tensors into the buffers; padding rows go to the spare slot, position 0,
         where they see one key."""
         n = rows.num_rows
-        for buf, value, pad in ((self.seq, rows.seq, self.spare), (self.pos, rows.pos, 0), (self.slot, rows.slot, 0),
-                                (self.key_end, rows.key_end, 1)):
+        for buf, value, pad in ((self.seq, rows.seq, self.spare), (self.pos, rows.pos, 0),
+                                (self.place, rows.place, 0), (self.key_end, rows.key_end, 1)):
             buf[:n] = value
             buf[n:] = pad
         for buf, a in zip(self.args, args):
@@ -207,14 +215,17 @@ class _Graph:
         return out[0] if len(out) == 1 else out
 
 
+# ---------------------------------------------------------------------------------------------------
+# Mixture of experts.
+
 def batched_experts(experts, x, expert, token, weight):
-    """The routed experts' weighted sum for every token, (N, hidden) fp32. x (N, hidden); expert, token,
-    weight (N * k,): the (token, expert) pairs sorted by expert, with their router weights. Each expert's
+    """model.experts_loop's result, (N, hidden) fp32, from two batched matrix products. x (N, hidden); expert,
+    token, weight (N * k,): the (token, expert) pairs sorted by expert, with their router weights. Each expert's
     rows go to its line of a zero-padded (E, most rows of any expert, hidden) grid, then one batched SwiGLU."""
     num_experts = experts.gate_proj.shape[0]
     counts = torch.bincount(expert, minlength=num_experts)
     first = torch.cumsum(counts, 0) - counts
-    place = torch.arange(len(expert), device=x.device) - first[expert]   # the pair's row in its expert's line
+    place = torch.arange(len(expert), device=x.device) - first[expert]   # the pair's place in its expert's line
     grid = x.new_zeros(num_experts, int(counts.max()), x.shape[1])
     grid[expert, place] = x[token]
     h = torch.nn.functional.silu(grid @ experts.gate_proj.transpose(1, 2)) * (grid @ experts.up_proj.transpose(1, 2))

@@ -11,12 +11,16 @@ Three ways to run it, from slow-and-obvious to fast:
 - `model.forward_rows(ids, rows, cache)`: the decode path. Only the listed token rows are computed; their
   keys and values are written in place into a preallocated KV cache and the rows attend to the cache.
 - `focus.forward_focus(...)`: the same rows, with FOCUS evicting tokens after layer 1.
-The last two take `compiled=True` (`--compile`): on a GPU their layers run as CUDA graphs (kernels.graphed),
-and the functions marked `@kernels.fusable` (RMSNorm, RoPE, SwiGLU) run fused; the code here stays the one
-a reader follows, and the fast paths are tested against it.
+This file is the plain PyTorch a reader follows. kernels.py holds the fast paths of `--compile`, each tested
+against it: the decode layers as CUDA graphs (`graphs=True` of forward_rows and focus.forward_focus), and
+fused versions of the small functions that modules call through an attribute (RMSNorm.norm, Attention.apply_rope,
+MLP.act, Experts.act, MoE.run_experts), which `with kernels.fast_paths(model):` swaps in.
 
 Unlike an autoregressive model there is no shift: the logits at a masked position are the distribution of
 the token at that same position.
+
+Letters in shape comments: T rows computed by a step, A sequences with rows (active), S cache slots,
+R rows that get logits, E experts, N tokens routed.
 """
 from __future__ import annotations
 
@@ -96,12 +100,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.norm = rms_norm  # kernels.fast_paths swaps in a fused version
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return self.norm(x, self.weight, self.eps)
 
 
-@kernels.fusable
 def rms_norm(x, weight, eps: float):
     """Qwen3's RMSNorm: normalised in fp32, rounded back to x's dtype, then scaled."""
     dtype = x.dtype
@@ -118,7 +122,6 @@ def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: t
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-@kernels.fusable
 def apply_rope(x, cos, sin):
     """x: (..., heads, head_dim); cos, sin: (..., rotary_dim). The Qwen 'rotate half' convention on the first
     rotary_dim dimensions of each head; the rest pass unchanged (partial RoPE, LLaDA2.0: half of them)."""
@@ -142,6 +145,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, before RoPE (Qwen3)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.apply_rope = apply_rope  # kernels.fast_paths swaps in a fused version
 
     def qkv(self, x, cos, sin):
         """x: (..., hidden) -> q (..., heads, head_dim), k and v (..., kv_heads, head_dim); q, k post-norm, post-RoPE."""
@@ -149,7 +153,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(*lead, self.n_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim))
         v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin), v
 
 
 class MLP(nn.Module):
@@ -158,12 +162,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = swiglu  # kernels.fast_paths swaps in a fused version
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
-@kernels.fusable
 def swiglu(gate, up):
     """SwiGLU's gating: silu(gate) * up."""
     return F.silu(gate) * up
@@ -212,10 +216,22 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.randn(num_experts, inner, hidden_size) * hidden_size ** -0.5)
         self.up_proj = nn.Parameter(torch.randn(num_experts, inner, hidden_size) * hidden_size ** -0.5)
         self.down_proj = nn.Parameter(torch.randn(num_experts, hidden_size, inner) * inner ** -0.5)
+        self.act = swiglu  # kernels.fast_paths swaps in a fused version
 
     def forward(self, e: int, x):
         """Expert e on rows x (n, hidden) -> (n, hidden)."""
-        return F.linear(swiglu(F.linear(x, self.gate_proj[e]), F.linear(x, self.up_proj[e])), self.down_proj[e])
+        return F.linear(self.act(F.linear(x, self.gate_proj[e]), F.linear(x, self.up_proj[e])), self.down_proj[e])
+
+
+def experts_loop(experts: Experts, x, expert, token, weight):
+    """The routed experts' weighted sum for every token, (N, hidden) fp32: each expert runs once, on all of
+    its tokens. x (N, hidden); expert, token, weight (N * k,): the (token, expert) pairs sorted by expert."""
+    counts = torch.bincount(expert, minlength=experts.gate_proj.shape[0]).tolist()  # one host sync
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e, (rows, w) in enumerate(zip(token.split(counts), weight.split(counts))):
+        if len(rows):
+            out.index_add_(0, rows, experts(e, x[rows]).float() * w[:, None])
+    return out
 
 
 class MoE(nn.Module):
@@ -223,8 +239,8 @@ class MoE(nn.Module):
     moe_intermediate_size), weighted by the router, plus the shared experts if any.
 
     Dispatch: the (token, expert) pairs are sorted by expert, so each expert runs once on all of its tokens
-    (a loop over experts, never over tokens). Under kernels.fast_paths (`--compile`) all experts run in
-    two batched matrix products instead (kernels.batched_experts), with the same result. An evicted FOCUS
+    (experts_loop: a loop over experts, never over tokens). With `--compile` all experts run in two batched
+    matrix products instead (kernels.batched_experts), with the same result. An evicted FOCUS
     token is not among the rows at all, so it skips the experts of later layers like everything else."""
 
     def __init__(self, cfg: ModelConfig):
@@ -233,6 +249,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
+        self.run_experts = experts_loop  # kernels.fast_paths swaps in kernels.batched_experts
 
     def forward(self, x):
         lead, hidden = x.shape[:-1], x.shape[-1]
@@ -241,15 +258,7 @@ class MoE(nn.Module):
         expert, order = experts.flatten().sort(stable=True)                   # pairs grouped by expert
         token = order // experts.shape[1]
         weight = weights.flatten()[order]
-        if kernels.fast_paths_on():
-            out = kernels.batched_experts(self.experts, x, expert, token, weight)
-        else:
-            counts = torch.bincount(expert, minlength=self.gate.weight.shape[0]).tolist()  # one host sync
-            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            for e, (rows, w) in enumerate(zip(token.split(counts), weight.split(counts))):
-                if len(rows):
-                    out.index_add_(0, rows, self.experts(e, x[rows]).float() * w[:, None])
-        out = out.to(x.dtype)
+        out = self.run_experts(self.experts, x, expert, token, weight).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(*lead, hidden)
@@ -308,19 +317,19 @@ class Rows:
     """The tokens one forward pass computes, packed over the batch: T rows, ordered by sequence then position.
 
     For attention the rows are laid out padded, one line per active sequence: row r sits at
-    (group[r], slot[r]) of a (num_active, q_max) grid, and sees the cached keys at positions < key_end[r].
+    (line[r], place[r]) of an (A, q_max) grid, and sees the cached keys at positions < key_end[r].
     """
-    seq: torch.Tensor      # (T,) cache slot of each row
+    seq: torch.Tensor      # (T,) cache slot of each row's sequence
     pos: torch.Tensor      # (T,) absolute position
-    group: torch.Tensor    # (T,) index of the row's sequence among the active ones
-    slot: torch.Tensor     # (T,) index of the row within its sequence
+    line: torch.Tensor     # (T,) the grid line of the row's sequence: its index among the active ones
+    place: torch.Tensor    # (T,) the row's index within its sequence
     key_end: torch.Tensor  # (T,) the row attends to keys at positions < key_end
     active: torch.Tensor   # (A,) cache slots of the sequences with rows, ascending
     q_max: int
     kv_max: int
     all_slots: bool        # the active sequences are exactly cache slots 0..A-1
     dense: bool            # every sequence has q_max rows and one shared key_end: no mask needed
-    _masks: dict = field(default_factory=dict, repr=False)  # attention masks, made once per step, by GQA group
+    _masks: dict = field(default_factory=dict, repr=False)  # attention masks, made once per step, by GQA group size
 
     @property
     def num_rows(self) -> int:
@@ -329,22 +338,22 @@ class Rows:
     @staticmethod
     def build(seq, pos, key_end, num_slots: int) -> "Rows":
         """seq, pos, key_end: (T,) with rows grouped by sequence (seq ascending). Syncs once with the host."""
-        active, counts, group, slot = ragged_layout(seq)
+        active, counts, line, place = ragged_layout(seq)
         q_max, kv_max, k_min, c_min = torch.stack([counts.max(), key_end.max(), key_end.min(), counts.min()]).tolist()
-        return Rows(seq, pos, group, slot, key_end, active, q_max, kv_max,
+        return Rows(seq, pos, line, place, key_end, active, q_max, kv_max,
                     all_slots=len(active) == num_slots, dense=(q_max == c_min and kv_max == k_min))
 
-    def attention_mask(self, group: int):
-        """(A, 1, group * q_max, kv_max) bool, True where a query may read a key; None when dense. Built on the
-        first layer that asks and reused by every later one."""
+    def attention_mask(self, heads_per_kv: int):
+        """(A, 1, heads_per_kv * q_max, kv_max) bool, True where a query may read a key; None when dense. Built
+        on the first layer that asks and reused by every later one."""
         if self.dense:
             return None
-        if group not in self._masks:
+        if heads_per_kv not in self._masks:
             ends = torch.ones(len(self.active), self.q_max, dtype=torch.long, device=self.pos.device)  # padding: key 0
-            ends[self.group, self.slot] = self.key_end
+            ends[self.line, self.place] = self.key_end
             mask = torch.arange(self.kv_max, device=self.pos.device) < ends[:, None, :, None]  # (A, 1, q_max, kv_max)
-            self._masks[group] = mask.repeat(1, 1, group, 1)
-        return self._masks[group]
+            self._masks[heads_per_kv] = mask.repeat(1, 1, heads_per_kv, 1)
+        return self._masks[heads_per_kv]
 
     def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int) -> "Rows":
         """The subset of rows at indices `keep` (ascending), with new key ends."""
@@ -353,14 +362,14 @@ class Rows:
 
 def ragged_layout(seq: torch.Tensor):
     """For rows grouped by sequence, seq (T,) ascending -> the sequences present (A,), their row counts (A,),
-    and each row's place in a padded (A, max count) grid: group (T,) and slot (T,)."""
+    and each row's cell in a padded (A, max count) grid: its line (T,) and its place in the line (T,)."""
     active, counts = torch.unique_consecutive(seq, return_counts=True)   # one host sync (the output's size)
     starts = torch.cumsum(counts, 0) - counts
     first = torch.ones_like(seq, dtype=torch.bool)
     first[1:] = seq[1:] != seq[:-1]                                         # a row that starts its sequence
-    group = first.cumsum(0) - 1
-    slot = torch.arange(len(seq), device=seq.device) - starts[group]
-    return active, counts, group, slot
+    line = first.cumsum(0) - 1
+    place = torch.arange(len(seq), device=seq.device) - starts[line]
+    return active, counts, line, place
 
 
 def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):
@@ -369,19 +378,20 @@ def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):
     Grouped-query attention without copying the cache: the query heads that share a kv head are stacked
     along the query axis, so each kv head is read once, as is, by whichever SDPA kernel runs."""
     n_active, kv_heads = len(rows.active), cache.k.shape[2]
-    group = q.shape[1] // kv_heads
+    heads_per_kv = q.shape[1] // kv_heads                    # query heads per kv head (GQA)
     if rows.all_slots:  # the active sequences are slots 0..A-1: a view, no copy
         keys, values = cache.k[layer, :n_active, :, :rows.kv_max], cache.v[layer, :n_active, :, :rows.kv_max]
     else:
         keys, values = cache.k[layer, rows.active, :, :rows.kv_max], cache.v[layer, rows.active, :, :rows.kv_max]
     # keys, values: (A, kv_heads, kv_max, head_dim)
     grid = q.new_zeros(n_active, rows.q_max, *q.shape[1:])   # (A, q_max, heads, head_dim)
-    grid[rows.group, rows.slot] = q
-    grid = grid.view(n_active, rows.q_max, kv_heads, group, -1).permute(0, 2, 3, 1, 4)
-    grid = grid.reshape(n_active, kv_heads, group * rows.q_max, -1)  # head h = kv head h // group
-    out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=rows.attention_mask(group), scale=scale)
-    out = out.view(n_active, kv_heads, group, rows.q_max, -1).permute(0, 3, 1, 2, 4)  # (A, q_max, kv, group, d)
-    return out.reshape(n_active, rows.q_max, q.shape[1], -1)[rows.group, rows.slot]
+    grid[rows.line, rows.place] = q
+    grid = grid.view(n_active, rows.q_max, kv_heads, heads_per_kv, -1).permute(0, 2, 3, 1, 4)
+    grid = grid.reshape(n_active, kv_heads, heads_per_kv * rows.q_max, -1)  # head h = kv head h // heads_per_kv
+    mask = rows.attention_mask(heads_per_kv)
+    out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=mask, scale=scale)
+    out = out.view(n_active, kv_heads, heads_per_kv, rows.q_max, -1).permute(0, 3, 1, 2, 4)  # (A, q_max, kv, per kv, d)
+    return out.reshape(n_active, rows.q_max, q.shape[1], -1)[rows.line, rows.place]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,11 +432,11 @@ class SDAR(nn.Module):
             x = layer.finish(x, attn.transpose(1, 2))
         return self.lm_head(self.norm(x))
 
-    def forward_rows(self, input_ids, rows: Rows, cache: KVCache, logits_for=None, compiled: bool = False):
+    def forward_rows(self, input_ids, rows: Rows, cache: KVCache, logits_for=None, graphs: bool = False):
         """The decode path. input_ids (T,) at rows -> logits (R, vocab) for the rows indexed by logits_for
         (all rows when None). Every layer writes the rows' keys/values into the cache, then attends.
-        compiled: the layers as a CUDA graph (kernels.graphed; on CUDA, for a cache with a spare slot)."""
-        layers = kernels.graphed(SDAR.decode_layers) if compiled else SDAR.decode_layers
+        graphs: the layers as a CUDA graph (kernels.graphed; on CUDA, for a cache with a spare slot)."""
+        layers = kernels.graphed(SDAR.decode_layers) if graphs else SDAR.decode_layers
         x = layers(self, self.embed_tokens(input_ids), rows, cache, 0, len(self.layers))
         return self.logits(x, logits_for)
 

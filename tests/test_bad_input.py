@@ -280,7 +280,7 @@ def test_generate_takes_one_checked_options(loaded):
     opts = generate.Options(max_new_tokens=4)
     assert generate.generate(net, tok, ["Hi"], opts)[0].token_ids == generate.generate(net, tok, ["Hi"], max_new_tokens=4)[0].token_ids
     for bad in ({"max_new_tokens": 4}, "fast"):
-        with pytest.raises(ValueError, match="generate.Options"):
+        with pytest.raises(ValueError, match="decoder.Options"):
             generate.generate(net, tok, ["Hi"], bad)
     with pytest.raises(ValueError, match="not both"):
         generate.generate(net, tok, ["Hi"], opts, max_new_tokens=8)

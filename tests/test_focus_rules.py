@@ -130,19 +130,20 @@ def test_max_pool3_literal():
 # 2. Delta
 
 def test_importance_delta_is_fp32_difference_of_bf16_inputs():
+    """fp32 importances are rounded to the model's dtype (bf16 here) first, then subtracted in fp32."""
     gen = torch.Generator().manual_seed(2)
-    i1 = (torch.rand(3, 6, generator=gen) * 20).to(torch.bfloat16)
-    i0 = (torch.rand(3, 6, generator=gen) * 20).to(torch.bfloat16)
-    got = focus.importance_delta(i1, i0)
+    i1 = torch.rand(3, 6, generator=gen) * 20
+    i0 = torch.rand(3, 6, generator=gen) * 20
+    got = focus.importance_delta(i1, i0, torch.bfloat16)
     assert got.dtype == torch.float32
     for a in range(3):
         for j in range(6):
-            assert float(got[a, j]) == float(i1[a, j]) - float(i0[a, j])
+            bf16 = lambda v: float(torch.tensor(float(v)).to(torch.bfloat16))
+            assert float(got[a, j]) == bf16(i1[a, j]) - bf16(i0[a, j])
     # a difference bf16 cannot hold exactly must survive
-    a = torch.tensor([256.0], dtype=torch.bfloat16)
-    b = torch.tensor([1.0], dtype=torch.bfloat16)
-    assert float(focus.importance_delta(a, b)[0]) == 255.0
-    assert float(focus.importance_delta(b, a)[0]) == -255.0
+    a, b = torch.tensor([256.0]), torch.tensor([1.0])
+    assert float(focus.importance_delta(a, b, torch.bfloat16)[0]) == 255.0
+    assert float(focus.importance_delta(b, a, torch.bfloat16)[0]) == -255.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,8 +365,38 @@ def test_focus_huge_alpha_equals_delayed_cache(tiny, prompts):
         assert s_w["computed_deep"] == s_w["computed"]
 
 
+def test_focus_path_with_every_row_kept_equals_the_plain_path(tiny, prompts, monkeypatch):
+    """forward_focus's own path (layers 0-1 on every row, the selection, compaction, layer 1's attention and
+    layers 2..L on the kept rows), made to keep every row, gives the plain forward's logits and writes the
+    same keys and values in every layer. A target of 1 passes the batch gate, so the path really runs."""
+    from decoder import Decoder
+    monkeypatch.setattr(focus, "select_retained", lambda score, valid, *rest: valid)
+    opts = generate.Options(max_new_tokens=24, batch_size=3, focus=True, alpha=1.0, threshold=1.0)  # one a step
+    dec = Decoder(tiny, MASK, [], opts, num_slots=3, max_len=48)  # no EOS: every sequence runs on
+    with torch.no_grad():
+        dec.admit([0, 1, 2], prompts)
+        for step in range(8):  # past the first step, to one that mixes masked rows and decoded, uncached ones
+            seq, col, rows, _ = dec.rows(dec.processing())
+            ids, is_mask = dec.tokens[seq, rows.pos], dec.masked[seq, col]
+            if step > 0 and 0 < int(is_mask.sum()) < len(is_mask):
+                break
+            dec.finish_blocks(dec.step()["committing"])
+        assert 0 < int(is_mask.sum()) < len(is_mask)
+        plain_cache = model.KVCache.__new__(model.KVCache)
+        plain_cache.k, plain_cache.v, plain_cache.max_len = dec.cache.k.clone(), dec.cache.v.clone(), dec.cache.max_len
+        mask_rows = is_mask.nonzero().squeeze(1)
+        want = tiny.forward_rows(ids, rows, plain_cache, logits_for=mask_rows)
+        target = torch.ones(3, dtype=torch.long)
+        assert focus.evicts(rows, is_mask, target)
+        out = focus.forward_focus(tiny, ids, rows, dec.cache, is_mask, col, dec.block_start, dec.progress, target)
+    assert bool(out.kept.all()) and torch.equal(out.logit_rows, mask_rows)
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dec.cache.k, plain_cache.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dec.cache.v, plain_cache.v, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_focus_generates_the_same_tokens(tiny, prompts):
-    """generate.py --compile: FOCUS with the fused RMSNorm, RoPE and SwiGLU (kernels.fusable) gives the plain
+    """generate.py --compile: FOCUS with the fused RMSNorm, RoPE and SwiGLU (kernels.fast_paths) gives the plain
     path's tokens (greedy). tests/test_kernels.py checks the CUDA graphs."""
     plain = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0)
     with warnings.catch_warnings(record=True) as caught:

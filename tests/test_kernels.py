@@ -3,7 +3,8 @@
 - graphed(fn): a step's ragged rows padded to a bucket (padding rows in the spare cache slot) compute what the
   plain forward computes, and write the same keys and values; checked on CPU through capture=False (the same
   buffers run eagerly), and on CUDA with the graphs themselves.
-- fusable: RMSNorm, RoPE and SwiGLU compiled give the plain functions' numbers.
+- fast_paths(model): the model's RMSNorm, RoPE and SwiGLU swapped for compiled versions give the plain numbers,
+  and are put back on the way out.
 - generation with --compile (fused functions, and CUDA graphs on a GPU) gives the plain path's tokens.
 """
 from __future__ import annotations
@@ -57,11 +58,13 @@ def net():
 
 
 @pytest.mark.parametrize("counts,slots,starts", [([3, 8, 1, 5], None, None), ([2, 7], [1, 3], None),
-                                                 ([8] * 5, None, None), ([8] * 5, None, [16] * 5)])
+                                                 ([8] * 5, None, None), ([8] * 5, None, [16] * 5),
+                                                 ([8] * 5, None, [56] * 5)])
 def test_padded_layers_equal_the_plain_layers(net, counts, slots, starts):
     """decode_layers on the padded buffers (capture=False) == on the ragged rows: the same outputs, and the same
-    keys and values in every sequence's slot; the padding touches only the spare slot. The last case is dense
-    (every slot, the same rows and keys): no padding and no attention mask."""
+    keys and values in every sequence's slot; the padding touches only the spare slot. The last two cases are
+    dense rows (every slot, the same rows and keys): the first has its keys padded to the bucket, so it needs
+    a mask; the second reaches the end of the cache, nothing is padded, and the graph runs without a mask."""
     num_slots = 5
     rows = ragged_rows(counts, starts or [16 + 8 * i for i in range(len(counts))], num_slots, slots)
     assert rows.dense == (starts is not None)
@@ -75,6 +78,8 @@ def test_padded_layers_equal_the_plain_layers(net, counts, slots, starts):
     assert got.shape == want.shape
     torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
     torch.testing.assert_close(padded_cache.v[:, :num_slots], plain_cache.v[:, :num_slots], atol=1e-5, rtol=0)
+    graph_is_dense = [key[2] for key in kernels._STORES[padded_cache]["graphs"]]
+    assert graph_is_dense == [starts == [56] * 5]
 
 
 def test_padded_focus_layers_equal_the_plain_ones(net):
@@ -91,8 +96,8 @@ def test_padded_focus_layers_equal_the_plain_ones(net):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         kept = rows.take(keep, rows.key_end[keep] - 1, num_slots)
-        want = focus.late_layers(net, want[0][keep], want[3][keep], kept, plain_cache)
-        got = kernels.graphed(focus.late_layers, capture=False)(net, got[0][keep], got[3][keep], kept, padded_cache)
+        want = focus.late_layers(net, want[0][keep], kept, plain_cache, want[3][keep])
+        got = kernels.graphed(focus.late_layers, capture=False)(net, got[0][keep], kept, padded_cache, got[3][keep])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
 
@@ -119,31 +124,49 @@ def test_buckets_waste_at_most_an_eighth():
     assert len({kernels._bucket(n) for n in range(1, 8193)}) <= 80  # few shapes, so few graphs
 
 
-def test_reused_hands_back_the_same_object_for_equal_arguments():
+def test_reused_cache_is_handed_back_for_equal_arguments_and_released():
+    import gc
+    import weakref
+
+    class Made:
+        pass
+
     made = []
 
     def make(*args):
-        made.append(args)
-        return object()
+        made.append(Made())
+        return made[-1]
 
-    a = kernels.reused(make, 1, "x")
-    assert kernels.reused(make, 1, "x") is a
-    b = kernels.reused(make, 2, "x")
-    assert b is not a and len(made) == 2
+    owner, other = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    a = kernels.reused_cache(owner, make, 1, "x")
+    assert kernels.reused_cache(owner, make, 1, "x") is a
+    assert kernels.reused_cache(other, make, 1, "x") is not a           # one per model
+    b = kernels.reused_cache(owner, make, 2, "x")                      # other arguments: a new one
+    assert b is not a and len(made) == 3
+    alive = weakref.ref(b)
+    del a, b, made[:]
+    kernels.release(owner)
+    gc.collect()
+    assert alive() is None                                              # release frees it
+    kept = weakref.ref(kernels.reused_cache(other, make, 1, "x"))
+    del other, made[:]
+    gc.collect()
+    assert kept() is None                                               # so does dropping the model
 
 
-def test_fused_functions_match_the_plain_ones():
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(5, 3, 16, generator=gen)
-    w = torch.randn(16, generator=gen)
-    cos, sin = model.rope_tables(torch.arange(5), 8, 10000.0, torch.float32)
-    with warnings.catch_warnings(record=True) as caught, kernels.fast_paths():
-        warnings.simplefilter("always")
-        fused = (model.rms_norm(x, w, 1e-6), model.apply_rope(x, cos, sin), model.swiglu(x, w))
+def test_fast_paths_swap_in_fused_functions_and_put_them_back(net):
+    ids = torch.randint(10, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    plain_fns = {(m, name): m.__dict__[name] for m in net.modules() for name in kernels.SWAPPABLE if name in m.__dict__}
+    assert {fn for fn in plain_fns.values()} == {model.rms_norm, model.apply_rope, model.swiglu}
+    with torch.no_grad():
+        want = net(ids, block_size=8)
+        with warnings.catch_warnings(record=True) as caught, kernels.fast_paths(net):
+            warnings.simplefilter("always")
+            assert all(getattr(m, name) is not fn for (m, name), fn in plain_fns.items())
+            got = net(ids, block_size=8)
     assert not [c for c in caught if "plain version" in str(c.message)]  # it really ran compiled
-    plain = (model.rms_norm(x, w, 1e-6), model.apply_rope(x, cos, sin), model.swiglu(x, w))
-    for a, b in zip(fused, plain):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(getattr(m, name) is fn for (m, name), fn in plain_fns.items())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 PROMPTS = [[random.Random(i).randint(10, 299) for _ in range(n)] for i, n in enumerate((5, 9, 12, 3))]

@@ -267,13 +267,13 @@ def test_rows_build_ragged_layout():
     key_end = torch.tensor([7, 7, 7, 12, 12, 4])
     rows = model.Rows.build(seq, pos, key_end, num_slots=4)
     assert rows.active.tolist() == [0, 2, 3]
-    assert rows.group.tolist() == [0, 0, 0, 1, 1, 2]
-    assert rows.slot.tolist() == [0, 1, 2, 0, 1, 0]
+    assert rows.line.tolist() == [0, 0, 0, 1, 1, 2]
+    assert rows.place.tolist() == [0, 1, 2, 0, 1, 0]
     assert (rows.q_max, rows.kv_max, rows.num_rows) == (3, 12, 6)
     assert rows.all_slots is False and rows.dense is False
     taken = rows.take(torch.tensor([1, 2, 5]), torch.tensor([6, 6, 2]), num_slots=4)
     assert taken.pos.tolist() == [5, 6, 0] and taken.active.tolist() == [0, 3]
-    assert (taken.group.tolist(), taken.slot.tolist(), taken.q_max, taken.kv_max) == ([0, 0, 1], [0, 1, 0], 2, 6)
+    assert (taken.line.tolist(), taken.place.tolist(), taken.q_max, taken.kv_max) == ([0, 0, 1], [0, 1, 0], 2, 6)
 
 
 def test_rows_build_dense_only_with_equal_counts_and_key_ends():

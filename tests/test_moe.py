@@ -291,12 +291,13 @@ def test_batched_experts_match_the_loop(moe_net):
     ids = random_ids(3, 12, seed=13)
     with torch.no_grad():
         want = moe_net(ids, block_size=BS)
-        with kernels.fast_paths():
+        with kernels.fast_paths(moe_net):
+            assert all(m.run_experts is kernels.batched_experts for m in moe_net.modules() if isinstance(m, model.MoE))
             got = moe_net(ids, block_size=BS)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     plain = run(moe_net, PROMPTS, max_new_tokens=10, batch_size=3)
     assert run(moe_net, PROMPTS, max_new_tokens=10, batch_size=3, compile=True) == plain
-    assert not kernels.fast_paths_on()
+    assert all(m.run_experts is model.experts_loop for m in moe_net.modules() if isinstance(m, model.MoE))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 import focus
-from generate import Options, encode_prompts, generate_ids
+from decoder import Options
+from generate import encode_prompts, generate_ids
 from model import cached_attention
 
 
@@ -75,7 +76,7 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
         if pending:
             seq_m, col_m, scores, conf, target = pending.pop()
             records.append((seq_m.cpu().numpy(), {k: v.float().cpu().numpy() for k, v in scores.items()},
-                            conf.cpu().numpy(), target.cpu().numpy(), dec.last_step[2][seq_m, col_m].cpu().numpy()))
+                            conf.cpu().numpy(), target.cpu().numpy(), dec.last_step.decoded[seq_m, col_m].cpu().numpy()))
         seq, col, rows, _ = dec.rows(dec.processing())
         mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
         if len(mask_rows) == 0:
@@ -83,12 +84,12 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
         g = focus.grid(seq[mask_rows])
         (i0, i1), conf = probe_forward(model, dec, seq, col, rows, mask_rows, g)
         position = focus.to_grid(col[mask_rows], g, fill=-1)
-        delta = focus.importance_delta(i1, i0)
+        delta = focus.importance_delta(i1, i0, i1.dtype)
         grid_scores = {"I0": i0, "I1": i1, "delta": delta, "leftmost": focus.ranking_score("leftmost", delta, position),
                        "after-decoded": focus.ranking_score("after-decoded", delta, position)}
         avg = torch.where(dec.decoded_steps > 0, dec.decoded_sum / dec.decoded_steps.clamp(min=1), 1.0)
         target = focus.retain_target(avg, dec.masked.sum(1) * dec.live, alpha)
-        pending.append((seq[mask_rows], col[mask_rows], {k: v[g.group, g.slot] for k, v in grid_scores.items()},
+        pending.append((seq[mask_rows], col[mask_rows], {k: v[g.line, g.place] for k, v in grid_scores.items()},
                         conf, target[seq[mask_rows]]))
 
     prompts = encode_prompts(tok, [p.question for p in problems], chat=True)

@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 import data
 import focus
 import kernels
+import plots
 import replay
-from analysis import PREDICTORS, predictor_probe
-from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, encode_prompts, generate_ids
+from analysis import predictor_probe
+from decoder import Options
+from generate import DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids
 from checkpoint import CheckpointError, load, resolve_device
 from model import SDAR, ModelConfig, Rows, flops_per_token
 
@@ -202,9 +204,9 @@ def time_it(fn, device, n=10):
 
 
 @torch.inference_mode()
-def step_probe(model, batch: int, context: int, device, compiled: bool = False) -> list[dict]:
+def step_probe(model, batch: int, context: int, device, graphs: bool = False) -> list[dict]:
     """One decode forward with Q rows per sequence after a context of `context` tokens, as compute-bound.md;
-    compiled: through the same fast paths as the decoder's steps (CUDA graphs)."""
+    graphs: the layers as CUDA graphs, as the decoder's steps run with --compile."""
     from model import KVCache
     cfg, bs = model.config, model.config.block_size
     cache = KVCache(cfg, batch + 1, context + bs, device, model.embed_tokens.weight.dtype)  # + the spare slot
@@ -220,7 +222,7 @@ def step_probe(model, batch: int, context: int, device, compiled: bool = False) 
         pos = context + torch.arange(q, device=device).repeat(batch)
         rows = Rows.build(seq, pos, torch.full_like(pos, context + q), batch)
         ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
-        ms = time_it(lambda: model.forward_rows(ids, rows, cache, logits_for=pos[:0], compiled=compiled), device) * 1e3
+        ms = time_it(lambda: model.forward_rows(ids, rows, cache, logits_for=pos[:0], graphs=graphs), device) * 1e3
         flops = len(seq) * flops_per_token(cfg, context + q)
         out.append({"batch": batch, "context": context, "Q": q, "ms": ms, "tflops": flops / ms / 1e9})
     # A FOCUS step: 32 masked rows per sequence in layers 0-1, about 4 kept after layer 1.
@@ -231,7 +233,7 @@ def step_probe(model, batch: int, context: int, device, compiled: bool = False) 
     start = torch.full((batch,), context, device=device)
     progress, target = torch.full((batch,), bs - 1, device=device), torch.full((batch,), 4, device=device)
     is_mask = torch.ones_like(col, dtype=torch.bool)
-    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, compiled=compiled)
+    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, graphs=graphs)
     ms = time_it(run, device) * 1e3
     kept = int(run().kept.sum()) / batch
     out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept})
@@ -248,7 +250,7 @@ def bench_real_size(args, device) -> dict:
     batches = [2] if args.real_size_config.startswith("tiny") else args.real_batches
     for b in batches:
         for ctx in args.contexts:
-            with kernels.fast_paths(args.compile):
+            with kernels.fast_paths(model, args.compile):
                 rows = step_probe(model, b, ctx, device, args.compile)
             result["probe"] += rows
             for r in rows:
@@ -368,73 +370,6 @@ def real_size_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files, or None, with the fix on stderr, where matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return None
-
-
-def plot_command(path: str, draw) -> int:
-    """--plot FILE of eval.py and bench.py: draw(Path) -> drawn. Exit 0 drawn, 1 without matplotlib, 2 for
-    a missing file or one that is not a results file of the kind (draw raises ValueError)."""
-    if not Path(path).is_file():
-        print(f"error: --plot {path}: no such file", file=sys.stderr)
-        return 2
-    try:
-        return 0 if draw(Path(path)) else 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def plot(path: Path) -> bool:
-    """Results JSON -> PNGs beside it (needs matplotlib). A file with nothing to plot is a ValueError;
-    without matplotlib it says so and returns False."""
-    try:
-        res = json.loads(path.read_text())
-        ok = isinstance(res, dict) and (bool(res.get("modes")) or bool(res.get("predictors")))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"--plot {path}: not a results file of bench.py with throughput or predictor results")
-    plt = pyplot()
-    if plt is None:
-        return False
-    if res.get("modes"):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for mode in dict.fromkeys(r["mode"] for r in res["modes"]):
-            pts = [(r["batch_size"], r["tokens_per_s"]) for r in res["modes"] if r["mode"] == mode]
-            ax.plot(*zip(*pts), marker="o", label=mode)
-        ax.set(xlabel="batch size", ylabel="generated tokens/s", title=res["device"])
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path.with_suffix(".throughput.png"), dpi=120)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        hist = np.array(next(r for r in res["modes"] if r["mode"] == "delayed")["decoded_hist"])
-        ax.bar(range(len(hist)), hist / hist.sum())
-        ax.set(xlabel="tokens decoded in a step", ylabel="fraction of steps", title="delayed cache, threshold 0.9")
-        fig.tight_layout()
-        fig.savefig(path.with_suffix(".decoded.png"), dpi=120)
-    if res.get("predictors"):
-        fig, ax = plt.subplots(figsize=(4, 4))
-        for name in PREDICTORS:
-            p = res["predictors"][name]
-            ax.plot(*zip(*p["roc"]), label=f"{name} (AUC {p['auc_pooled']:.2f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="predicting 'decoded this step'")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path.with_suffix(".roc.png"), dpi=120)
-    print(f"plots written next to {path}", file=sys.stderr)
-    return True
-
-
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
@@ -520,7 +455,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.plot:
-        return plot_command(args.plot, plot)
+        return plots.plot_command(args.plot, plots.plot_bench)
     torch.manual_seed(0)
     res = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
@@ -558,7 +493,7 @@ def main(argv=None) -> int:
         f.write(json.dumps(res, indent=1) + "\n")
     print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")
     if res.get("modes") or res.get("predictors"):  # a real-size run has no plots
-        plot(path)
+        plots.plot_bench(path)
     return 0
 
 

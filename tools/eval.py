@@ -25,9 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
 import analysis
-import bench
 import data
-from generate import DEFAULT_MODEL, ArgumentParser, Options, add_options, generate, options_from
+import plots
+from decoder import Options
+from generate import DEFAULT_MODEL, ArgumentParser, add_options, generate, options_from
 from checkpoint import CheckpointError, load, resolve_device
 
 
@@ -45,9 +46,9 @@ def decode_stats(results, num_layers: int) -> dict:
             "row_layers_per_token": (2 * computed + (num_layers - 2) * deep) / max(tokens, 1)}
 
 
-def evaluate(model, tok, problems, **options) -> tuple[dict, list]:
+def evaluate(model, tok, problems, show_progress: bool = False, **options) -> tuple[dict, list]:
     t0 = time.perf_counter()
-    results = generate(model, tok, [p.question for p in problems], **options)
+    results = generate(model, tok, [p.question for p in problems], show_progress=show_progress, **options)
     elapsed = time.perf_counter() - t0
     correct = [data.extract_answer(r.text) == p.answer for r, p in zip(results, problems)]
     families = sorted({p.family for p in problems})
@@ -121,39 +122,6 @@ def predictor_table(probe: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_frontier(path: Path) -> bool:
-    """frontier JSON -> PNG beside it: accuracy against row-layers per generated token (needs matplotlib).
-    A file that is not a frontier result is a ValueError; without matplotlib it says so and returns False."""
-    try:
-        rows = json.loads(path.read_text())["modes"]
-        ok = any(r["mode"].startswith("delayed cache") and "row_layers_per_token" in r for r in rows)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
-    plt = bench.pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    curves = {"delayed cache (threshold sweep)": lambda r: r["mode"].startswith("delayed cache"),
-              "FOCUS at 0.9 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.9"),
-              "FOCUS at 0.8 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.8"),
-              "full block, 0.9": lambda r: r["mode"] == "full block"}
-    for label, keep in curves.items():
-        pts = [(r["row_layers_per_token"], 100 * r["accuracy"], r["mode"]) for r in rows if keep(r)]  # sweep order
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        for x, y, mode in pts:
-            ax.annotate(mode.split()[-1] if not mode.startswith("FOCUS") else mode.split()[1], (x, y),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="row-layers per generated token (compute)", ylabel="accuracy on held-out problems (%)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}", file=sys.stderr)
-    return True
-
-
 # ---------------------------------------------------------------------------------------------------
 
 def check_new_file(output: str):
@@ -192,7 +160,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code
     if args.plot:
-        return bench.plot_command(args.plot, plot_frontier)
+        return plots.plot_command(args.plot, plots.plot_frontier)
     sweeping = args.study or args.frontier or args.ablation
     try:
         device = resolve_device(args.device)
@@ -200,7 +168,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
         if args.output:
             check_new_file(args.output)
-        opts = options_from(args, progress=not sweeping)
+        opts = options_from(args)
         model, tok = load(args.model, device=device, dtype=args.dtype)
         command = "python tools/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         if sweeping:
@@ -216,11 +184,11 @@ def main(argv=None) -> int:
                 with open(args.output, "x") as f:  # "x": a file made meanwhile is not overwritten either
                     f.write(json.dumps(res, indent=1) + "\n")
                 if args.frontier:
-                    plot_frontier(Path(args.output))
+                    plots.plot_frontier(Path(args.output))
             print(report)
             return 0
         problems = data.make_problems(args.split, args.num_problems)
-        res, results = evaluate(model, tok, problems, **asdict(opts))
+        res, results = evaluate(model, tok, problems, show_progress=True, **asdict(opts))
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

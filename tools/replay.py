@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 import focus
-from decoder import Decoder
-from generate import Options, generate_ids
+from decoder import Decoder, Options
+from generate import generate_ids
 
 
 @dataclass
@@ -43,16 +43,18 @@ def record(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int],
         if hasattr(dec, "last_step"):
             steps.append(dec.last_step)
 
-    batch = replace(opts, batch_size=len(prompt_ids), progress=False)
-    out = generate_ids(model, prompt_ids, mask_id, eos_ids, batch, step_hook=hook)
+    out = generate_ids(model, prompt_ids, mask_id, eos_ids, replace(opts, batch_size=len(prompt_ids)), step_hook=hook)
     steps.append(decoder[0].last_step)
     bs = decoder[0].block_size
     schedules = []
     for slot, (prompt, (ids, stats)) in enumerate(zip(prompt_ids, out)):
         n = len(stats["decoded"])                        # the slot was live for its first n steps
-        cols = [[(grid[slot].nonzero().squeeze(1).tolist()) for grid in step[:3]] for step in steps[:n]]
-        schedules.append(Schedule(len(prompt) % bs, len(ids), decoded=[c[2] for c in cols],
-                                  kept=[c[1] for c in cols], computed=[c[0] for c in cols]))
+
+        def positions(grids):
+            return [grid[slot].nonzero().squeeze(1).tolist() for grid in grids]
+        schedules.append(Schedule(len(prompt) % bs, len(ids), decoded=positions(s.decoded for s in steps[:n]),
+                                  kept=positions(s.kept for s in steps[:n]),
+                                  computed=positions(s.computed for s in steps[:n])))
     return schedules
 
 
@@ -82,11 +84,17 @@ class ReplayDecoder(Decoder):
         return grids[torch.arange(self.num_slots, device=self.device), t] & (self.live & (self.t < self.length))[:, None]
 
     def forward(self, ids, rows, is_mask_row, col, target):
-        if not self.opts.focus:
+        """FOCUS as the decoder runs it (the selection included, so a step costs the same), then the recorded
+        kept rows instead of the selection's. A step where nobody evicts evicted nothing when recorded either:
+        the targets and mask sets follow the schedule."""
+        o = self.opts
+        if not o.focus or not focus.evicts(rows, is_mask_row, target):
             return super().forward(ids, rows, is_mask_row, col, target)
-        out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
-                                  self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile,
-                                  kept_override=self._now(self.kept_at)[rows.seq, col])
+        selected = focus.select_step(self.model, ids, rows, self.cache, is_mask_row, col, self.progress, target,
+                                     o.focus_rank, self.generator, o.compile)
+        kept = self._now(self.kept_at)[rows.seq, col]
+        out = focus.finish_step(self.model, selected, kept, rows, self.cache, is_mask_row, col, self.block_start,
+                                o.compile)
         self.progress = torch.maximum(self.progress, out.rightmost_kept)
         return out.logits, out.logit_rows, out.kept
 
@@ -118,6 +126,6 @@ def replay(model, schedules: list[Schedule], context: int, opts: Options, clock:
     prompts = [torch.randint(10, cfg.vocab_size, (context // bs * bs + s.prompt_offset,), generator=g).tolist()
                for s in schedules]
     decoder = type("Replay", (ReplayDecoder,), {"schedules": schedules})
-    batch = replace(opts, batch_size=len(schedules), progress=False)
+    batch = replace(opts, batch_size=len(schedules))
     return generate_ids(model, prompts, cfg.mask_token_id, [-1], batch, clock=clock, step_hook=step_hook,
                         decoder=decoder)

@@ -1,0 +1,111 @@
+"""Plots of the tools' results files (needs matplotlib, which is optional: without it a plot is skipped with a
+note). `python tools/bench.py --plot FILE` and `python tools/eval.py --plot FILE` draw them again."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from analysis import PREDICTORS
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None, with the fix on stderr, where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+
+
+def plot_command(path: str, draw) -> int:
+    """--plot FILE of eval.py and bench.py: draw(Path) -> drawn. Exit 0 drawn, 1 without matplotlib, 2 for
+    a missing file or one that is not a results file of the kind (draw raises ValueError)."""
+    if not Path(path).is_file():
+        print(f"error: --plot {path}: no such file", file=sys.stderr)
+        return 2
+    try:
+        return 0 if draw(Path(path)) else 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def plot_bench(path: Path) -> bool:
+    """Results JSON -> PNGs beside it (needs matplotlib). A file with nothing to plot is a ValueError;
+    without matplotlib it says so and returns False."""
+    try:
+        res = json.loads(path.read_text())
+        ok = isinstance(res, dict) and (bool(res.get("modes")) or bool(res.get("predictors")))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--plot {path}: not a results file of bench.py with throughput or predictor results")
+    plt = pyplot()
+    if plt is None:
+        return False
+    if res.get("modes"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for mode in dict.fromkeys(r["mode"] for r in res["modes"]):
+            pts = [(r["batch_size"], r["tokens_per_s"]) for r in res["modes"] if r["mode"] == mode]
+            ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set(xlabel="batch size", ylabel="generated tokens/s", title=res["device"])
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".throughput.png"), dpi=120)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        hist = np.array(next(r for r in res["modes"] if r["mode"] == "delayed")["decoded_hist"])
+        ax.bar(range(len(hist)), hist / hist.sum())
+        ax.set(xlabel="tokens decoded in a step", ylabel="fraction of steps", title="delayed cache, threshold 0.9")
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".decoded.png"), dpi=120)
+    if res.get("predictors"):
+        fig, ax = plt.subplots(figsize=(4, 4))
+        for name in PREDICTORS:
+            p = res["predictors"][name]
+            ax.plot(*zip(*p["roc"]), label=f"{name} (AUC {p['auc_pooled']:.2f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="predicting 'decoded this step'")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".roc.png"), dpi=120)
+    print(f"plots written next to {path}", file=sys.stderr)
+    return True
+
+
+def plot_frontier(path: Path) -> bool:
+    """frontier JSON -> PNG beside it: accuracy against row-layers per generated token (needs matplotlib).
+    A file that is not a frontier result is a ValueError; without matplotlib it says so and returns False."""
+    try:
+        rows = json.loads(path.read_text())["modes"]
+        ok = any(r["mode"].startswith("delayed cache") and "row_layers_per_token" in r for r in rows)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    curves = {"delayed cache (threshold sweep)": lambda r: r["mode"].startswith("delayed cache"),
+              "FOCUS at 0.9 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.9"),
+              "FOCUS at 0.8 (alpha sweep)": lambda r: r["mode"].startswith("FOCUS") and r["mode"].endswith("at 0.8"),
+              "full block, 0.9": lambda r: r["mode"] == "full block"}
+    for label, keep in curves.items():
+        pts = [(r["row_layers_per_token"], 100 * r["accuracy"], r["mode"]) for r in rows if keep(r)]  # sweep order
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for x, y, mode in pts:
+            ax.annotate(mode.split()[-1] if not mode.startswith("FOCUS") else mode.split()[1], (x, y),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="row-layers per generated token (compute)", ylabel="accuracy on held-out problems (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}", file=sys.stderr)
+    return True

@@ -21,6 +21,7 @@ import kernels
 from model import KVCache, Rows
 
 STRATEGIES = ("threshold", "static", "sequential")
+ENDINGS = ("length", "eos", "repeats")  # why a sequence ended: its token budget, an EOS token, --stop-repeats
 RANKINGS = focus.RANKINGS  # (inside Options the name `focus` is a field)
 MAX_BLOCK_SIZE = 256  # a step computes up to a whole block and a block takes up to block-size steps
 
@@ -311,10 +312,10 @@ class Decoder:
         self.progress = torch.maximum(self.progress, out.rightmost_kept)
         return out.logits, out.logit_rows, out.kept
 
-    def finish_blocks(self, committed) -> list[tuple[int, int]]:
+    def finish_blocks(self, committed) -> list[tuple[int, int, str]]:
         """After a step: blocks that were committed this step start a new block or end their sequence.
-        Returns (slot, end position) of the sequences that ended. A block is checked for stops as soon as it
-        is fully decoded, so an ending sequence skips its commit step."""
+        Returns (slot, end position, why: one of ENDINGS) of the sequences that ended. A block is checked for
+        stops as soon as it is fully decoded, so an ending sequence skips its commit step."""
         bs, o = self.block_size, self.opts
         done_block = self.live & ~self.masked.any(1) & ~committed
         # Blocks committed this step: move on.
@@ -329,14 +330,16 @@ class Decoder:
         is_eos = torch.isin(block, self.eos) & (idx >= self.prompt_len[:, None])
         first_eos = torch.where(is_eos, idx, self.tokens.shape[1]).amin(1)
         end = torch.minimum(first_eos, self.limit)
+        why = (first_eos < self.limit).long()                              # ENDINGS: 1 eos, else 0 the budget
         stop = done_block & ((first_eos < self.tokens.shape[1]) | (self.block_start + bs >= self.limit))
         if o.stop_repeats >= 2:
             repeated = done_block & self._repeats(block)
             stop |= repeated
+            why = torch.where(repeated & (self.block_start + bs < end), 2, why)
             end = torch.where(repeated, torch.minimum(end, self.block_start + bs), end)
         ended = stop.nonzero().squeeze(1)
         self.live[ended] = False
-        return list(zip(ended.tolist(), end[ended].tolist()))
+        return [(s, e, ENDINGS[w]) for s, e, w in zip(ended.tolist(), end[ended].tolist(), why[ended].tolist())]
 
     def _repeats(self, block):
         """(S,) bool: the current block equals each of the previous stop_repeats-1 blocks, all generated."""

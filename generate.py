@@ -39,7 +39,7 @@ class Result:
     prompt: str
     text: str
     token_ids: list[int]
-    stats: dict = field(default_factory=dict)  # per step: computed, computed_deep, decoded, target
+    stats: dict = field(default_factory=dict)  # per step: computed, computed_deep, decoded, ...; finish_reason
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,9 +127,10 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                     print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
                 ended = dec.finish_blocks(committing)
                 free = []
-                for s, end in ended:
+                for s, end, why in ended:
                     r = owner[s]
                     start = len(prompt_ids[r])
+                    history[r]["finish_reason"] = why
                     results[r] = (dec.tokens[s, start:end].tolist(), history[r])
                     if on_result is not None:
                         on_result(r, *results[r])
@@ -204,8 +205,9 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
     checked when made). chat: wrap each prompt in the checkpoint's chat template; show, show_progress: as
     generate_ids. Stats hold one entry per step of the sequence: the block's positions (block; the last
     block ends at the budget), tokens computed (layers 0-1), computed_deep (layers 2..L), decoded, the FOCUS
-    retain target and the context length. on_result(index, result), if given, is called as each prompt
-    finishes. Bad prompts or options raise a one-line ValueError.
+    retain target and the context length; stats["finish_reason"] says why the sequence ended (decoder.ENDINGS:
+    "eos", "length" for the token budget, "repeats"). on_result(index, result), if given, is called as each
+    prompt finishes. Bad prompts or options raise a one-line ValueError.
     """
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of strings, got a {type(prompts).__name__}"

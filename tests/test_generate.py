@@ -202,6 +202,7 @@ def test_eos_truncates_and_stops_at_its_block(loaded):
     done = [n for n, total in enumerate(torch.tensor(free_stats["decoded"]).cumsum(0).tolist())
             if total == block_end - len(prompt)][0]
     assert stats["decoded"] == free_stats["decoded"][:done + 1]
+    assert (stats.pop("finish_reason"), free_stats.pop("finish_reason")) == ("eos", "length")
     assert {k: v[:done + 1] for k, v in free_stats.items()} == stats
 
 
@@ -222,7 +223,7 @@ def test_budget_stop_and_step_structure(loaded, prompt, max_new_tokens):
     ends at the budget, so a run takes max_new_tokens decoding steps whatever the block size."""
     net, _ = loaded
     ids, stats = run(net, [prompt], strategy="sequential", tokens_per_step=1, max_new_tokens=max_new_tokens)[0]
-    assert len(ids) == max_new_tokens
+    assert len(ids) == max_new_tokens and stats["finish_reason"] == "length"
     P, limit = len(prompt), len(prompt) + max_new_tokens
     want, start = [], P // BS * BS
     while True:
@@ -264,7 +265,7 @@ def constant_model(token):
 def test_eos_at_the_first_generated_token():
     net = constant_model(100)
     (ids, stats), = run(net, [PROMPTS[0]], eos_ids=[100], max_new_tokens=40)
-    assert ids == [] and stats["decoded"] == [3]
+    assert ids == [] and stats["decoded"] == [3] and stats["finish_reason"] == "eos"
 
 
 @pytest.mark.parametrize("repeats", [2, 3])
@@ -276,9 +277,9 @@ def test_stop_repeats_counts_generated_blocks_only(prompt, repeats):
     first_generated_block = -(-P // BS) * BS              # blocks holding prompt tokens never count
     end = first_generated_block + repeats * BS
     (ids, stats), = run(net, [prompt], max_new_tokens=40, stop_repeats=repeats)
-    assert ids == [100] * (end - P)
-    (ids, _), = run(net, [prompt], max_new_tokens=40)
-    assert ids == [100] * 40
+    assert ids == [100] * (end - P) and stats["finish_reason"] == "repeats"
+    (ids, stats), = run(net, [prompt], max_new_tokens=40)
+    assert ids == [100] * 40 and stats["finish_reason"] == "length"
 
 
 def expected_repeat_stop(prompt_len, ids, repeats, bs=BS):
@@ -308,8 +309,9 @@ def test_stop_repeats_on_free_runs(loaded, repeats):
 def test_stop_repeats_never_exceeds_the_budget(max_new_tokens):
     """P = 5: blocks 8..11 and 12..15 repeat, so the repeat stop ends at 16 (11 tokens) unless the budget is less."""
     net = constant_model(100)
-    (ids, _), = run(net, [PROMPTS[0]], max_new_tokens=max_new_tokens, stop_repeats=2)
+    (ids, stats), = run(net, [PROMPTS[0]], max_new_tokens=max_new_tokens, stop_repeats=2)
     assert ids == [100] * min(max_new_tokens, 11)
+    assert stats["finish_reason"] == ("repeats" if max_new_tokens > 11 else "length")
 
 
 def test_the_mask_token_is_never_generated():

@@ -108,12 +108,13 @@ class ReplayDecoder(Decoder):
         self.t += live
         return stats
 
-    def finish_blocks(self, committed) -> list[tuple[int, int]]:
+    def finish_blocks(self, committed) -> list[tuple[int, int, str]]:
         ended = super().finish_blocks(committed)
         over = self.live & (self.t >= self.length)            # the recorded sequence ended here (at its EOS)
         self.live &= ~over
         slots = over.nonzero().squeeze(1)
-        return ended + list(zip(slots.tolist(), (self.prompt_len[slots] + self.tokens_out[slots]).tolist()))
+        ends = (self.prompt_len[slots] + self.tokens_out[slots]).tolist()
+        return ended + [(s, e, "eos") for s, e in zip(slots.tolist(), ends)]
 
 
 def replay(model, schedules: list[Schedule], context: int, opts: Options, clock: dict | None = None,

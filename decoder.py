@@ -177,6 +177,7 @@ class Decoder:
         self.progress = torch.full((S,), -1, dtype=torch.long, device=dev)  # FOCUS block progress
         self.decoded_sum = torch.zeros(S, device=dev)                     # FOCUS avg tokens decoded per step
         self.decoded_steps = torch.zeros(S, device=dev)
+        self.confidence = torch.zeros(S, bs, device=dev)                  # at the last step that computed it
         self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
 
     # -- admission and prefill ------------------------------------------------------------------------
@@ -216,6 +217,7 @@ class Decoder:
         self.progress[slots] = -1
         self.decoded_sum[slots] = 0
         self.decoded_steps[slots] = 0
+        self.confidence[slots] = 0
 
     # -- one step -------------------------------------------------------------------------------------
     def processing(self):
@@ -249,10 +251,7 @@ class Decoder:
         is_mask_row = self.masked[seq, col]
         masked_in = self.masked.clone()
 
-        target = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
-        if o.focus:
-            avg = torch.where(self.decoded_steps > 0, self.decoded_sum / self.decoded_steps.clamp(min=1), 1.0)
-            target = focus.retain_target(avg, self.masked.sum(1) * self.live, o.alpha)
+        target = self.retain_target() if o.focus else torch.zeros_like(self.block_start)
         # 2. Forward.
         logits, logit_rows, kept = self.forward(ids, rows, is_mask_row, col, target)
 
@@ -283,6 +282,12 @@ class Decoder:
                 "decoded": n_decoded, "target": target,
                 "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1)}
 
+    def retain_target(self):
+        """(S,) how many masked tokens FOCUS keeps this step (focus.retain_target), from the running average
+        of tokens decoded per step in the block (1 before any step counted)."""
+        avg = torch.where(self.decoded_steps > 0, self.decoded_sum / self.decoded_steps.clamp(min=1), 1.0)
+        return focus.retain_target(avg, self.masked.sum(1) * self.live, self.opts.alpha)
+
     def choose(self, logits, seq, col):
         """Sample the masked rows that reached the last layer (logits (R, vocab) at slots seq, block positions
         col) and pick which to unmask by the rule. Returns chosen (S, block) bool and the tokens (S, block)."""
@@ -295,6 +300,7 @@ class Decoder:
         conf_grid[seq, col] = conf
         token_grid = torch.full_like(self.masked, self.mask_id, dtype=torch.long)
         token_grid[seq, col] = token
+        self.confidence = torch.where(cand, conf_grid, self.confidence)
         return unmask(conf_grid, cand, o.strategy, o.threshold, o.tokens_per_step), token_grid
 
     def forward(self, ids, rows, is_mask_row, col, target):
@@ -308,7 +314,8 @@ class Decoder:
             logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows, graphs=self.opts.compile)
             return logits, logit_rows, torch.ones_like(is_mask_row)
         out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
-                                  self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile)
+                                  self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile,
+                                  self.confidence)
         self.progress = torch.maximum(self.progress, out.rightmost_kept)
         return out.logits, out.logit_rows, out.kept
 

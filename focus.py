@@ -135,31 +135,95 @@ def select_retained(score, valid, position, target, progress):
     return kept | (valid & (position < rightmost) & (position > progress[:, None]))
 
 
-RANKINGS = ("delta", "random", "negated-delta", "leftmost", "after-decoded")
+RANKINGS = ("delta", "random", "negated-delta", "leftmost", "after-decoded", "I1", "confidence", "delta+position",
+            "delta+confidence", "probe")
 
 
-def ranking_score(rank_by: str, delta, position, generator=None):
-    """The score select_retained ranks the mask set by, (A, m) on the grid. The paper ranks by the delta;
-    the others are controls for the ablation (the paper's top / random / bottom test) and two positional
-    baselines that use no attention at all:
+@dataclass
+class Signals:
+    """What a ranking may read, each (A, m) on the mask-set grid."""
+    importance_0: torch.Tensor  # I^(0)
+    importance_1: torch.Tensor  # I^(1)
+    delta: torch.Tensor         # dI = I^(1) - I^(0)
+    position: torch.Tensor      # block position (-1 on padding)
+    confidence: torch.Tensor    # each token's confidence at the last step that computed it to the last layer (0: none)
+
+    @property
+    def valid(self):
+        return self.position >= 0
+
+
+def ranking_score(rank_by: str, s: Signals, generator=None):
+    """The score select_retained ranks the mask set by, (A, m) on the grid. The paper ranks by the delta.
+    Controls for the ablation (the paper's top / random / bottom test), and positional baselines that use no
+    attention at all:
     - random: uniform noise; negated-delta: the paper's "bottom";
     - leftmost: the leftmost masked token first (decoding order of an autoregressive model);
     - after-decoded: a masked token right of a decoded one (or first in its block) first, then leftmost first.
-    Everything else (target, rules, progress) stays the same, so the ablation isolates the ranking."""
+    Beyond the paper (each a cheap function of what the step already has; none adds a host sync):
+    - I1: layer 1's importance alone, without subtracting layer 0's;
+    - confidence: the token's confidence at the last step that computed it to the last layer (ES-dLLM's
+      signal, arXiv 2603.10088), free: the decoder keeps it;
+    - delta+position, delta+confidence: the delta's rank within the mask set plus the other signal's
+      (rank-normalised, so neither scale dominates);
+    - probe: a logistic probe on layer-0/1 features and positions (probe_score), fitted offline.
+    Everything else (target, rules, progress) stays the same, so a comparison isolates the ranking."""
     if rank_by == "delta":
-        return delta
+        return s.delta
     if rank_by == "negated-delta":
-        return -delta
+        return -s.delta
     if rank_by == "random":
-        return torch.rand(delta.shape, generator=generator, device=delta.device)
-    leftmost = -position.float()
+        return torch.rand(s.delta.shape, generator=generator, device=s.delta.device)
     if rank_by == "leftmost":
-        return leftmost
+        return -s.position.float()
     if rank_by == "after-decoded":
-        previous = torch.cat([torch.full_like(position[:, :1], -2), position[:, :-1]], dim=1)  # previous set element
-        after_decoded = (position == 0) | (previous != position - 1)   # its left neighbour is not masked
-        return after_decoded.float() * (position.shape[1] + 1) * 4 + leftmost
+        return after_decoded(s.position).float() * (s.position.shape[1] + 1) * 4 - s.position.float()
+    if rank_by == "I1":
+        return s.importance_1.float()
+    if rank_by == "confidence":
+        return s.confidence
+    if rank_by == "delta+position":
+        return rank_within(s.delta, s.valid) + rank_within(-s.position.float(), s.valid)
+    if rank_by == "delta+confidence":
+        return rank_within(s.delta, s.valid) + rank_within(s.confidence, s.valid)
+    if rank_by == "probe":
+        return probe_score(s)
     raise ValueError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANKINGS)}")
+
+
+def after_decoded(position):
+    """(A, m) bool: the token's left neighbour in the block is not masked (or it is first in its block)."""
+    previous = torch.cat([torch.full_like(position[:, :1], -2), position[:, :-1]], dim=1)  # previous set element
+    return (position == 0) | (previous != position - 1)
+
+
+def rank_within(score, valid):
+    """Each token's rank within its mask set, scaled to [0, 1]: 1 for the highest score, 0 for the lowest
+    (ties to the lower position). Padding gets 0."""
+    order = torch.sort(score.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
+    place = torch.empty_like(order).scatter_(1, order, torch.arange(score.shape[1], device=score.device)
+                                             .expand_as(order))   # 0 for the best; padding sorts last
+    return (1 - place / (valid.sum(1, keepdim=True) - 1).clamp(min=1)).masked_fill(~valid, 0)
+
+
+# probe: logistic regression on the features below, fitted by tools/analysis.py's fit_probe on recorded steps
+# of the shipped model (label: the token is one the full model would decode at that step).
+PROBE_FEATURES = ("rank of I0", "rank of I1", "rank of delta", "rank of leftmost", "after decoded")
+PROBE_WEIGHTS = (0.0, 0.0, 1.0, 0.0, 0.0)
+PROBE_BIAS = 0.0
+
+
+def probe_features(s: Signals):
+    """(A, m, F): the probe's features, each in [0, 1]."""
+    v = s.valid
+    return torch.stack([rank_within(s.importance_0.float(), v), rank_within(s.importance_1.float(), v),
+                        rank_within(s.delta, v), rank_within(-s.position.float(), v),
+                        after_decoded(s.position).float()], dim=-1)
+
+
+def probe_score(s: Signals):
+    w = torch.tensor(PROBE_WEIGHTS, device=s.delta.device)
+    return probe_features(s) @ w + PROBE_BIAS
 
 
 def compact(keep, *tensors):
@@ -185,11 +249,12 @@ class FocusOutput:
 
 
 def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target,
-                  rank_by: str = "delta", generator=None, graphs: bool = False) -> FocusOutput:
+                  rank_by: str = "delta", generator=None, graphs: bool = False, confidence=None) -> FocusOutput:
     """One decode step with FOCUS. input_ids, is_mask_row, col (block positions): (T,) for the step's rows;
     block_start, progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta,
-    or an ablation control); graphs: the layers before and after the selection as two CUDA graphs
-    (kernels.graphed, on CUDA).
+    an ablation control or a ranking beyond the paper); graphs: the layers before and after the selection as
+    two CUDA graphs (kernels.graphed, on CUDA); confidence (S, block): each block position's confidence at
+    the last step that computed it (for the rankings that read it; zeros when None).
 
     Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
     (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
@@ -202,7 +267,7 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
         logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows, graphs=graphs)
         return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), rightmost(rows, col, None, len(target)))
     selected = select_step(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by, generator,
-                           graphs)
+                           graphs, confidence)
     return finish_step(model, selected, selected.kept, rows, cache, is_mask_row, col, block_start, graphs)
 
 
@@ -213,7 +278,7 @@ def evicts(rows: Rows, is_mask_row, target) -> bool:
 
 
 def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress, target, rank_by="delta",
-                generator=None, graphs: bool = False) -> Selected:
+                generator=None, graphs: bool = False, confidence=None) -> Selected:
     """Layers 0 and 1 up to the selection on every row, then Eq. (importance) at both layers, the delta, the
     ranking score and the selection rules on the mask sets (arguments as forward_focus)."""
     early = kernels.graphed(early_layers) if graphs else early_layers
@@ -224,7 +289,10 @@ def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress,
                   for i, (q, k) in enumerate(((q0, k0), (q1, k1)))]
     delta = importance_delta(importance[1], importance[0], q1.dtype)
     position = to_grid(col[mask_rows], g, fill=-1)
-    score = ranking_score(rank_by, delta, position, generator)
+    conf = 0.0 if confidence is None else confidence[rows.seq[mask_rows], col[mask_rows]]
+    signals = Signals(importance[0], importance[1], delta, position,
+                      to_grid(torch.zeros_like(delta[g.line, g.place]) + conf, g))
+    score = ranking_score(rank_by, signals, generator)
     kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
     kept[mask_rows] = kept_grid[g.line, g.place]                       # decoded, uncached rows always stay

@@ -433,24 +433,60 @@ def test_focus_evicts_and_stats_are_ordered(tiny, prompts):
 # ---------------------------------------------------------------------------------------------------
 # 7. Ranking controls for the ablation (focus.ranking_score)
 
+# Mask set of one sequence at block positions 0, 2, 3, 6, 7 (1, 4, 5 decoded) and a padded second line.
+POSITION = torch.tensor([[0, 2, 3, 6, 7], [1, 2, -1, -1, -1]])
+VALID = POSITION >= 0
+DELTA = torch.tensor([[0.1, 0.5, -0.2, 0.3, 0.0], [0.2, 0.1, 0.0, 0.0, 0.0]])
+I0 = torch.tensor([[1.0, 0.5, 2.0, 0.1, 0.3], [0.4, 0.4, 0.0, 0.0, 0.0]])
+CONFIDENCE = torch.tensor([[0.2, 0.1, 0.9, 0.5, 0.3], [0.6, 0.7, 0.0, 0.0, 0.0]])
+SIGNALS = focus.Signals(I0, I0 + DELTA, DELTA, POSITION, CONFIDENCE)
+
+
+def order(name):
+    """The mask set's places, best first, as select_retained ranks them (ties to the lower position)."""
+    score = focus.ranking_score(name, SIGNALS)
+    return [[int(i) for i in torch.sort(score[a].masked_fill(~VALID[a], -1e9), descending=True, stable=True).indices
+             if VALID[a, i]] for a in range(2)]
+
+
 def test_ranking_score_controls_literal():
-    # Mask set of one sequence at block positions 0, 2, 3, 6, 7 (1, 4, 5 decoded) and a padded second line.
-    position = torch.tensor([[0, 2, 3, 6, 7], [1, 2, -1, -1, -1]])
-    valid = position >= 0
-    delta = torch.tensor([[0.1, 0.5, -0.2, 0.3, 0.0], [0.2, 0.1, 0.0, 0.0, 0.0]])
-    assert torch.equal(focus.ranking_score("delta", delta, position), delta)
-    assert torch.equal(focus.ranking_score("negated-delta", delta, position), -delta)
-    order = lambda name: [[int(i) for i in torch.sort(focus.ranking_score(name, delta, position)[a].masked_fill(~valid[a], -1e9),
-                                                      descending=True, stable=True).indices if valid[a, i]] for a in range(2)]
+    assert torch.equal(focus.ranking_score("delta", SIGNALS), DELTA)
+    assert torch.equal(focus.ranking_score("negated-delta", SIGNALS), -DELTA)
     assert order("leftmost") == [[0, 1, 2, 3, 4], [0, 1]]
     # After a decoded token (or first in the block): positions 0, 2 and 6 in line 0 (left neighbours -, 1, 5
     # decoded), leftmost first; then 3 and 7; line 1: position 1 (after decoded 0), then 2.
     assert order("after-decoded") == [[0, 1, 3, 2, 4], [0, 1]]
     g = torch.Generator().manual_seed(0)
-    r = focus.ranking_score("random", delta, position, g)
-    assert r.shape == delta.shape and not torch.equal(r, focus.ranking_score("random", delta, position, g))
+    r = focus.ranking_score("random", SIGNALS, g)
+    assert r.shape == DELTA.shape and not torch.equal(r, focus.ranking_score("random", SIGNALS, g))
     with pytest.raises(ValueError):
-        focus.ranking_score("oracle", delta, position)
+        focus.ranking_score("oracle", SIGNALS)
+
+
+def test_rankings_beyond_the_paper_literal():
+    assert order("I1") == [[2, 0, 1, 3, 4], [0, 1]]             # I1 = I0 + delta: 1.1 1.0 1.8 0.4 0.3 | 0.6 0.5
+    assert order("confidence") == [[2, 3, 4, 0, 1], [1, 0]]
+    # rank_within: 1 for the best, 0 for the worst, equal steps between; padding 0
+    ranks = focus.rank_within(DELTA, VALID)
+    assert ranks[0].tolist() == pytest.approx([0.5, 1.0, 0.0, 0.75, 0.25]) and ranks[1].tolist() == [1.0, 0.0, 0, 0, 0]
+    # delta+position: delta ranks (0.5 1 0 .75 .25) + leftmost ranks (1 .75 .5 .25 0) = 1.5 1.75 .5 1 .25
+    assert order("delta+position") == [[1, 0, 3, 2, 4], [0, 1]]
+    # delta+confidence: + confidence ranks (.25 0 1 .75 .5) = .75 1 1 1.5 .75; ties to the lower position
+    assert order("delta+confidence") == [[3, 1, 2, 0, 4], [0, 1]]
+
+
+def test_rank_within_breaks_ties_toward_the_lower_position():
+    score, valid = torch.tensor([[0.3, 0.3, 0.1]]), torch.tensor([[True, True, True]])
+    assert focus.rank_within(score, valid).tolist() == [[1.0, 0.5, 0.0]]
+    assert focus.rank_within(torch.tensor([[5.0]]), torch.tensor([[True]])).tolist() == [[1.0]]  # a set of one
+
+
+def test_probe_is_a_linear_score_of_its_features():
+    feats = focus.probe_features(SIGNALS)
+    assert feats.shape == (2, 5, len(focus.PROBE_FEATURES))
+    want = feats @ torch.tensor(focus.PROBE_WEIGHTS) + focus.PROBE_BIAS
+    torch.testing.assert_close(focus.ranking_score("probe", SIGNALS), want)
+    assert feats[0, :, 4].tolist() == [1, 1, 0, 1, 0]          # after decoded: positions 0, 2, 6
 
 
 @pytest.mark.parametrize("rank_by", ["negated-delta", "leftmost", "random"])

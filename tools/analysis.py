@@ -1,6 +1,13 @@
-"""How well the attention of layers 0 and 1 predicts which masked tokens a step decodes (the premise of
-FOCUS): decode with the delayed cache and, at every step, score the mask set by I^(0), I^(1), the delta and
-two positional baselines, then compare with what the step decoded. Used by bench.py and eval.py --study.
+"""How well FOCUS predicts which masked tokens a step can decode, and what a miss costs.
+
+- predictor_probe (the premise of FOCUS): decode with the delayed cache and, at every step, score the mask set
+  by I^(0), I^(1), the delta and two positional baselines, then compare with what the step decoded. Used by
+  bench.py and eval.py --study.
+- oracle_probe (where FOCUS's extra steps come from): decode with FOCUS and, before every step, find what the
+  full model would decode at that step (a side forward of every masked row through every layer, its cache
+  writes undone); then count how many of those the kept set held, and whether a miss was the ranking's or the
+  target's (the cap). It can also rank by those true confidences (the oracle ranking), and keep exactly as
+  many as the rule decodes (the oracle target): the headroom left above any ranking. Used by eval.py --oracle.
 """
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import numpy as np
 import torch
 
 import focus
-from decoder import Options
+from decoder import Options, unmask
 from generate import encode_prompts, generate_ids
 from model import cached_attention
 
@@ -85,8 +92,9 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
         (i0, i1), conf = probe_forward(model, dec, seq, col, rows, mask_rows, g)
         position = focus.to_grid(col[mask_rows], g, fill=-1)
         delta = focus.importance_delta(i1, i0, i1.dtype)
-        grid_scores = {"I0": i0, "I1": i1, "delta": delta, "leftmost": focus.ranking_score("leftmost", delta, position),
-                       "after-decoded": focus.ranking_score("after-decoded", delta, position)}
+        signals = focus.Signals(i0, i1, delta, position, torch.zeros_like(delta))
+        grid_scores = {"I0": i0, "I1": i1, "delta": delta, "leftmost": focus.ranking_score("leftmost", signals),
+                       "after-decoded": focus.ranking_score("after-decoded", signals)}
         avg = torch.where(dec.decoded_steps > 0, dec.decoded_sum / dec.decoded_steps.clamp(min=1), 1.0)
         target = focus.retain_target(avg, dec.masked.sum(1) * dec.live, alpha)
         pending.append((seq[mask_rows], col[mask_rows], {k: v[g.line, g.place] for k, v in grid_scores.items()},
@@ -128,3 +136,86 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
     out["steps_where_focus_evicts"] = len(top1_kept["I0"])
     out["top_k"] = "k = the number of tokens that step decoded"
     return out
+
+
+ORACLES = (None, "ranking", "ranking+target")
+
+
+def oracle_probe(model, tok, prompts: list[str], opts: Options, oracle: str | None = None):
+    """Decode `prompts` (chat) with opts (FOCUS, with its ranking) and measure each step against the full model.
+    oracle: None, the decoder's own ranking; "ranking": rank by the full model's confidences at this step;
+    "ranking+target": that, and the target set to exactly the number of tokens the rule decodes.
+    Returns (summary dict, generate_ids' outputs). Per sequence and step where FOCUS evicts (more masked tokens
+    than its target): decodable = what the unmasking rule would pick from the full model's confidences;
+    recall = decodable tokens kept / decodable; a missed token is counted against the cap when more tokens
+    were decodable than the target, up to the difference, and against the ranking otherwise."""
+    if oracle not in ORACLES:
+        raise ValueError(f"unknown oracle {oracle!r}; use one of {ORACLES[1:]}")
+    if oracle is not None and opts.focus_rank != "confidence":
+        raise ValueError("an oracle ranks by the true confidences: pass focus_rank='confidence'")
+    totals = {"evicting_steps": 0, "decodable": 0, "kept": 0, "missed_by_cap": 0, "missed_by_ranking": 0}
+    pending = []
+
+    def settle(dec):
+        """Score the previous step now that its kept set is known."""
+        if not pending:
+            return
+        decodable, target, evicting = pending.pop()
+        kept = dec.last_step.kept & decodable
+        n_dec, n_kept = decodable.sum(1)[evicting], kept.sum(1)[evicting]
+        by_cap = torch.minimum((n_dec - target[evicting]).clamp(min=0), n_dec - n_kept)
+        totals["evicting_steps"] += int(evicting.sum())
+        totals["decodable"] += int(n_dec.sum())
+        totals["kept"] += int(n_kept.sum())
+        totals["missed_by_cap"] += int(by_cap.sum())
+        totals["missed_by_ranking"] += int((n_dec - n_kept - by_cap).sum())
+
+    def hook(dec):
+        settle(dec)
+        confidence, candidate = full_model_confidence(model, dec)
+        if candidate is None:
+            return
+        decodable = unmask(confidence, candidate, opts.strategy, opts.threshold, opts.tokens_per_step)
+        if oracle is not None:
+            dec.confidence = confidence
+        target = decodable.sum(1).clamp(min=1) if oracle == "ranking+target" else dec.retain_target()
+        if oracle == "ranking+target":
+            dec.retain_target = lambda: torch.where(dec.masked.sum(1) * dec.live > 0,
+                                                    torch.minimum(target, dec.masked.sum(1)), 0)
+        evicting = dec.live & (candidate.sum(1) > target)
+        pending.append((decodable, target, evicting))
+        last["dec"] = dec
+
+    last = {}
+    ids = encode_prompts(tok, prompts, chat=True)
+    with torch.inference_mode():
+        out = generate_ids(model, ids, tok.mask_id, tok.eos_ids, opts, step_hook=hook)
+        if last:
+            settle(last["dec"])
+    summary = dict(totals)
+    summary["recall"] = totals["kept"] / max(totals["decodable"], 1)
+    summary["steps"] = sum(len(stats["decoded"]) for _, stats in out)
+    return summary, out
+
+
+def full_model_confidence(model, dec):
+    """The full model's confidence in every masked token of every live block at this step, (S, block) fp32, and
+    which positions those are (S, block) bool, or (None, None) when nothing is masked. The side forward runs
+    the rows the step computes, all through every layer, then puts back the keys and values it overwrote, so
+    the decode goes on as if it had not run."""
+    seq, col, rows, _ = dec.rows(dec.processing())
+    if len(seq) == 0:
+        return None, None
+    is_mask = dec.masked[seq, col]
+    mask_rows = is_mask.nonzero().squeeze(1)
+    if len(mask_rows) == 0:
+        return None, None
+    saved = dec.cache.k[:, rows.seq, :, rows.pos].clone(), dec.cache.v[:, rows.seq, :, rows.pos].clone()
+    logits = model.forward_rows(dec.tokens[seq, rows.pos], rows, dec.cache, logits_for=mask_rows).float()
+    dec.cache.k[:, rows.seq, :, rows.pos], dec.cache.v[:, rows.seq, :, rows.pos] = saved
+    logits[:, dec.mask_id] = float("-inf")
+    confidence = torch.zeros(dec.masked.shape, device=logits.device)
+    confidence[seq[mask_rows], col[mask_rows]] = torch.softmax(logits, -1).amax(-1)
+    candidate = torch.zeros_like(dec.masked)
+    candidate[seq[mask_rows], col[mask_rows]] = True
+    return confidence, candidate

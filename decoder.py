@@ -54,6 +54,8 @@ class Options:
                                   "batched matrix products")
     exact_commit: bool = option(False, "the commit step recomputes the whole block (exact committed keys/values)")
     stop_repeats: int = option(0, "stop after this many identical consecutive blocks (0: off)")
+    eos_early_stop: bool = option(False, "end a sequence as soon as it decodes an EOS with nothing masked before "
+                                         "it, not when its block is done (LLaDA2.0's generate; the same tokens)")
     batch_size: int = option(32, "sequences decoded together")
     seed: int = option(0, "sampling seed")
 
@@ -322,7 +324,9 @@ class Decoder:
     def finish_blocks(self, committed) -> list[tuple[int, int, str]]:
         """After a step: blocks that were committed this step start a new block or end their sequence.
         Returns (slot, end position, why: one of ENDINGS) of the sequences that ended. A block is checked for
-        stops as soon as it is fully decoded, so an ending sequence skips its commit step."""
+        stops as soon as it is fully decoded, so an ending sequence skips its commit step; with eos_early_stop,
+        as soon as an EOS is decoded with nothing masked before it (the tokens before it can no longer change,
+        so the output is the same, and the steps that would decode the rest of the block are saved)."""
         bs, o = self.block_size, self.opts
         done_block = self.live & ~self.masked.any(1) & ~committed
         # Blocks committed this step: move on.
@@ -330,15 +334,19 @@ class Decoder:
             c = committed.nonzero().squeeze(1)
             self.block_start[c] += bs
             self._new_block(c)
-        if not done_block.any():
+        if not (o.eos_early_stop or done_block.any()):
             return []
         idx = self.block_start[:, None] + self.cols                         # (S, block) positions
         block = self.tokens.gather(1, idx)
         is_eos = torch.isin(block, self.eos) & (idx >= self.prompt_len[:, None])
         first_eos = torch.where(is_eos, idx, self.tokens.shape[1]).amin(1)
+        check = done_block
+        if o.eos_early_stop:
+            masked_before = (self.masked & (idx < first_eos[:, None])).any(1)
+            check = check | (self.live & ~committed & (first_eos < self.limit) & ~masked_before)
         end = torch.minimum(first_eos, self.limit)
         why = (first_eos < self.limit).long()                              # ENDINGS: 1 eos, else 0 the budget
-        stop = done_block & ((first_eos < self.tokens.shape[1]) | (self.block_start + bs >= self.limit))
+        stop = check & ((first_eos < self.tokens.shape[1]) | (self.block_start + bs >= self.limit))
         if o.stop_repeats >= 2:
             repeated = done_block & self._repeats(block)
             stop |= repeated

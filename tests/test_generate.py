@@ -206,6 +206,27 @@ def test_eos_truncates_and_stops_at_its_block(loaded):
     assert {k: v[:done + 1] for k, v in free_stats.items()} == stats
 
 
+@pytest.mark.parametrize("mode", [dict(strategy="sequential"), dict(delayed_cache=False, strategy="sequential"),
+                                  dict(focus=True, alpha=1.0)])
+def test_eos_early_stop_gives_the_same_tokens_in_fewer_steps(loaded, mode):
+    """eos_early_stop ends a sequence once its EOS is decoded with nothing masked before it: the same tokens,
+    the same steps up to that point, none after; the normal run goes on until the EOS's block is done."""
+    net, _ = loaded
+    free = run(net, PROMPTS, max_new_tokens=24, **mode)
+    eos = [ids[6] for ids, _ in free]                     # a token each sequence decodes early in its run
+    normal = run(net, PROMPTS, eos_ids=eos, max_new_tokens=24, **mode)
+    early = run(net, PROMPTS, eos_ids=eos, max_new_tokens=24, eos_early_stop=True, **mode)
+    fewer = 0
+    for (ids_n, st_n), (ids_e, st_e) in zip(normal, early):
+        assert ids_e == ids_n
+        n = len(st_e["decoded"])
+        assert {k: v[:n] for k, v in st_n.items() if k != "finish_reason"} == \
+            {k: v for k, v in st_e.items() if k != "finish_reason"}
+        assert st_e["finish_reason"] == st_n["finish_reason"]
+        fewer += n < len(st_n["decoded"])
+    assert fewer > 0
+
+
 def test_eos_inside_the_prompt_does_not_stop(loaded):
     net, _ = loaded
     free_ids, _ = run(net, [PROMPTS[0]], max_new_tokens=10)[0]

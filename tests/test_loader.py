@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 from checkpoint import CHATML, CheckpointError, load
 import model
 from conftest import ENDOFTEXT_ID, IM_END_ID, MASK_ID
@@ -323,3 +324,129 @@ def test_error_corrupt_tokenizer_json(make_checkpoint):
     path = make_checkpoint().path
     (path / "tokenizer.json").write_text('{"version": ')
     expect_error(path, "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes from the config and the headers, before anything is allocated.
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_word_embeddings": False, "attention_bias": True},
+    {"model_type": "sdar_moe", "num_hidden_layers": 5, "num_experts": 4, "num_experts_per_tok": 2,
+     "moe_intermediate_size": 8, "decoder_sparse_step": 2, "mlp_only_layers": [1, 3, 4]},
+    {"model_type": "llada2_moe", "num_hidden_layers": 3, "num_experts": 4, "num_experts_per_tok": 2,
+     "moe_intermediate_size": 8, "num_shared_experts": 2, "first_k_dense_replace": 1,
+     "moe_router_enable_expert_bias": True, "partial_rotary_factor": 0.5},
+], ids=["tied", "untied with bias", "sdar_moe", "llada2_moe"])
+def test_parameter_count_from_the_config_alone(overrides):
+    from conftest import tiny_config
+    cfg = tiny_config(**overrides)
+    with torch.device("meta"):
+        net = model.SDAR(cfg)
+    assert checkpoint.parameter_count(cfg) == sum(p.numel() for p in net.parameters())
+
+
+def test_shapes_and_dtypes_are_checked_before_allocating(make_checkpoint, monkeypatch):
+    path = make_checkpoint().path
+    rewrite_tensors(path / "model.safetensors",
+                    lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 32)}))
+    monkeypatch.setattr(model.SDAR, "to_empty", lambda *a, **k: pytest.fail("allocated before the check"))
+    expect_error(path, "k_proj", "(64, 32)")
+
+
+def test_a_model_larger_than_the_memory_is_refused(make_checkpoint, monkeypatch):
+    monkeypatch.setattr(checkpoint, "memory_bytes", lambda device: 1000)
+    msg = expect_error(make_checkpoint().path, "config.json describes a model of 34,400 parameters", "0.0 GiB")
+    assert "memory" in msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config fields as transformers 5 writes them.
+
+@pytest.mark.parametrize("kind", ["sdar", "sdar_moe"])
+def test_a_transformers_5_config_loads_with_its_rope_theta(tmp_path, hf_tokenizer, kind):
+    """transformers 5 keeps the RoPE base only in rope_parameters and names the expert count num_local_experts;
+    a config written by it loads the model those fields describe (rope_theta 123, not the default 10000)."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import random_model, tiny_config, write_checkpoint
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+               tie_word_embeddings=False) if kind == "sdar_moe" else {}
+    cfg = tiny_config(model_type=kind, rope_theta=123.0, **moe)
+    net = random_model(cfg, seed=3)
+    folder = write_checkpoint(tmp_path / "ckpt", net, hf_tokenizer).path
+    fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                  num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                  max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+                  rope_parameters={"rope_type": "default", "rope_theta": 123.0})
+    if kind == "sdar_moe":
+        hf = transformers.Qwen3MoeConfig(**fields, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        hf = transformers.Qwen3Config(**fields)
+    written = hf.to_dict()
+    assert "rope_theta" not in written and written["rope_parameters"]["rope_theta"] == 123.0
+    assert kind == "sdar" or ("num_local_experts" in written and "num_experts" not in written)
+    (folder / "config.json").write_text(json.dumps({**written, "model_type": kind, "block_size": cfg.block_size}))
+    loaded, _ = load(folder)
+    assert loaded.config.rope_theta == 123.0 and loaded.config.num_experts == cfg.num_experts
+    ids = torch.randint(4, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, block_size=4), net(ids, block_size=4))
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type 'yarn'"),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, "per attention type"),
+    ({"rope_theta": 5.0, "rope_parameters": {"rope_theta": 6.0}}, "disagree"),
+    ({"num_local_experts": 8}, "num_local_experts"),
+    ({"use_sliding_window": True}, "sliding-window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+], ids=["rope_type", "per layer type", "theta conflict", "experts conflict", "sliding window", "layer types",
+        "partial rotary"])
+def test_config_fields_that_would_change_the_model_are_refused(make_checkpoint, change, words):
+    path = make_checkpoint().path
+    if "num_local_experts" in change:
+        change = {**change, "model_type": "sdar_moe", "num_experts": 4}
+    edit_json(path / "config.json", **change)
+    expect_error(path, "config.json", words)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Links: inside the folder, or to the Hugging Face cache's blobs of the same repository.
+
+def test_links_inside_the_folder_and_to_the_hub_cache_blobs_load(make_checkpoint, tmp_path):
+    path = make_checkpoint().path
+    (path / "real-config.json").write_bytes((path / "config.json").read_bytes())
+    (path / "config.json").unlink()
+    (path / "config.json").symlink_to("real-config.json")
+    repo = tmp_path / "hub" / "models--x--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in path.iterdir():
+        if f.is_file() and not f.is_symlink():
+            (repo / "blobs" / f.name).write_bytes(f.read_bytes())
+            (snapshot / f.name).symlink_to(Path("../../blobs") / f.name)
+    (snapshot / "config.json").symlink_to("../../blobs/real-config.json")
+    for folder in (path, snapshot):
+        net, _ = load(folder)
+        assert net.config.hidden_size == 32
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chat template: rendered once per tokenizer.
+
+def test_the_template_renders_once_per_tokenizer(make_checkpoint, monkeypatch):
+    import generate
+    path = make_checkpoint().path
+    edit_json(path / "tokenizer_config.json", chat_template=TEMPLATE)
+    _, tok = load(path)
+    calls = []
+    original = checkpoint.render_template
+    monkeypatch.setattr(checkpoint, "render_template", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    ids = generate.encode_prompts(tok, [f"prompt {i}" for i in range(5)], chat=True)
+    assert len(calls) == 1 and tok.decode(ids[3]) == "[user] prompt 3\n[assistant] "
+    tok.enable_thinking = True  # another rendering: once more
+    generate.encode_prompts(tok, ["a", "b"], chat=True)
+    assert len(calls) == 2

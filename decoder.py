@@ -24,6 +24,8 @@ STRATEGIES = ("threshold", "static", "sequential")
 ENDINGS = ("length", "eos", "repeats")  # why a sequence ended: its token budget, an EOS token, --stop-repeats
 RANKINGS = focus.RANKINGS  # (inside Options the name `focus` is a field)
 MAX_BLOCK_SIZE = 256  # a step computes up to a whole block and a block takes up to block-size steps
+MAX_ALPHA = 1e6       # FOCUS's target alpha x tokens per step is a count of tokens: kept far from int64's end
+MAX_INT = 2**63 - 1   # int64: a seed, and any count that reaches a tensor
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -60,7 +62,11 @@ class Options:
     seed: int = option(0, "sampling seed")
 
     def __post_init__(self):
-        """Raise ValueError with a one-line message for a bad value."""
+        self.check()
+
+    def check(self):
+        """Raise ValueError with a one-line message for a bad value. Run when an Options is made and again by
+        generate_ids, since a field can be changed after that."""
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type, f.metadata["choices"])
         for name in ("max_new_tokens", "batch_size", "tokens_per_step"):
@@ -73,12 +79,20 @@ class Options:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature and top-k must be >= 0 and top-p in (0, 1], got {self.temperature}, "
                              f"{self.top_k} and {self.top_p}")
-        if self.focus and self.alpha < 1:
-            raise ValueError(f"alpha must be >= 1, got {self.alpha}")
+        if self.focus and not 1 <= self.alpha <= MAX_ALPHA:
+            raise ValueError(f"alpha must be in [1, {MAX_ALPHA:g}] (from the block size on FOCUS keeps every token), "
+                             f"got {self.alpha}")
         if self.focus and not self.delayed_cache:
             raise ValueError("FOCUS runs on top of the delayed cache; drop --no-delayed-cache or --focus")
+        if not self.focus and self.focus_rank != "delta":
+            raise ValueError(f"focus-rank {self.focus_rank} needs --focus (without it nothing is ranked)")
         if self.stop_repeats == 1 or self.stop_repeats < 0:
             raise ValueError(f"stop-repeats must be 0 (off) or at least 2, got {self.stop_repeats}")
+        if self.stop_repeats > self.max_new_tokens:  # n equal blocks take at least n new tokens
+            raise ValueError(f"stop-repeats {self.stop_repeats} can never stop a sequence of at most max-new-tokens "
+                             f"{self.max_new_tokens} tokens; lower it")
+        if self.seed < 0:
+            raise ValueError(f"seed must be in 0..2^63-1, got {self.seed}")
 
 
 def flag(name: str) -> str:
@@ -92,6 +106,8 @@ def _check_type(name: str, value, kind: str, choices):
         return
     if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
         raise ValueError(f"{flag(name)} must be an integer, got {value!r}")
+    if kind.startswith("int") and abs(value) > MAX_INT:  # past int64 a tensor op or the seed overflows
+        raise ValueError(f"{flag(name)} must be below 2^63, got {value}")
     if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
         raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
     if kind == "bool" and not isinstance(value, bool):
@@ -116,14 +132,19 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
     if temperature == 0:
         conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         return token, conf
-    logits = logits.float() / temperature
+    # Shifted so the best logit is 0 before dividing, and the temperature kept where float32 neither
+    # overflows nor flushes it to zero: outside [1e-30, 1e30] the distribution is already one-hot on the
+    # best tokens, or uniform, to float32's precision.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest set reaching top_p ...
+        drop[:, 0] = False                        # ... which always holds the best token (top_p may round to 0)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -16,22 +16,39 @@ The per-step state, the rules and the decoding options are decoder.py's; this fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
 import math
 import os
+import signal
+import stat
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
+try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with one line, not a traceback
+    import torch
 
-import kernels
-from checkpoint import CheckpointError, load, resolve_device
-from decoder import Decoder, Options, flag
+    import kernels
+    from checkpoint import CheckpointError, load, resolve_device
+    from decoder import Decoder, Options, flag
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("interrupted before generation began", file=sys.stderr)
+    sys.exit(130)
+
+try:
+    import fcntl  # locks --output's partial file against a second run (POSIX; elsewhere O_EXCL alone)
+except ImportError:
+    fcntl = None
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "sdar-tiny"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the project's published measurements
+MAX_PROMPTS_BYTES = 256 << 20
 
 
 @dataclass
@@ -78,16 +95,31 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     as each prompt finishes, in the order they finish (--output streams them); decoder: the Decoder class
     (tools/replay.py replays recorded schedules through a subclass); show: print the first sequence's block
     after every step (--show); show_progress: a tqdm bar over the prompts."""
+    check_model(model)
+    if not isinstance(opts, Options):
+        raise ValueError(f"opts must be a decoder.Options, got a {type(opts).__name__}")
+    opts.check()  # again: a field may have been changed since the Options was made
     cfg, bs = model.config, opts.block_size or model.config.block_size
-    if not prompt_ids:
-        raise ValueError("no prompts given")
+    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+        raise ValueError("no prompts given" if not prompt_ids else
+                         f"prompt_ids must be a list of lists of token ids, got a {type(prompt_ids).__name__}")
+    if not _token_id(mask_id, cfg.vocab_size):
+        raise ValueError(f"mask_id must be a token id below the vocabulary size {cfg.vocab_size}, got {mask_id!r}")
+    if not isinstance(eos_ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in eos_ids):
+        raise ValueError(f"eos_ids must be a list of token ids (an id no token has, such as -1, never ends a "
+                         f"sequence), got {eos_ids!r}")
     for i, ids in enumerate(prompt_ids):
+        if not isinstance(ids, (list, tuple)) or not all(_token_id(t, cfg.vocab_size) for t in ids):
+            raise ValueError(f"prompt {i + 1} must be a list of token ids below the vocabulary size {cfg.vocab_size}")
         if not ids:
             raise ValueError(f"prompt {i + 1} is empty; give some text")
         if len(ids) + opts.max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt {i + 1} has {len(ids)} tokens; with --max-new-tokens {opts.max_new_tokens} "
                              f"that exceeds the model's context of {cfg.max_position_embeddings}: shorten the prompt "
                              "or lower --max-new-tokens")
+    if opts.stop_repeats > -(-opts.max_new_tokens // bs):  # never that many blocks: off, without the checks
+        opts = dataclasses.replace(opts, stop_repeats=0)
     max_len = max(math.ceil((len(p) + opts.max_new_tokens) / bs) * bs + bs for p in prompt_ids)
     slots = min(opts.batch_size, len(prompt_ids))
     dec = decoder(model, mask_id, eos_ids, opts, slots, max_len)
@@ -139,10 +171,30 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                     if bar:
                         bar.update(1)
                 fill(free)
-    finally:  # also on an interrupt: the bar's line ends before anything else is printed
+    except BaseException:  # a failure or an interrupt: the bar goes, so its one line is all the terminal shows
+        if bar:
+            bar.leave = False
+        raise
+    finally:
         if bar:
             bar.close()
     return results
+
+
+def _token_id(t, vocab_size: int) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+
+
+def check_model(model, tokenizer=None, with_tokenizer: bool = False):
+    """A ValueError for arguments that are not a model (and, with_tokenizer, a tokenizer), e.g. the two
+    swapped."""
+    if with_tokenizer and hasattr(model, "encode_prompt") and hasattr(tokenizer, "forward_rows"):
+        raise ValueError("model and tokenizer are swapped: call generate(model, tokenizer, prompts)")
+    if not (hasattr(model, "forward_rows") and hasattr(model, "config")):
+        raise ValueError(f"model must be an SDAR model (checkpoint.load returns model, tokenizer), got a "
+                         f"{type(model).__name__}")
+    if with_tokenizer and not hasattr(tokenizer, "encode_prompt"):
+        raise ValueError(f"tokenizer must be a checkpoint.Tokenizer, got a {type(tokenizer).__name__}")
 
 
 SHOW_LEGEND = {"decoded": ("#", "32"), "kept": ("o", "33"), "evicted": ("x", "31"), "recomputed": ("+", "36"),
@@ -189,8 +241,10 @@ def show_legend(color: bool) -> str:
 
 
 def _progress_bar(total):
+    """On a terminal only: written to a file or a pipe, a bar is a log of frames around the one line that
+    matters."""
     from tqdm import tqdm
-    return tqdm(total=total, unit="seq", file=sys.stderr)
+    return tqdm(total=total, unit="seq", file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, on_result=None, chat: bool = True,
@@ -209,6 +263,7 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
     "eos", "length" for the token budget, "repeats"). on_result(index, result), if given, is called as each
     prompt finishes. Bad prompts or options raise a one-line ValueError.
     """
+    check_model(model, tokenizer, with_tokenizer=True)
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of strings, got a {type(prompts).__name__}"
                          + (": wrap a single prompt in a list" if isinstance(prompts, str) else ""))
@@ -263,24 +318,34 @@ def options_from(args, **extra) -> Options:
 
 
 def read_prompts(path: str) -> list[str]:
-    """The prompts of a JSONL file; a bad line is named by its line number in the file."""
+    """The prompts of a JSONL file; a bad line is named by its line number in the file. Lines end at "\\n"
+    only: U+2028 or U+0085 inside a JSON string is text, as JSON Lines says."""
     try:
-        raw = Path(path).read_bytes()
-        text = raw.decode("utf-8")
+        with open(path, "rb") as f:
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode) and os.fstat(f.fileno()).st_size > MAX_PROMPTS_BYTES:
+                raw = b"x" * (MAX_PROMPTS_BYTES + 1)  # refused below without reading it
+            else:
+                raw = f.read(MAX_PROMPTS_BYTES + 1)   # a device such as /dev/zero never ends
     except OSError as e:
         raise ValueError(f"cannot read prompts file {path}: {e.strerror}") from None
+    if len(raw) > MAX_PROMPTS_BYTES:
+        raise ValueError(f"prompts file {path} is larger than {MAX_PROMPTS_BYTES >> 20} MB; split it")
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason}); "
                          "save the file as UTF-8") from None
     prompts = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}, line {n}: JSON nested too deeply") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"prompt\" field")
         problem = prompt_problem(obj["prompt"])
@@ -292,54 +357,223 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _write_all(fd: int, data: bytes):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n == 0:
+            raise OSError(28, os.strerror(28))  # ENOSPC
+        view = view[n:]
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _lock(fd: int) -> bool:
+    """Take the run's lock on an open file; False when another live run holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def partial_in_use(partial: Path) -> bool:
+    """Whether a live run holds OUTPUT.partial (its lock ends with its process, so a killed run's does not)."""
+    try:
+        fd = os.open(partial, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        return not _lock(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class ResultsFile:
-    """--output: one JSONL line per prompt, written and flushed as each finishes into OUTPUT.partial. Only
-    when every prompt has finished does OUTPUT receive them all, in prompt order, by one rename; so an
-    interrupted or failed run leaves OUTPUT as it was, and what finished in OUTPUT.partial."""
+    """--output: one JSONL line per prompt, written as each finishes into OUTPUT.partial. Only when every
+    prompt has finished does OUTPUT receive them all, in prompt order, by one rename; so an interrupted or
+    failed run leaves OUTPUT as it was, and what finished, whole lines only, in OUTPUT.partial.
+
+    The partial file is new (an old one, with --overwrite, is removed first, never written into) and locked
+    while the run lives, so a second run writing the same OUTPUT is refused instead of mixing results."""
 
     def __init__(self, path: Path, overwrite: bool):
         self.path, self.partial, self.lines = path, path.with_name(path.name + ".partial"), {}
+        self.overwrite, self.size, self.fd = overwrite, 0, None
+        self.busy = (f"another run is writing --output {path} now ({self.partial} is in use); wait for it or name "
+                     "another file")
         try:
-            self.file = open(self.partial, "w" if overwrite else "x", encoding="utf-8")
+            if overwrite and os.path.lexists(self.partial):
+                self._remove_stale()
+            self.fd = self._create()
+        except FileExistsError:
+            raise ValueError(self.busy) from None
         except OSError as e:
-            raise ValueError(f"cannot write {self.partial}: {e.strerror}") from None
+            raise ValueError(f"cannot write {self.partial}: {e.strerror or e}") from None
+
+    def _remove_stale(self):
+        """An interrupted run's partial file, removed while holding its lock, so never a live run's."""
+        fd = os.open(self.partial, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            if not _lock(fd) or not _same_inode(fd, self.partial):
+                raise ValueError(self.busy)
+            self.partial.unlink()
+        finally:
+            os.close(fd)
+
+    def _create(self) -> int:
+        """OUTPUT.partial, new and locked: made and locked under a private name, then linked to its name, which
+        fails if that exists; so no other run can find it unlocked."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+        try:
+            _lock(fd)
+            os.fchmod(fd, _new_file_mode())
+            os.link(tmp, self.partial)
+            return fd
+        except FileExistsError:
+            os.close(fd)
+            raise
+        except OSError:  # a file system without hard links: O_EXCL on the name itself
+            os.close(fd)
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            _lock(fd)
+            return fd
+        finally:
+            os.unlink(tmp)
 
     def add(self, index: int, r: Result):
         line = json.dumps({"index": index, "prompt": r.prompt, "text": r.text, "stats": r.stats})
-        self.file.write(line + "\n")
-        self.file.flush()
+        data = (line + "\n").encode("utf-8")
+        try:
+            _write_all(self.fd, data)
+        except BaseException as e:  # a full disk, a size limit, Ctrl-C mid-line: no cut line is left
+            try:
+                os.ftruncate(self.fd, self.size)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+            except OSError:
+                pass
+            if not isinstance(e, OSError):
+                raise
+            kept = f"; the {len(self.lines)} results that finished before are kept whole in it" if self.lines else ""
+            raise ValueError(f"cannot write {self.partial}: {e.strerror or e}{kept}") from None
+        self.size += len(data)
         self.lines[index] = line
 
     def commit(self):
-        self.file.close()
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.path.parent, prefix=f".{self.path.name}.",
-                                         suffix=".tmp", delete=False) as tmp:
-            tmp.write("".join(self.lines[i] + "\n" for i in sorted(self.lines)))
-        os.replace(tmp.name, self.path)
-        self.partial.unlink()
+        """Every prompt finished: OUTPUT gets them all in prompt order, by a rename (--overwrite) or a link
+        that fails if OUTPUT appeared meanwhile (without it); then the partial file goes."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            try:
+                _write_all(fd, "".join(self.lines[i] + "\n" for i in sorted(self.lines)).encode("utf-8"))
+                os.fchmod(fd, _new_file_mode())
+            finally:
+                os.close(fd)
+            if self.overwrite:
+                os.replace(tmp, self.path)
+            else:
+                _place_new(tmp, self.path)
+        except FileExistsError:
+            raise ValueError(f"{self.path} appeared while this run was going and is kept; the results are in "
+                             f"{self.partial}") from None
+        except OSError as e:
+            raise ValueError(f"cannot write {self.path}: {e.strerror or e}; the results are in "
+                             f"{self.partial}") from None
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        if _same_inode(self.fd, self.partial):
+            self.partial.unlink()
+        self.close()
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)  # also ends the lock
+            self.fd = None
 
     def abandon(self):
         """The run did not finish: keep the partial file if it holds results, else remove it."""
-        self.file.close()
-        if not self.lines:
-            self.partial.unlink(missing_ok=True)
+        if not self.lines and self.fd is not None and _same_inode(self.fd, self.partial):
+            self.partial.unlink()
+        self.close()
 
 
-def check_output(output: str, prompts_file: str | None, overwrite: bool) -> Path:
-    """Refuse, before any work, an --output that could not be written or would destroy a file."""
-    path = Path(output)
+def _place_new(tmp: str, path: Path):
+    """tmp takes the name path, which must not exist: a hard link fails if it does (FileExistsError)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: checked, then renamed
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+
+
+def _same_file(a: Path, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(output: str, prompts_file: str | None, overwrite: bool, model: str | None = None) -> Path:
+    """Refuse, before any work, an --output that could not be written or would destroy a file: --overwrite
+    replaces only a regular file, and never an input (the prompts file under any name, a file of --model, the
+    project's results/), nor the output of a run still going. Returns the path to write (a link's target)."""
+    if not output:
+        raise ValueError("--output is empty; name a file")
+    try:
+        path = Path(output).resolve()  # through links: the file they name is what gets replaced
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"--output {output}: {e}") from None
     if path.is_dir():
         raise ValueError(f"--output {output} is a folder; name a file in it")
     if not path.parent.is_dir():
         raise ValueError(f"--output {output}: the folder {path.parent} does not exist; create it first")
-    if prompts_file and path.resolve() == Path(prompts_file).resolve():
-        raise ValueError(f"--output {output} is the prompts file; name another file")
     partial = path.with_name(path.name + ".partial")
+    for target, what in ((path, f"--output {output}"), (partial, f"--output {output}: its partial file {partial}")):
+        if prompts_file and _same_file(target, prompts_file):
+            raise ValueError(f"{what} is the prompts file; name another file")
+        if not os.path.lexists(target):
+            continue
+        if model:
+            folder = Path(model).resolve()
+            if _inside(target, folder) or (folder.is_dir() and any(_same_file(target, f) for f in folder.iterdir())):
+                raise ValueError(f"{what} is a file of the checkpoint --model {model}; write results elsewhere")
+        if _inside(target, RESULTS_DIR):
+            raise ValueError(f"{what} would replace a file in results/, the project's published results; name a "
+                             "new file")
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise ValueError(f"--output {output} is not a regular file (a device, fifo or socket); name a file")
+    if os.path.lexists(partial) and not stat.S_ISREG(partial.lstat().st_mode):
+        raise ValueError(f"{partial} exists and is not a regular file; move it away")
+    if partial_in_use(partial):
+        raise ValueError(f"another run is writing --output {output} now ({partial} is in use); wait for it or name "
+                         "another file")
     if not overwrite:
         if path.exists():
             raise ValueError(f"--output {output} exists; name a new file, or pass --overwrite to replace it "
                              "once every prompt has finished")
-        if partial.exists():
+        if os.path.lexists(partial):
             raise ValueError(f"{partial} exists (results of an interrupted run?); move it away or pass --overwrite")
     return path
 
@@ -373,8 +607,9 @@ def main(argv=None) -> int:
         total = len(prompts)
         opts = options_from(args)
         device = resolve_device(args.device)
-        if args.output:
-            results_file = ResultsFile(check_output(args.output, args.prompts_file, args.overwrite), args.overwrite)
+        if args.output is not None:
+            path = check_output(args.output, args.prompts_file, args.overwrite, args.model)
+            results_file = ResultsFile(path, args.overwrite)
         torch.manual_seed(args.seed)
         model, tok = load(args.model, device=device, dtype=args.dtype)
         t0 = time.perf_counter()
@@ -393,24 +628,51 @@ def main(argv=None) -> int:
             results_file.commit()
             results_file = None
     except KeyboardInterrupt:
-        print("".join(f"### {r.prompt}\n{r.text}\n" for r in finished), end="")
+        print_results(finished, always_headed=True)
         print(interrupted_line(len(finished), total, results_file), file=sys.stderr)
         return 130
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError:
-        print("error: out of memory; lower --batch-size or --max-new-tokens", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        print(f"error: out of memory ({_first_line(e)}); lower --batch-size or --max-new-tokens, or use a "
+              "smaller --dtype", file=sys.stderr)
         return 2
     finally:
         if results_file:
             results_file.abandon()
-    for r in results:
-        if len(results) > 1:
-            print(f"### {r.prompt}")
-        print(r.text)
+    print_results(results)
     print(summary(results, elapsed, args.block_size or model.config.block_size), file=sys.stderr)
     return 0
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A failed allocation, on a GPU (torch.OutOfMemoryError) or on the CPU (MemoryError, or torch's
+    RuntimeError from DefaultCPUAllocator)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
+        "DefaultCPUAllocator" in str(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def print_results(results: list[Result], always_headed: bool = False):
+    """The texts on stdout. A reader that went away (`| head -n 1`) ends the printing quietly."""
+    try:
+        for r in results:
+            if always_headed or len(results) > 1:
+                print(f"### {r.prompt}")
+            print(r.text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # the flush at exit would fail again: stdout goes nowhere from here on
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
 
 
 def interrupted_line(n: int, total: int | None, results_file: ResultsFile | None) -> str:
@@ -438,4 +700,6 @@ def summary(results: list[Result], elapsed: float, block_size: int) -> str:
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit: a failed write (one line), not a killed process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     sys.exit(main())

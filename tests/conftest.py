@@ -7,7 +7,9 @@ run must reproduce a single-sequence run token for token.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +132,35 @@ def assert_one_line_error(code: int, err: str, words=()):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for w in words:
         assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+
+
+_opened: list[str] | None = None  # the paths recording_opens collects, while it runs
+
+
+def _audit(event, args):
+    if _opened is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.path.abspath(os.fsdecode(args[0])))
+
+
+@contextmanager
+def recording_opens(monkeypatch):
+    """Every path opened in the with-block: Python's opens (an audit hook: open, os.open, Path.read_*) and the
+    files safetensors opens. Yields the list, filled as they happen."""
+    global _opened
+    import safetensors
+    if not getattr(_audit, "added", False):
+        sys.addaudithook(_audit)  # audit hooks cannot be removed: this one records only inside the block
+        _audit.added = True
+    original = safetensors.safe_open
+
+    def safe_open(path, *args, **kwargs):
+        _opened.append(os.path.abspath(os.fsdecode(path)))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", safe_open)
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+        monkeypatch.setattr(safetensors, "safe_open", original)

@@ -1,30 +1,46 @@
 """Bad input through the real entry points: each is refused with one line, `error: ...`, exit 2, and no file
-that existed before is changed; an interrupt keeps what finished; the Python API checks at its boundary; user
-text never becomes special tokens; a save leaves one set of weight files; bench.py never overwrites results."""
+that existed before is changed; an untrusted checkpoint folder makes the loader read nothing outside it; an
+interrupt keeps what finished; the Python API checks at its boundary; user text never becomes special tokens;
+a save leaves one set of weight files; bench.py never overwrites results."""
+import errno
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import bench
+import checkpoint as checkpoint_module
+import decoder
 import eval as evaluate
 import generate
 from checkpoint import CHATML, Tokenizer, load, save
 import model
 import train
-from conftest import ROOT, assert_one_line_error, random_model, tiny_config, write_checkpoint
+from conftest import ROOT, assert_one_line_error, random_model, recording_opens, tiny_config, write_checkpoint
 
 MAINS = {"generate": generate.main, "eval": evaluate.main, "bench": bench.main, "train": train.main}
 NO_MODEL = "{dir}/no-model"  # checks that must come before the model is loaded name a folder that is not there
+RESULTS_FILE = ROOT / "results" / "cpu-2026-11-30.json"  # a published result that --overwrite must not reach
+
+
+def hi(folder):
+    """argv that loads the checkpoint {dir}/folder and renders the chat template for one prompt."""
+    return ["--model", "{dir}/" + folder, "--prompt", "Hi"]
+
 
 # (entry point, argv, words the error line must hold). {ckpt}: a good tiny checkpoint, {dir}: the test's folder,
-# which holds prompts.jsonl, good.jsonl (an earlier run's results) and bad-prompts files.
+# which holds prompts.jsonl, good.jsonl (an earlier run's results), bad-prompts files, outside/ (files a
+# checkpoint folder must not reach) and, built when a case names them, the broken checkpoints of BROKEN below.
 CASES = {
     # Data that would be lost.
     "output is the prompts file": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--output",
@@ -32,6 +48,24 @@ CASES = {
     "output is the prompts file, with --overwrite": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--output",
                                                                   "{dir}/prompts.jsonl", "--overwrite"],
                                                      ["is the prompts file"]),
+    "output is a hard link to the prompts file": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--output",
+                                                               "{dir}/hard-link.jsonl", "--overwrite"],
+                                                  ["is the prompts file"]),
+    "output is a symlink to the prompts file": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--output",
+                                                             "{dir}/soft-link.jsonl", "--overwrite"],
+                                                ["is the prompts file"]),
+    "output's partial file is the prompts file": ("generate", ["--prompts-file", "{dir}/res.jsonl.partial", "--output",
+                                                               "{dir}/res.jsonl", "--overwrite"],
+                                                  ["partial file", "is the prompts file"]),
+    "output is a file of the model": ("generate", ["--model", "{ckpt}", "--prompt", "Hi", "--output",
+                                                   "{ckpt}/config.json", "--overwrite"], ["file of the checkpoint"]),
+    "output is a published result": ("generate", ["--prompt", "Hi", "--output", str(RESULTS_FILE), "--overwrite"],
+                                     ["results/"]),
+    "output is a fifo": ("generate", ["--prompt", "Hi", "--output", "{dir}/fifo", "--overwrite"],
+                         ["not a regular file"]),
+    "output is being written by another run": ("generate", ["--prompt", "Hi", "--output", "{dir}/busy.jsonl",
+                                                            "--overwrite"], ["another run is writing", "busy.jsonl"]),
+    "output empty": ("generate", ["--prompt", "Hi", "--output", ""], ["--output is empty"]),
     "output exists": ("generate", ["--prompt", "Hi", "--output", "{dir}/good.jsonl"], ["exists", "--overwrite"]),
     "output's partial file exists": ("generate", ["--prompt", "Hi", "--output", "{dir}/left.jsonl"],
                                      ["left.jsonl.partial exists"]),
@@ -43,10 +77,17 @@ CASES = {
     "eval output folder missing": ("eval", ["--output", "{dir}/nodir/x.json"], ["nodir", "does not exist"]),
     # Numbers.
     "alpha nan": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "nan"], ["alpha", "finite", "nan"]),
+    "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),
+    "focus-rank without --focus": ("generate", ["--prompt", "Hi", "--focus-rank", "random"], ["focus-rank", "--focus"]),
     "temperature nan": ("generate", ["--prompt", "Hi", "--temperature", "nan"], ["temperature", "finite"]),
     "threshold nan": ("generate", ["--prompt", "Hi", "--threshold", "nan"], ["threshold", "finite"]),
     "top-p inf": ("generate", ["--prompt", "Hi", "--top-p", "inf"], ["top-p", "finite"]),
     "block size 1000": ("generate", ["--prompt", "Hi", "--block-size", "1000"], ["block-size", "1..256", "1000"]),
+    "stop-repeats 10^20": ("generate", ["--prompt", "Hi", "--stop-repeats", str(10**20)], ["stop-repeats", "2^63"]),
+    "stop-repeats 10^12": ("generate", ["--prompt", "Hi", "--stop-repeats", str(10**12)],
+                           ["stop-repeats", "can never stop"]),
+    "seed 10^23": ("generate", ["--prompt", "Hi", "--seed", str(10**23)], ["seed", "2^63"]),
+    "seed negative": ("generate", ["--prompt", "Hi", "--seed", "-1"], ["seed", "0..2^63-1"]),
     "max-new-tokens not a number": ("generate", ["--prompt", "Hi", "--max-new-tokens", "ten"], ["--max-new-tokens", "'ten'"]),
     "strategy unknown": ("generate", ["--prompt", "Hi", "--strategy", "best"], ["--strategy", "'best'"]),
     "eval alpha nan": ("eval", ["--focus", "--alpha", "nan"], ["alpha", "finite"]),
@@ -57,12 +98,63 @@ CASES = {
     "undecodable command-line bytes": ("generate", ["--model", "{ckpt}", "--prompt", "Hi", "--prompt",
                                                     os.fsdecode(b"caf\xe9")], ["prompt 2", "not valid Unicode"]),
     "empty prompt in a file": ("generate", ["--prompts-file", "{dir}/empty.jsonl"], ["line 4", "empty"]),
+    "prompts file /dev/zero": ("generate", ["--prompts-file", "/dev/zero"], ["/dev/zero", "larger than"]),
+    "prompts file a folder": ("generate", ["--prompts-file", "{dir}"], ["cannot read prompts file"]),
+    "prompts line nested too deeply": ("generate", ["--prompts-file", "{dir}/nested.jsonl"], ["line 2", "nested"]),
     # config.json.
-    "num_key_value_heads 0": ("generate", ["--model", "{dir}/kv0", "--prompt", "Hi"], ["num_key_value_heads", "0"]),
-    "config is a list": ("generate", ["--model", "{dir}/list", "--prompt", "Hi"], ["config.json", "object", "list"]),
-    "hidden_size a string": ("generate", ["--model", "{dir}/string", "--prompt", "Hi"], ["hidden_size", "'32'"]),
-    "mask_token_id outside the vocabulary": ("generate", ["--model", "{dir}/mask", "--prompt", "Hi"],
-                                             ["mask_token_id", "vocab_size 300"]),
+    "num_key_value_heads 0": ("generate", hi("kv0"), ["num_key_value_heads", "0"]),
+    "config is a list": ("generate", hi("list"), ["config.json", "object", "list"]),
+    "hidden_size a string": ("generate", hi("string"), ["hidden_size", "'32'"]),
+    "mask_token_id outside the vocabulary": ("generate", hi("mask"), ["mask_token_id", "vocab_size 300"]),
+    "mask_token_id true": ("generate", hi("mask-true"), ["config.json", "mask_token_id", "True"]),
+    "config nested too deeply": ("generate", hi("nested-config"), ["config.json", "nested too deeply"]),
+    "config is a folder": ("generate", hi("config-folder"), ["config.json", "is a folder"]),
+    "rope_scaling a string": ("generate", hi("rope-string"), ["config.json", "rope_scaling", "'yarn'"]),
+    "rope_theta and rope_parameters disagree": ("generate", hi("rope-conflict"), ["rope_theta", "rope_parameters",
+                                                                                   "disagree"]),
+    "hidden_size 10^9": ("generate", hi("hidden-1e9"), ["config.json", "parameters", "memory", "hidden_size"]),
+    "num_hidden_layers 10^5": ("generate", hi("layers-1e5"), ["config.json", "parameters", "num_hidden_layers"]),
+    "block_size 10^6": ("generate", hi("block-1e6"), ["config.json", "block_size", "1..256", "1000000"]),
+    # generation_config.json, tokenizer_config.json, tokenizer.json.
+    "generation_config a list": ("generate", hi("gen-list"), ["generation_config.json", "object", "list"]),
+    "tokenizer_config a list": ("generate", hi("tok-list"), ["tokenizer_config.json", "object", "list"]),
+    "eos_token_id outside the vocabulary": ("generate", hi("eos-9999"), ["generation_config.json", "eos_token_id",
+                                                                          "9999"]),
+    "eos_token_id the mask token": ("generate", hi("eos-mask"), ["generation_config.json", "eos_token_id",
+                                                                  "mask token"]),
+    "eos_token_id a float": ("generate", hi("eos-float"), ["generation_config.json", "eos_token_id", "1.5"]),
+    "eos_token_id a string": ("generate", hi("eos-string"), ["generation_config.json", "eos_token_id", "'2'"]),
+    "config eos_token_id the mask token": ("generate", hi("config-eos-mask"), ["config.json", "eos_token_id",
+                                                                                "mask token"]),
+    "generation mask_token_id true": ("generate", hi("gen-mask-true"), ["generation_config.json", "mask_token_id",
+                                                                         "True"]),
+    "tokenizer ids beyond the vocabulary": ("generate", hi("vocab-256"), ["tokenizer.json", "beyond",
+                                                                          "vocab_size 256"]),
+    # The weights.
+    "index points outside the folder": ("generate", hi("index-up"), ["weight_map", "../outside/model.safetensors",
+                                                                     "inside the checkpoint folder"]),
+    "index gives an absolute path": ("generate", hi("index-absolute"), ["weight_map", "inside the checkpoint folder"]),
+    "index value not a string": ("generate", hi("index-int"), ["weight_map", "strings", "5"]),
+    "weights a link out of the folder": ("generate", hi("weights-link"), ["model.safetensors",
+                                                                          "leads outside the checkpoint folder"]),
+    "config a link out of the folder": ("generate", hi("config-link"), ["config.json", "leads outside"]),
+    "tokenizer a link out of the folder": ("generate", hi("tokenizer-link"), ["tokenizer.json", "leads outside"]),
+    "template a link out of the folder": ("generate", hi("template-link"), ["chat_template.jinja", "leads outside"]),
+    "integer weights": ("generate", hi("int-weights"), ["model.norm.weight", "I32", "floats"]),
+    "NaN weight": ("generate", hi("nan-weight"), ["model.layers.0.mlp.up_proj.weight", "NaN"]),
+    # The chat template: every failure is one line naming its file.
+    "template include": ("generate", hi("t-include"), ["chat_template.jinja", "cannot be rendered"]),
+    "template division by zero": ("generate", hi("t-zero"), ["chat_template.jinja", "ZeroDivisionError"]),
+    "template recursion": ("generate", hi("t-recursion"), ["chat_template.jinja", "RecursionError"]),
+    "template string bomb": ("generate", hi("t-bomb"), ["chat_template.jinja", "repeats"]),
+    "template power bomb": ("generate", hi("t-power"), ["chat_template.jinja", "too large"]),
+    "template filter bomb": ("generate", hi("t-center"), ["chat_template.jinja", "too large"]),
+    "template format bomb": ("generate", hi("t-format"), ["chat_template.jinja", "too wide"]),
+    "template doubling": ("generate", hi("t-doubling"), ["chat_template.jinja", "built a value"]),
+    "template huge range": ("generate", hi("t-range"), ["chat_template.jinja", "range of 50,000 items"]),
+    "template output bomb": ("generate", hi("t-output"), ["chat_template.jinja", "output passed"]),
+    "template that never ends": ("generate", hi("t-loops"), ["chat_template.jinja", "took more than"]),
+    "template not a string": ("generate", hi("t-number"), ["tokenizer_config.json", "chat_template", "string"]),
     # The device, one check for every entry point.
     "generate device tpu": ("generate", ["--prompt", "Hi", "--device", "tpu"], ["unknown device 'tpu'"]),
     "eval device tpu": ("eval", ["--device", "tpu"], ["unknown device 'tpu'"]),
@@ -83,21 +175,132 @@ else:
     CASES["generate cuda without a GPU"] = ("generate", ["--prompt", "Hi", "--device", "cuda"], ["no CUDA device"])
 
 
+def edit_json(name, **changes):
+    def edit(folder, root):
+        path = folder / name
+        d = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**d, **changes}))
+    return edit
+
+
+def write_file(name, text):
+    def write(folder, root):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).write_text(text)
+    return write
+
+
+def link_out(name):
+    """name becomes a link to root/outside/name, a good file that the loader must not open."""
+    def link(folder, root):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(root / "outside" / name)
+    return link
+
+
+def index_to(target):
+    """The weights as one 'shard' named `target` in model.safetensors.index.json; the folder's own file goes."""
+    def index(folder, root):
+        names = load_file(folder / "model.safetensors").keys()
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {n: target(root) for n in names}}))
+    return index
+
+
+def tensors(change):
+    def rewrite(folder, root):
+        t = load_file(folder / "model.safetensors")
+        change(t)
+        save_file(t, folder / "model.safetensors")
+    return rewrite
+
+
+def config_folder(folder, root):
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+
+
+def vocab_256(folder, root):
+    """Weights for 256 tokens beside the 300-token tokenizer."""
+    save(random_model(tiny_config(vocab_size=256)), folder, dtype=torch.float32)
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+# Broken checkpoints, each a copy of the good tiny one with one change(folder, the test's folder).
+BROKEN = {
+    "kv0": edit_json("config.json", num_key_value_heads=0),
+    "string": edit_json("config.json", hidden_size="32"),
+    "mask": edit_json("config.json", mask_token_id=9999),
+    "list": lambda f, r: (f / "config.json").write_text(json.dumps([json.loads((f / "config.json").read_text())])),
+    "mask-true": edit_json("config.json", mask_token_id=True),
+    "nested-config": write_file("config.json", NESTED),
+    "config-folder": config_folder,
+    "rope-string": edit_json("config.json", rope_scaling="yarn"),
+    "rope-conflict": edit_json("config.json", rope_theta=10000.0, rope_parameters={"rope_theta": 1e6}),
+    "hidden-1e9": edit_json("config.json", hidden_size=10**9),
+    "layers-1e5": edit_json("config.json", num_hidden_layers=10**5),
+    "block-1e6": edit_json("config.json", block_size=10**6),
+    "gen-list": write_file("generation_config.json", "[2, 0]"),
+    "tok-list": write_file("tokenizer_config.json", "[]"),
+    "eos-9999": edit_json("generation_config.json", eos_token_id=9999),
+    "eos-mask": edit_json("generation_config.json", eos_token_id=[2, 3]),
+    "eos-float": edit_json("generation_config.json", eos_token_id=1.5),
+    "eos-string": edit_json("generation_config.json", eos_token_id="2"),
+    "config-eos-mask": edit_json("config.json", eos_token_id=3),
+    "gen-mask-true": edit_json("generation_config.json", mask_token_id=True),
+    "vocab-256": vocab_256,
+    "index-up": index_to(lambda root: "../outside/model.safetensors"),
+    "index-absolute": index_to(lambda root: str(root / "outside" / "model.safetensors")),
+    "index-int": index_to(lambda root: 5),
+    "weights-link": link_out("model.safetensors"),
+    "config-link": link_out("config.json"),
+    "tokenizer-link": link_out("tokenizer.json"),
+    "template-link": link_out("chat_template.jinja"),
+    "int-weights": tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)})),
+    "nan-weight": tensors(lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1)[5].fill_(float("nan"))),
+    "t-include": write_file("chat_template.jinja", "{% include '/etc/passwd' %}"),
+    "t-zero": write_file("chat_template.jinja", "{{ 1 // 0 }}"),
+    "t-recursion": write_file("chat_template.jinja", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"),
+    "t-bomb": write_file("chat_template.jinja", "{{ 'a' * 10**10 }}"),
+    "t-power": write_file("chat_template.jinja", "{{ 9 ** 999999999 }}"),
+    "t-center": write_file("chat_template.jinja", "{{ 'a' | center(10**10) }}"),
+    "t-format": write_file("chat_template.jinja", "{{ '%1000000000s' % 'a' }}"),
+    "t-doubling": write_file("chat_template.jinja", "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+                                                    "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}"),
+    "t-range": write_file("chat_template.jinja", "{% for i in range(50000) %}{% endfor %}"),
+    "t-output": write_file("chat_template.jinja", "{% for i in range(10000) %}{{ 'x' * 1000 }}{% endfor %}"),
+    "t-loops": write_file("chat_template.jinja", "{% for i in range(10000) %}{% for j in range(10000) %}"
+                                                 "{% endfor %}{% endfor %}"),
+    "t-number": edit_json("tokenizer_config.json", chat_template=5),
+}
+
+
 @pytest.fixture
-def workspace(tmp_path, checkpoint, hf_tokenizer):
-    """The test's folder with the files the cases read, and the checkpoints with a broken config.json."""
+def workspace(tmp_path, checkpoint):
+    """The test's folder with the files the cases read (broken checkpoints: build_broken)."""
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "What is 17 plus 25?"}\n')
+    (tmp_path / "res.jsonl.partial").write_text('{"prompt": "a prompts file with an unlucky name"}\n')
+    os.link(tmp_path / "prompts.jsonl", tmp_path / "hard-link.jsonl")
+    (tmp_path / "soft-link.jsonl").symlink_to(tmp_path / "prompts.jsonl")
     (tmp_path / "good.jsonl").write_text('{"prompt": "an earlier run", "text": "keep me"}\n')
     (tmp_path / "left.jsonl.partial").write_text('{"prompt": "an interrupted run", "text": "keep me too"}\n')
     (tmp_path / "surrogate.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 text"}\n')
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "fine"}\n{"prompt": "café"}\n'.encode("latin-1"))
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n{"prompt": " "}\n')
-    for name, change in {"kv0": {"num_key_value_heads": 0}, "string": {"hidden_size": "32"},
-                         "mask": {"mask_token_id": 9999}, "list": None}.items():
-        folder = write_checkpoint(tmp_path / name, random_model(tiny_config()), hf_tokenizer).path
-        cfg = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps([cfg] if change is None else {**cfg, **change}))
+    (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
+    os.mkfifo(tmp_path / "fifo")
+    shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
+    (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")
     return tmp_path
+
+
+def build_broken(root: Path, argv: list[str], source: Path):
+    for a in argv:
+        name = a.removeprefix(str(root) + "/")
+        if name in BROKEN:
+            shutil.copytree(source, root / name)
+            BROKEN[name](root / name, root)
 
 
 def snapshot(*folders) -> dict:
@@ -105,16 +308,29 @@ def snapshot(*folders) -> dict:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, capsys):
+def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, capsys, monkeypatch):
     entry, argv, words = CASES[name]
     fill = {"dir": str(workspace), "ckpt": str(checkpoint.path)}
     argv = [a.format(**fill) for a in argv]
     if "--model" not in argv and entry != "train":
         argv += ["--model", NO_MODEL.format(**fill)]  # so a check that waits for the model fails the test
+    build_broken(workspace, argv, checkpoint.path)
+    monkeypatch.setattr(checkpoint_module, "TEMPLATE_SECONDS", 0.5)  # the template that never ends
+    monkeypatch.setattr(generate, "MAX_PROMPTS_BYTES", 1 << 20)      # /dev/zero: read 1 MB, not 256
+    busy = os.open(workspace / "busy.jsonl.partial", os.O_WRONLY | os.O_CREAT)  # a run that is still going
+    generate.fcntl.flock(busy, generate.fcntl.LOCK_EX)
     before = snapshot(workspace, checkpoint.path)
-    code = MAINS[entry](argv)
+    published = RESULTS_FILE.read_bytes()
+    try:
+        with recording_opens(monkeypatch) as opened:
+            code = MAINS[entry](argv)
+    finally:
+        os.close(busy)
     assert_one_line_error(code, capsys.readouterr().err, words)
     assert snapshot(workspace, checkpoint.path) == before
+    assert RESULTS_FILE.read_bytes() == published
+    assert stat.S_ISFIFO((workspace / "fifo").stat().st_mode)
+    assert not [p for p in opened if p.startswith(str(workspace / "outside"))]  # the checkpoint stayed inside
 
 
 def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsys):
@@ -184,6 +400,179 @@ def test_overwrite_replaces_the_output_with_every_result(checkpoint, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
+def test_overwrite_replaces_a_stale_partial_file_and_a_link_target(checkpoint, tmp_path, capsys):
+    """--overwrite removes an interrupted run's partial file (never writes into it) and replaces the file a
+    link names, not the link; the new files get the usual permissions, not a temporary file's 0600."""
+    target = tmp_path / "real.jsonl"
+    target.write_text("an earlier run's results\n")
+    (tmp_path / "link.jsonl").symlink_to(target)
+    stale = tmp_path / "real.jsonl.partial"
+    stale.write_text("an interrupted run\n")
+    os.link(stale, tmp_path / "kept-elsewhere")  # another name of the stale file keeps its bytes
+    code = generate.main(["--model", str(checkpoint.path), "--prompt", "Hi", "--output", str(tmp_path / "link.jsonl"),
+                          "--overwrite", "--max-new-tokens", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "link.jsonl").is_symlink() and json.loads(target.read_text())["index"] == 0
+    assert (tmp_path / "kept-elsewhere").read_text() == "an interrupted run\n" and not stale.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_output_that_appears_during_the_run_is_kept(checkpoint, tmp_path, capsys, monkeypatch):
+    """Without --overwrite, a file another run wrote meanwhile under the same name is not replaced: one line
+    at the end, and this run's results stay in the partial file."""
+    out = tmp_path / "out.jsonl"
+    original = generate.generate
+
+    def generate_then_the_other_run_finishes(*args, **kwargs):
+        results = original(*args, **kwargs)
+        out.write_text("the other run's results\n")
+        return results
+
+    monkeypatch.setattr(generate, "generate", generate_then_the_other_run_finishes)
+    code = generate.main(["--model", str(checkpoint.path), "--prompt", "Hi", "--output", str(out),
+                          "--max-new-tokens", "4"])
+    assert_one_line_error(code, capsys.readouterr().err, ["appeared while this run was going", "out.jsonl.partial"])
+    assert out.read_text() == "the other run's results\n"
+    assert json.loads((tmp_path / "out.jsonl.partial").read_text())["index"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.partial"]
+
+
+def test_a_full_disk_keeps_whole_lines_and_says_so(checkpoint, tmp_path, capsys, monkeypatch):
+    """The disk fills up in the middle of the second result's line: one error line, exit 2, and the partial
+    file holds the first result whole and nothing of the second."""
+    out = tmp_path / "out.jsonl"
+    real = generate._write_all
+    calls = []
+
+    def fill_up(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            os.write(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(generate, "_write_all", fill_up)
+    code = generate.main(["--model", str(checkpoint.path), "--prompt", "Hi", "--prompt", "The lazy dog", "--prompt",
+                          "A fox", "--output", str(out), "--max-new-tokens", "4", "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, ["cannot write", "out.jsonl.partial", "No space left on device",
+                                      "1 results that finished before are kept whole"])
+    lines = (tmp_path / "out.jsonl.partial").read_text().split("\n")
+    assert lines[1:] == [""] and json.loads(lines[0])["index"] == 0
+    assert not out.exists()
+
+
+def run_script(args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def test_a_file_size_limit_keeps_whole_lines(checkpoint, tmp_path):
+    """A real limit (RLIMIT_FSIZE: the kernel cuts the write, then sends SIGXFSZ): one line, what finished kept
+    whole, no output file."""
+    import resource
+    out = tmp_path / "out.jsonl"
+    prompts = [arg for i in range(6) for arg in ("--prompt", f"Prompt {i}")]
+    proc = run_script([str(ROOT / "generate.py"), "--model", str(checkpoint.path), *prompts, "--output", str(out),
+                       "--max-new-tokens", "8", "--batch-size", "1", "--device", "cpu"],
+                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)))
+    assert_one_line_error(proc.returncode, proc.stderr, ["cannot write", "out.jsonl.partial", "File too large",
+                                                         "kept whole"])
+    kept = (tmp_path / "out.jsonl.partial").read_text()
+    assert kept.endswith("\n") and [json.loads(line)["index"] for line in kept.splitlines()] == \
+        list(range(kept.count("\n")))
+    assert not out.exists()
+
+
+def test_a_closed_pipe_ends_quietly(checkpoint):
+    """`generate.py ... | head -n 0`: the reader is gone before anything is printed; no traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--model", str(checkpoint.path), "--prompt",
+                             "Hi", "--prompt", "The lazy dog", "--max-new-tokens", "4", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("2 sequences")
+
+
+def test_interrupt_during_imports_is_one_line():
+    """Ctrl-C while `import torch` runs (a finder sends SIGINT the moment torch is looked up)."""
+    code = textwrap.dedent(f"""
+        import os, runpy, signal, sys
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    os.kill(os.getpid(), signal.SIGINT)
+        sys.meta_path.insert(0, Interrupt())
+        sys.path.insert(0, {str(ROOT)!r})
+        sys.argv = ["generate.py", "--prompt", "Hi"]
+        runpy.run_path({str(ROOT / "generate.py")!r}, run_name="__main__")
+    """)
+    proc = run_script(["-c", code])
+    assert proc.returncode == 130 and proc.stderr == "interrupted before generation began\n", proc.stderr
+
+
+@pytest.mark.parametrize("failure,code,words", [
+    (KeyboardInterrupt(), 130, ["interrupted: 0 of 1 prompts finished"]),
+    (MemoryError(), 2, ["error: out of memory"]),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:119] data. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"), 2,
+     ["error: out of memory", "DefaultCPUAllocator", "--batch-size"]),
+], ids=["ctrl-c", "MemoryError", "CPU allocator"])
+def test_model_load_interrupted_or_out_of_memory_is_one_line(checkpoint, tmp_path, capsys, monkeypatch, failure,
+                                                            code, words):
+    def load(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(generate, "load", load)
+    assert generate.main(["--model", str(checkpoint.path), "--prompt", "Hi", "--output", str(tmp_path / "o")]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err
+    assert list(tmp_path.iterdir()) == []  # the empty partial file is gone
+
+
+def test_prompt_lines_end_at_newline_only(tmp_path):
+    """JSON Lines splits at \\n: a raw U+2028, U+0085 or form feed inside a string is the prompt's text."""
+    path = tmp_path / "p.jsonl"
+    prompts = ["one\u2028two", "three\u0085four", "five\x0csix"]
+    path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+    assert generate.read_prompts(str(path)) == prompts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers in range that used to break the maths.
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-40, 1.0), (1e308, 1.0), (0.7, 1e-300), (5e-324, 1e-300)])
+def test_sampling_stays_finite_at_extreme_settings(temperature, top_p):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 10
+    logits[:, 3] = float("-inf")  # the mask token
+    token, conf = decoder.sample(logits, temperature, 0, top_p, torch.Generator().manual_seed(1))
+    assert torch.isfinite(conf).all() and (token != 3).all()
+    if temperature < 1e-30 or top_p < 1e-30:  # the limit is greedy
+        assert torch.equal(token, logits.argmax(-1)) and torch.allclose(conf, torch.ones(6))
+    if temperature > 1e30:  # the limit is uniform over the allowed tokens
+        assert torch.allclose(conf, torch.full((6,), 1 / 49))
+
+
+def test_extreme_sampling_generates(loaded):
+    net, tok = loaded
+    for options in ({"temperature": 1e-40}, {"temperature": 1e308}, {"temperature": 0.7, "top_p": 1e-300}):
+        ids = generate.generate(net, tok, ["Hi"], max_new_tokens=8, **options)[0].token_ids
+        assert len(ids) == 8 and tok.mask_id not in ids
+
+
+def test_stop_repeats_past_the_blocks_there_can_be_is_off(loaded):
+    net, tok = loaded
+    want = generate.generate(net, tok, ["Hi"], max_new_tokens=12)[0]
+    got = generate.generate(net, tok, ["Hi"], max_new_tokens=12, stop_repeats=12)[0]
+    assert got.token_ids == want.token_ids and got.stats["finish_reason"] == want.stats["finish_reason"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The Python API checks at its boundary.
 
@@ -222,6 +611,37 @@ def test_generate_ids_refuses_no_prompts(loaded):
     net, tok = loaded
     with pytest.raises(ValueError, match="no prompts"):
         generate.generate_ids(net, [], tok.mask_id, tok.eos_ids, generate.Options())
+
+
+def api_error(call, *words):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
+    net, tok = loaded
+    api_error(lambda: generate.generate(tok, net, ["Hi"]), "swapped", "generate(model, tokenizer, prompts)")
+    api_error(lambda: generate.generate("model", tok, ["Hi"]), "model must be an SDAR model")
+    api_error(lambda: generate.generate(net, None, ["Hi"]), "tokenizer must be a checkpoint.Tokenizer")
+    opts = generate.Options(max_new_tokens=4)
+    opts.temperature = float("nan")  # a field changed after the checks of __init__
+    api_error(lambda: generate.generate(net, tok, ["Hi"], opts), "temperature must be a finite number, got nan")
+    api_error(lambda: generate.generate_ids(net, [[5, 6]], tok.mask_id, tok.eos_ids, opts), "temperature")
+    api_error(lambda: generate.generate_ids(net, [[5, 6]], tok.mask_id, tok.eos_ids, {"max_new_tokens": 4}),
+              "decoder.Options")
+    api_error(lambda: generate.generate_ids(net, [[5, 300]], tok.mask_id, tok.eos_ids, generate.Options()),
+              "prompt 1", "token ids below the vocabulary size 300")
+    api_error(lambda: generate.generate_ids(net, [[5]], True, tok.eos_ids, generate.Options()), "mask_id")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
+def test_load_on_cuda_without_a_gpu_is_a_value_error(checkpoint):
+    api_error(lambda: load(checkpoint.path, device="cuda"), "device=cuda", "no CUDA device")
+    api_error(lambda: load(checkpoint.path, device=torch.device("cuda:1")), "no CUDA device")
+    api_error(lambda: load(checkpoint.path, device=0), "device must be a string")
 
 
 # ---------------------------------------------------------------------------------------------------

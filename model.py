@@ -1,4 +1,4 @@
-"""The SDAR block-diffusion transformer (Qwen3 architecture) and its decode cache. Checkpoints: checkpoint.py.
+"""The SDAR block-diffusion transformer (Qwen3 architecture) and its decode cache. Checkpoints: checkpoint/.
 
 One network class covers three checkpoint types: dense SDAR (Qwen3 layers), SDAR-MoE (Qwen3-MoE layers:
 `MoE` in place of `MLP` where the config says) and LLaDA2.0 (the same with a grouped sigmoid router, a
@@ -209,7 +209,7 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """num_experts SwiGLU MLPs with their weights stacked: gate_proj and up_proj (E, inner, hidden), down_proj
     (E, hidden, inner). Checkpoints hold one tensor per expert (experts.{e}.gate_proj.weight, ...), which
-    checkpoint.py reads into and writes from the slices."""
+    checkpoint/ reads into and writes from the slices."""
 
     def __init__(self, num_experts: int, hidden_size: int, inner: int):
         super().__init__()

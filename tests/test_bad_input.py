@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bench
-import checkpoint as checkpoint_module
+import checkpoint.sandbox as template_sandbox
 import decoder
 import eval as evaluate
+import files
 import generate
 from checkpoint import CHATML, Tokenizer, load, save
 import model
@@ -315,10 +316,10 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
     if "--model" not in argv and entry != "train":
         argv += ["--model", NO_MODEL.format(**fill)]  # so a check that waits for the model fails the test
     build_broken(workspace, argv, checkpoint.path)
-    monkeypatch.setattr(checkpoint_module, "TEMPLATE_SECONDS", 0.5)  # the template that never ends
-    monkeypatch.setattr(generate, "MAX_PROMPTS_BYTES", 1 << 20)      # /dev/zero: read 1 MB, not 256
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 0.5)  # the template that never ends
+    monkeypatch.setattr(files, "MAX_PROMPTS_BYTES", 1 << 20)      # /dev/zero: read 1 MB, not 256
     busy = os.open(workspace / "busy.jsonl.partial", os.O_WRONLY | os.O_CREAT)  # a run that is still going
-    generate.fcntl.flock(busy, generate.fcntl.LOCK_EX)
+    files.fcntl.flock(busy, files.fcntl.LOCK_EX)
     before = snapshot(workspace, checkpoint.path)
     published = RESULTS_FILE.read_bytes()
     try:
@@ -443,7 +444,7 @@ def test_a_full_disk_keeps_whole_lines_and_says_so(checkpoint, tmp_path, capsys,
     """The disk fills up in the middle of the second result's line: one error line, exit 2, and the partial
     file holds the first result whole and nothing of the second."""
     out = tmp_path / "out.jsonl"
-    real = generate._write_all
+    real = files._write_all
     calls = []
 
     def fill_up(fd, data):
@@ -453,7 +454,7 @@ def test_a_full_disk_keeps_whole_lines_and_says_so(checkpoint, tmp_path, capsys,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, data)
 
-    monkeypatch.setattr(generate, "_write_all", fill_up)
+    monkeypatch.setattr(files, "_write_all", fill_up)
     code = generate.main(["--model", str(checkpoint.path), "--prompt", "Hi", "--prompt", "The lazy dog", "--prompt",
                           "A fox", "--output", str(out), "--max-new-tokens", "4", "--batch-size", "1"])
     err = capsys.readouterr().err
@@ -541,7 +542,7 @@ def test_prompt_lines_end_at_newline_only(tmp_path):
     path = tmp_path / "p.jsonl"
     prompts = ["one\u2028two", "three\u0085four", "five\x0csix"]
     path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
-    assert generate.read_prompts(str(path)) == prompts
+    assert files.read_prompts(str(path)) == prompts
 
 
 # ---------------------------------------------------------------------------------------------------

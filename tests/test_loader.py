@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import checkpoint.config
+import checkpoint.tokenizer
 from checkpoint import CHATML, CheckpointError, load
 import model
 from conftest import ENDOFTEXT_ID, IM_END_ID, MASK_ID
@@ -354,7 +356,7 @@ def test_shapes_and_dtypes_are_checked_before_allocating(make_checkpoint, monkey
 
 
 def test_a_model_larger_than_the_memory_is_refused(make_checkpoint, monkeypatch):
-    monkeypatch.setattr(checkpoint, "memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(checkpoint.config, "memory_bytes", lambda device: 1000)
     msg = expect_error(make_checkpoint().path, "config.json describes a model of 34,400 parameters", "0.0 GiB")
     assert "memory" in msg
 
@@ -443,8 +445,8 @@ def test_the_template_renders_once_per_tokenizer(make_checkpoint, monkeypatch):
     edit_json(path / "tokenizer_config.json", chat_template=TEMPLATE)
     _, tok = load(path)
     calls = []
-    original = checkpoint.render_template
-    monkeypatch.setattr(checkpoint, "render_template", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    original = checkpoint.tokenizer.render_template
+    monkeypatch.setattr(checkpoint.tokenizer, "render_template", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     ids = generate.encode_prompts(tok, [f"prompt {i}" for i in range(5)], chat=True)
     assert len(calls) == 1 and tok.decode(ids[3]) == "[user] prompt 3\n[assistant] "
     tok.enable_thinking = True  # another rendering: once more

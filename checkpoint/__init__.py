@@ -1,0 +1,255 @@
+"""Reading and writing checkpoints in the Hugging Face layout: config.json, safetensors weights (one file or
+shards with an index), tokenizer.json with tokenizer_config.json, generation_config.json and
+chat_template.jinja. The network itself is in model.py; this package turns a folder into one and back.
+
+    model, tokenizer = checkpoint.load("checkpoints/sdar-tiny")
+
+A checkpoint folder is untrusted input: only files inside it are read (folder.py), every size is checked
+against the weight files' headers and the memory there is before anything is allocated (config.py, here),
+weights must be finite floats, and the chat template renders in a sandbox with bounds on time and size
+(sandbox.py, used by tokenizer.py). Every problem with a folder is a CheckpointError whose one-line message
+names the file or field and the fix.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from checkpoint.config import (LLADA2_MASK_ID, MODEL_TYPES, check_config, check_size, config_from_dict,  # noqa: F401
+                               memory_bytes, parameter_count)
+from checkpoint.folder import CheckpointError, inside_file, first_line, read_json  # noqa: F401
+from checkpoint.tokenizer import CHATML, Tokenizer  # noqa: F401
+from model import SDAR, ModelConfig
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; an integer "weight" would load as numbers
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = "model.safetensors.index.json"
+    if inside_file(folder, index, required=False) is None:
+        return [inside_file(folder, "model.safetensors", "weights")]
+    weight_map = read_json(folder, index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{folder / index} has no weight_map")
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map values must be file names (strings), got {bad[0]!r}; fix the file")
+    return [inside_file(folder, name, f"{index}: weight_map") for name in sorted(set(weight_map.values()))]
+
+
+# LLaDA2.0 names some tensors its own way; q, k and v are one fused query_key_value tensor (rows q, k, v).
+LLADA2_NAMES = (("embed_tokens.", "word_embeddings."), (".self_attn.o_proj.", ".attention.dense."),
+                (".self_attn.q_norm.", ".attention.query_layernorm."),
+                (".self_attn.k_norm.", ".attention.key_layernorm."))
+
+
+def _hf_name(name: str, model_type: str = "sdar") -> str:
+    """Our parameter name -> the checkpoint's tensor name."""
+    if model_type == "llada2_moe":
+        for ours, theirs in LLADA2_NAMES:
+            name = name.replace(ours, theirs)
+        name = re.sub(r"\.self_attn\.[qkv]_proj\.weight$", ".attention.query_key_value.weight", name)
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def hf_layout(model: SDAR) -> dict[str, list[torch.Tensor]]:
+    """Each checkpoint tensor name -> the parameters (or slices of one) it holds, stacked along dim 0 in this
+    order: one, except LLaDA2.0's fused q, k, v. Stacked expert weights (model.Experts) are one tensor per
+    expert in the checkpoint: experts.{e}.gate_proj.weight is slice e. A tied lm_head appears once."""
+    layout = {}
+    for name, p in model.named_parameters():
+        stacked = re.fullmatch(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)", name)
+        if stacked:
+            for e in range(p.shape[0]):
+                layout[_hf_name(f"{stacked[1]}.{e}.{stacked[2]}.weight", model.config.model_type)] = [p[e]]
+        else:
+            layout.setdefault(_hf_name(name, model.config.model_type), []).append(p)
+    return layout
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    """Tensors some checkpoints carry that the model does not read: RoPE tables, a copy of a tied head."""
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+def read_headers(files: list[Path], cfg: ModelConfig) -> dict[str, tuple[Path, tuple, str]]:
+    """Each tensor the model reads -> (its file, shape, safetensors dtype), from the files' headers only."""
+    from safetensors import safe_open
+    found = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    if name in found:
+                        raise CheckpointError(f"tensor {name!r} is in both {found[name][0].name} and {f.name}; "
+                                              "keep one")
+                    if not _ignored(name, cfg):
+                        piece = handle.get_slice(name)
+                        found[name] = (f, tuple(piece.get_shape()), piece.get_dtype())
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({first_line(e)})") from None
+    return found
+
+
+def check_headers(model: SDAR, headers: dict, folder: Path):
+    """Every tensor's name, shape and dtype against the model (which may live on the meta device: nothing is
+    read or allocated), and every tensor the model needs present."""
+    expected = hf_layout(model)
+    for name, (f, shape, dtype) in headers.items():
+        if name not in expected:
+            raise CheckpointError(f"{f.name}: unexpected tensor {name!r} (not part of a "
+                                  f"{model.config.model_type} model with this config.json)")
+        params = expected[name]
+        want = (sum(p.shape[0] for p in params), *params[0].shape[1:])
+        if shape != want:
+            raise CheckpointError(f"{f.name}: tensor {name!r} has shape {shape}, config.json implies {want}")
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{f.name}: tensor {name!r} is stored as {dtype}; weights must be floats "
+                                  f"({', '.join(FLOAT_DTYPES)})")
+    missing = sorted(set(expected) - set(headers))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def load_state(model: SDAR, folder: Path, device, dtype):
+    """Read the folder's weights into the model's parameters: headers checked first, then each tensor copied
+    and checked finite (a NaN weight gives an empty answer, not an error, further on)."""
+    from safetensors import safe_open
+    folder = Path(folder).resolve()
+    headers = read_headers(_weight_files(folder), model.config)
+    check_headers(model, headers, folder)
+    expected = hf_layout(model)
+    by_file = {}
+    for name, (f, _, _) in headers.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({first_line(e)})") from None
+        with handle:
+            for name in names:
+                tensor = handle.get_tensor(name)
+                params = expected[name]
+                with torch.no_grad():
+                    for p, piece in zip(params, tensor.split([p.shape[0] for p in params])):
+                        p.copy_(piece.to(dtype))
+                        if not torch.isfinite(p).all():
+                            why = ("holds NaN or infinite values" if not torch.isfinite(piece).all() else
+                                   f"has values beyond the range of {str(dtype).removeprefix('torch.')}; load it "
+                                   "in float32 or bfloat16")
+                            raise CheckpointError(f"{f.name}: tensor {name!r} {why}; the checkpoint is damaged")
+
+
+def _resolve_dtype(dtype, cfg: ModelConfig, device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # bf16 matrix products are slow on most CPUs: compute in fp32 there.
+        return (torch.float32 if torch.device(device).type == "cpu" else
+                {"float32": torch.float32, "float16": torch.float16}.get(cfg.torch_dtype, torch.bfloat16))
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return names[dtype]
+
+
+def resolve_device(name: str, flag: str = "--device ") -> str:
+    """--device as given (auto, cpu, cuda, cuda:N) -> the device to use. The one device check every entry
+    point shares; raises ValueError with a one-line message (flag: how the caller spells the option)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag}{name}: no CUDA device is available; use {flag}cpu")
+        if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"{flag}{name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return name
+    raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+
+
+def load(path, device="cpu", dtype=None):
+    """Load an SDAR checkpoint folder (Hugging Face layout) -> (model, tokenizer). Raises CheckpointError for
+    the folder, ValueError for the arguments."""
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be a string such as \"cpu\" or \"cuda\", got {device!r}")
+    device = resolve_device(str(device), "device=")  # cuda without a GPU: a ValueError here, not deep in torch
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; pass --model DIR with a folder holding "
+                              "config.json, *.safetensors and tokenizer.json")
+    folder = folder.resolve()
+    raw = read_json(folder, "config.json")
+    cfg = config_from_dict(raw)
+    gen_cfg = read_json(folder, "generation_config.json", required=False)
+    if "block_size" not in raw and "block_size" in gen_cfg:
+        cfg.block_size = gen_cfg["block_size"]
+        check_config(cfg, "generation_config.json")
+    inside_file(folder, "tokenizer.json")
+    dtype = _resolve_dtype(dtype, cfg, device)
+    headers = read_headers(_weight_files(folder), cfg)
+    check_size(cfg, sum(math.prod(shape) for _, shape, _ in headers.values()), device, dtype)
+    with torch.device("meta"):
+        model = SDAR(cfg)
+    check_headers(model, headers, folder)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    load_state(model, folder, device, dtype)
+    model.eval()
+    return model, Tokenizer(folder, cfg)
+
+
+def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bfloat16):
+    """Write config.json and model.safetensors (or shards plus model.safetensors.index.json). Weight files
+    of an earlier save that this one does not write are removed, so the folder holds one consistent set."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    cfg.torch_dtype = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tensors = {name: torch.cat([p.detach().to("cpu", dtype) for p in params]).contiguous()
+               for name, params in hf_layout(model).items()}
+    shards = _shards(tensors, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 and max_shard_bytes is None else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if max_shard_bytes is None:
+        index.unlink(missing_ok=True)  # the loader reads the index first: it must not outlive its shards
+    else:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    for stale in folder.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+
+
+def _shards(tensors: dict, max_shard_bytes: int | None) -> list[dict]:
+    """Tensors in order, cut into groups of at most max_shard_bytes (one group when None)."""
+    if max_shard_bytes is None:
+        return [tensors]
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    return shards

@@ -1,0 +1,227 @@
+"""config.json -> ModelConfig: the three model types, the names transformers 4 and 5 write, every field checked
+(type and range) so that a bad file fails here and not deep in the model, and the model's size from the config
+alone, checked against the memory there is before anything is allocated."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import fields
+
+import torch
+
+from checkpoint.folder import CheckpointError, is_int
+from decoder import MAX_BLOCK_SIZE
+from model import ModelConfig
+
+
+MODEL_TYPES = ("sdar", "sdar_moe", "llada2_moe")
+# llada2_moe: field names, tensor names and the mask id follow LLaDA2.0-mini's public modeling code and
+# inclusionAI's copy of its config.json; no released LLaDA2.0 checkpoint file was read here to confirm them.
+LLADA2_MASK_ID = 156895  # LLaDA2.0's mask token: its generate()'s default; its config.json names none
+
+# The fields each mixture-of-experts type must name (a missing one is an error, not a silent default).
+REQUIRED_MOE = {
+    "sdar_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"),
+    "llada2_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts",
+                   "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "score_function",
+                   "moe_router_enable_expert_bias", "head_dim"),
+}
+# transformers 5 writes some fields under new names: field -> ours.
+RENAMED = {"num_local_experts": "num_experts", "dtype": "torch_dtype"}
+
+
+def _rope_fields(d: dict) -> dict:
+    """RoPE as config.json gives it: rope_theta (and partial_rotary_factor) at the top level (transformers 4)
+    or inside rope_parameters (transformers 5); rope_scaling and rope_parameters must ask for plain RoPE."""
+    for name in ("rope_scaling", "rope_parameters"):
+        v = d.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, dict):
+            raise CheckpointError(f"config.json: {name} must be an object or null, got {v!r}")
+        if any(isinstance(x, dict) for x in v.values()):
+            raise CheckpointError(f"config.json: {name} per attention type is not supported (one plain RoPE only)")
+        kind = v.get("rope_type", v.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"config.json: {name} has rope_type {kind!r}, which is not supported "
+                                  "(plain RoPE only)")
+    params = d.get("rope_parameters") or {}
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in params:
+            if key in d and d[key] != params[key]:
+                raise CheckpointError(f"config.json: {key} {d[key]!r} and rope_parameters.{key} {params[key]!r} "
+                                      "disagree; keep one")
+            d[key] = params[key]
+    return d
+
+
+def config_from_dict(d) -> ModelConfig:
+    """config.json's object -> ModelConfig, or a CheckpointError naming the field and the fix.
+
+    model_type sdar: the dense Qwen3 layer. sdar_moe: the same with Qwen3-MoE layers. llada2_moe
+    (LLaDA2.0): its own field names are read as well (use_qkv_bias, use_qk_norm, rotary_dim)."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, not a {type(d).__name__}")
+    model_type = d.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; this loader reads "
+                              f"{', '.join(MODEL_TYPES)}")
+    d = dict(d)
+    for theirs, ours in RENAMED.items():
+        if d.get(theirs) is not None:
+            if ours in d and d[ours] != d[theirs]:
+                raise CheckpointError(f"config.json: {theirs} {d[theirs]!r} and {ours} {d[ours]!r} disagree; keep one")
+            d[ours] = d[theirs]
+    if d.get("torch_dtype", "") is None:  # transformers writes null when it was never set
+        del d["torch_dtype"]
+    d = _rope_fields(d)
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu only)")
+    # Sliding-window attention would change what each token sees: refused rather than ignored.
+    layer_types = d.get("layer_types")
+    if d.get("use_sliding_window") not in (None, False) or (
+            isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types)):
+        raise CheckpointError("config.json: sliding-window attention (use_sliding_window, layer_types) is not "
+                              "supported (full attention only)")
+    for name in REQUIRED_MOE.get(model_type, ()):
+        if name not in d:
+            raise CheckpointError(f"config.json: {name} is missing; a {model_type} checkpoint must name it")
+    if model_type == "llada2_moe":
+        for name in ("use_qkv_bias", "use_bias"):
+            if d.get(name, False) is not False:
+                raise CheckpointError(f"config.json: {name} {d[name]!r} is not supported (false only)")
+        if d.get("use_qk_norm", True) is not True:
+            raise CheckpointError(f"config.json: use_qk_norm {d['use_qk_norm']!r} is not supported (true only)")
+        if "rotary_dim" in d and "partial_rotary_factor" not in d and is_int(d["rotary_dim"]) and \
+                is_int(d.get("head_dim")) and d["head_dim"] > 0:
+            d["partial_rotary_factor"] = d["rotary_dim"] / d["head_dim"]
+        d.setdefault("mask_token_id", LLADA2_MASK_ID)
+        d.setdefault("norm_topk_prob", True)  # its modeling code always renormalises the top-k weights
+    elif model_type == "sdar":
+        if d.get("partial_rotary_factor", 1.0) != 1.0:  # the dense model drops the expert fields, this one too
+            raise CheckpointError(f"config.json: partial_rotary_factor {d['partial_rotary_factor']!r} is not "
+                                  "supported for model_type sdar (1.0 only)")
+        d = {k: v for k, v in d.items() if k not in ModelConfig.MOE_FIELDS}  # dense: no expert fields
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in d.items() if k in known})
+    if "head_dim" not in d and is_int(cfg.hidden_size) and is_int(cfg.num_attention_heads) and \
+            cfg.num_attention_heads > 0:
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    check_config(cfg)
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
+    return cfg
+
+
+def check_config(cfg: ModelConfig, source: str = "config.json"):
+    """A CheckpointError naming the field for a value of the wrong type or out of range, so that a bad
+    config.json fails here and not as a ZeroDivisionError or IndexError deep in the model."""
+    def bad(name, want):
+        return CheckpointError(f"{source}: {name} must be {want}, got {getattr(cfg, name)!r}; fix the file")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "block_size"):
+        if not is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+            raise bad(name, "a positive integer")
+    if cfg.block_size > MAX_BLOCK_SIZE:  # a step computes a whole block: the decoder's own bound
+        raise bad("block_size", f"in 1..{MAX_BLOCK_SIZE}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise bad(name, "a positive number")
+    if not isinstance(cfg.torch_dtype, str):
+        raise bad("torch_dtype", "a string such as \"bfloat16\"")
+    for name in ("tie_word_embeddings", "attention_bias"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    if cfg.mask_token_id is not None and not (is_int(cfg.mask_token_id) and 0 <= cfg.mask_token_id < cfg.vocab_size):
+        raise bad("mask_token_id", f"a token id below vocab_size {cfg.vocab_size}")
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    if cfg.eos_token_id is not None and not all(is_int(e) and 0 <= e < cfg.vocab_size for e in eos):
+        raise bad("eos_token_id", f"a token id (or a list of them) below vocab_size {cfg.vocab_size}")
+    if cfg.eos_token_id is not None and cfg.mask_token_id in eos:
+        raise bad("eos_token_id", f"other than the mask token {cfg.mask_token_id}")
+    if cfg.model_type != "sdar":
+        check_moe_config(cfg, bad, is_int)
+
+
+def check_moe_config(cfg: ModelConfig, bad, is_int):
+    """The expert fields of sdar_moe and llada2_moe, each named when wrong."""
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "n_group",
+                 "topk_group"):
+        if not is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+            raise bad(name, "a positive integer")
+    for name in ("first_k_dense_replace", "num_shared_experts"):
+        if not is_int(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            raise bad(name, "a non-negative integer")
+    for name in ("norm_topk_prob", "moe_router_enable_expert_bias"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    if cfg.num_experts_per_tok > cfg.num_experts:
+        raise bad("num_experts_per_tok", f"at most num_experts ({cfg.num_experts})")
+    if cfg.score_function not in ("softmax", "sigmoid"):
+        raise bad("score_function", "\"softmax\" or \"sigmoid\"")
+    if cfg.num_experts % cfg.n_group or cfg.topk_group > cfg.n_group or (
+            cfg.n_group > 1 and cfg.num_experts // cfg.n_group < 2):
+        raise bad("n_group", f"a divisor of num_experts ({cfg.num_experts}) with topk_group <= n_group and at "
+                             "least 2 experts per group")
+    v = cfg.routed_scaling_factor
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise bad("routed_scaling_factor", "a positive number")
+    if cfg.mlp_only_layers is not None and not (isinstance(cfg.mlp_only_layers, list) and all(is_int(i) for i in cfg.mlp_only_layers)):
+        raise bad("mlp_only_layers", "a list of layer indices")
+    f = cfg.partial_rotary_factor
+    if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1 or int(cfg.head_dim * f) % 2:
+        raise bad("partial_rotary_factor", "in (0, 1], giving an even number of rotary dimensions")
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """The number of parameters SDAR(cfg) has, from the config alone (nothing is built), so that a config
+    describing an impossible model is refused before it is allocated."""
+    H, L, hd = cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    attention = 2 * H * q + 2 * H * kv + 2 * hd + 2 * H       # q, o, k, v; q/k norms; the layer's two norms
+    if cfg.attention_bias:
+        attention += q + 2 * kv + H
+    dense = 3 * H * cfg.intermediate_size
+    inner = cfg.moe_intermediate_size
+    moe = (cfg.num_experts * H * (1 + 3 * inner) + 3 * H * inner * cfg.num_shared_experts
+           + (cfg.num_experts if cfg.moe_router_enable_expert_bias else 0))
+    if cfg.num_experts == 0:
+        n_moe = 0
+    elif cfg.model_type == "llada2_moe":
+        n_moe = max(0, L - cfg.first_k_dense_replace)
+    else:  # as ModelConfig.is_moe_layer, without a loop over the layers
+        skipped = {i for i in cfg.mlp_only_layers or [] if 0 <= i < L and (i + 1) % cfg.decoder_sparse_step == 0}
+        n_moe = L // cfg.decoder_sparse_step - len(skipped)
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * H
+    return cfg.vocab_size * H + head + H + L * attention + n_moe * moe + (L - n_moe) * dense
+
+
+def memory_bytes(device) -> int | None:
+    """The memory a model can use on the device: the machine's physical memory, or the GPU's free memory."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        pass
+    return None
+
+
+def check_size(cfg: ModelConfig, stored: int, device, dtype: torch.dtype):
+    """Refuse, before allocating, a config whose model cannot fit the device or is not what the weight files
+    hold (stored: the elements of the tensors the model reads, from the files' headers)."""
+    n = parameter_count(cfg)
+    fields_hint = "check hidden_size, intermediate_size, num_hidden_layers and vocab_size in config.json"
+    need = n * torch.empty(0, dtype=dtype).element_size()
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise CheckpointError(f"config.json describes a model of {n:,} parameters ({need / 2**30:,.1f} GiB in "
+                              f"{str(dtype).removeprefix('torch.')}), more than the {have / 2**30:,.1f} GiB of "
+                              f"memory there is ({device}); {fields_hint}")
+    if n > 2 * stored:  # not a missing tensor or two (those are named once the shapes are checked)
+        raise CheckpointError(f"config.json describes a model of {n:,} parameters, far more than the {stored:,} "
+                              f"the weight files hold; {fields_hint}")

@@ -1,9 +1,12 @@
 """The offline data: deterministic, both held-out sets disjoint from training, answers right."""
+import hashlib
+import random
 import re
 
 import pytest
 
 import data
+import longform
 
 
 SPLITS = ["train", "heldout", "heldout-phrasing"]
@@ -142,3 +145,157 @@ def test_continuations_split_paragraphs():
     paragraphs = data.stories(10, 1)
     for (q, a), p in zip(data.continuation_samples(paragraphs, 1), paragraphs):
         assert f"{q} {a}" == p and 3 <= len(q.split()) <= 12
+
+
+# ---------------------------------------------------------------------------------------------------
+# The short families must not change: results are compared with runs trained and measured before.
+
+def _digest(problems) -> str:
+    return hashlib.sha256(repr([(p.question, p.solution, p.answer, p.family, p.phrasing)
+                                for p in problems]).encode()).hexdigest()[:16]
+
+
+def test_short_families_are_unchanged():
+    assert _digest(data.make_problems("train", 1000)) == "98c67ba2418124c8"
+    assert _digest(data.make_problems("heldout", 1000)) == "5747dfd3b11ee39d"
+    assert _digest(data.make_problems("heldout-phrasing", 1000)) == "1cccbe042bca5452"
+    first = data.make_problems("heldout", 2)
+    assert first[0].question == "Anna's pencils stand in 6 rows of 7. Anna removes 18 pencils. How many pencils are there altogether?"
+    assert first[1].question == "Multiply 9 by 9." and first[1].answer == "81"
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError):
+        data.make_problems("train", 1, family="poems")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-step word problems.
+
+_STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+@pytest.fixture(scope="module")
+def multistep():
+    return {split: data.make_problems(split, 1500, family="multistep") for split in SPLITS}
+
+
+def test_multistep_solutions_check_out(multistep):
+    for p in (p for problems in multistep.values() for p in problems):
+        assert p.family == "multistep"
+        known = set(re.findall(r"\d+", p.question))  # every operand is given or computed before
+        known |= {str(n) for n, word in longform.TIMES.items() if word + " as many" in p.question}
+        lines = p.solution.splitlines()
+        steps = [s for line in lines for s in _STEP.findall(line)]
+        assert 3 <= len(steps) <= 6, p.solution
+        assert all(len(_STEP.findall(line)) <= 1 for line in lines), p.solution  # one computation a sentence
+        for a, op, b, c in steps:
+            assert _APPLY[op](int(a), int(b)) == int(c), (a, op, b, c, p.solution)
+            assert a in known and b in known, (a, b, p.question, p.solution)
+            assert int(c) < 1000
+            known.add(c)
+        assert steps[-1][3] == p.answer == data.extract_answer(p.solution)
+        assert lines[-1] == f"The answer is {p.answer}."
+
+
+def test_multistep_splits(multistep):
+    train, heldout, phrasing = (multistep[s] for s in SPLITS)
+    assert data.make_problems("heldout", 200, family="multistep") == heldout[:200]  # seeded
+    assert data.make_problems("train", 200, family="multistep") == train[:200]
+    assert all(data.is_heldout(p.question) for p in heldout)
+    assert not any(data.is_heldout(p.question) for p in train)
+    assert len({p.question for p in heldout}) == len(heldout)
+    assert not {p.question for p in train} & {p.question for p in heldout + phrasing}
+    assert {p.phrasing for p in phrasing} == {longform.HELDOUT_PHRASING}
+    assert {p.phrasing for p in train + heldout} == set(longform.TRAIN_PHRASINGS)
+
+
+def test_multistep_heldout_phrasing_is_never_trained_on(multistep):
+    # Sentence by sentence, names and numbers blanked: no training sentence may read like a held-out one.
+    def sentences(question):
+        blanked = re.sub(r"\d+", "_", re.sub(r"\b(" + "|".join(longform.NAMES) + r")\b", "_", question))
+        return {s.lstrip("- ") for line in blanked.splitlines() for s in re.split(r"(?<=[.?])\s+", line)}
+    train = set().union(*map(sentences, (p.question for p in data.make_problems("train", 6000, family="multistep"))))
+    held = set().union(*map(sentences, (p.question for p in multistep["heldout-phrasing"])))
+    assert len(held) > 100
+    assert not train & held, sorted(train & held)[:5]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A BPE like the one train.py builds, on a sample of its texts."""
+    texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", 3000)]
+    texts += [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", 2000, family="multistep")]
+    texts += [data.chat_sample(q, a) for q, a in data.story_samples(1500, 0)] + data.natural_text(max_chars=300_000)
+    return data.train_tokenizer(texts, 4096)
+
+
+def test_long_answers_have_their_lengths(tokenizer, multistep):
+    solutions = [len(e.ids) for e in tokenizer.encode_batch([p.solution for p in multistep["heldout"]])]
+    assert 80 <= min(solutions) and max(solutions) <= 250 and sum(solutions) / len(solutions) > 100
+    texts = [len(e.ids) for e in tokenizer.encode_batch([t for _, t in data.story_samples(1500, 1)])]
+    assert 150 <= min(texts) and max(texts) <= 400
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stories and descriptions.
+
+def test_stories_are_coherent():
+    rng = random.Random(0)
+    for _ in range(500):
+        cast = longform.new_cast(rng)
+        text = longform.story(rng, cast)
+        paragraphs = text.split("\n\n")
+        assert 4 <= len(paragraphs) <= 5 and all(p.strip() == p and p for p in paragraphs)
+        assert text.count('"') >= 6 and text.count('"') % 2 == 0  # three lines of dialogue at least, all closed
+        named = set(re.findall(r"\b(" + "|".join(longform.NAMES) + r")\b", text))
+        assert named == set(cast.names), (named, cast.names)  # the cast, all of it and nobody else
+        fill = lambda t: t.format(h=cast.names[0], f=cast.names[1], landmark=longform.PLACES[cast.place][2])
+        setup = min(i for i in (text.lower().find(fill(s).lower()) for s in cast.event["setup"]) if i >= 0)
+        # the event set up is resolved after it, by what the idea said
+        idea, fix = next((i, f) for i, f in cast.event["turns"] if fill(i)[:-1] in text)
+        assert setup < text.find(fill(idea)[:-1]) < text.find(fill(fix[1])), text
+
+
+def test_story_samples_name_what_they_ask_for():
+    for prompt, text in data.story_samples(600, 0):
+        assert len(text.split("\n\n")) >= 4, text
+        for name in re.findall(r"\b(" + "|".join(longform.NAMES) + r")\b", prompt):
+            assert name in text, (prompt, text[:200])
+        if prompt.startswith(("Continue", "Here is", "Finish")):
+            assert not text.startswith(prompt.split(": ", 1)[1])  # the answer goes on, not starts over
+            continue
+        for word in ("fox", "baker", "winter", "market", "gardener", "key", "festival"):
+            if re.search(rf"\b{word}\b", prompt):
+                assert word in text.lower(), (prompt, text[:200])
+
+
+def test_story_prompts_are_held_out():
+    heldout = data.story_prompts("heldout", 300)
+    assert heldout == data.story_prompts("heldout", 300) and len(set(heldout)) == 300
+    assert all(data.is_heldout(p) for p in heldout)
+    assert not any(data.is_heldout(p) for p in data.story_prompts("train", 300))
+    trained = {p for p, _ in data.story_samples(20000, 0)}
+    assert not trained & set(heldout)
+    assert len(trained) > 5000  # prompts vary: many forms, casts, places and events
+    with pytest.raises(ValueError):
+        data.story_prompts("test", 1)
+
+
+def test_long_texts_are_whole():
+    texts = data.long_texts(50, 0)
+    assert texts == data.long_texts(50, 0)
+    assert all(t[0].isupper() and len(t.split("\n\n")) >= 4 for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain text: docstrings as documents of several paragraphs.
+
+def test_documents_join_paragraphs_losslessly():
+    paragraphs = data.natural_text(max_chars=100_000)
+    for seed in (0, 1):
+        docs = data.documents(paragraphs, seed)
+        assert "\n\n".join(docs) == "\n\n".join(paragraphs)
+        assert all(len(d.split()) >= 80 for d in docs[:-1])  # none ends in its first blocks
+    starts = lambda seed: {d.split("\n\n")[0] for d in data.documents(paragraphs, seed)}
+    assert len(starts(0) - starts(1)) > len(starts(0)) // 2  # two seeds start documents in different places

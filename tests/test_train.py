@@ -149,3 +149,31 @@ def test_resume_with_another_shape_is_a_one_line_error(tmp_path, small_data, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "--shape 2x64" in err
     assert (out / "train_state.pt").read_bytes() == state
+
+
+def test_resume_with_another_mix_is_a_one_line_error(tmp_path, small_data, capsys):
+    out = tmp_path / "m"
+    assert train.main(["--out", str(out), "--mix", "long-heavy"] + ARGS) == 0
+    assert "--mix long-heavy" in (out / "README.md").read_text()
+    assert train.main(["--out", str(out), "--resume"] + ARGS) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "--mix long-heavy" in err
+
+
+def test_mixes_hold_their_families_and_plain_text_past_its_first_block(monkeypatch):
+    # Docstring paragraphs trained one by one mostly end inside their first block, and a plain prompt was
+    # then answered with end-of-text at once (data.documents); the long mixes train them as documents.
+    paragraphs = data.natural_text(max_chars=150_000)
+    monkeypatch.setattr(data, "natural_text", lambda max_chars=None: paragraphs)
+    tok = data.train_tokenizer(paragraphs + data.long_texts(100, 0), vocab_size=1000)
+    for mix, share in train.MIXES.items():
+        examples = train.build_examples(tok, 400, 0, mix)
+        answers = {tok.decode(ids[n_prompt:-2]) for ids, n_prompt in examples if n_prompt}
+        plain = [tok.decode(ids[:-1]) for ids, n_prompt in examples if not n_prompt]
+        docstrings = [text for text in plain if text.split("\n\n")[0] in paragraphs]
+        ends_early = sum(len(tok.encode(text).ids) < 32 for text in docstrings) / len(docstrings)
+        assert ends_early > 0.3 if mix == "short" else ends_early < 0.02, (mix, ends_early)
+        stories = [t for _, t in data.story_samples(max(int(400 * share["long_chats"]), 5), 0)]
+        multistep = [p.solution for p in data.make_problems("train", max(int(400 * share["multistep"]), 5), family="multistep")]
+        assert all((t in answers) == (mix != "short") for t in stories + multistep), mix
+        assert sum(t in plain for t in data.long_texts(int(400 * share["long_plain"]), 0)) == int(400 * share["long_plain"])

@@ -9,8 +9,14 @@
   - "heldout-phrasing": word problems in HELDOUT_PHRASING, a family told in the past tense ("Yesterday Tom
     had 12 apples. Then Tom lost 3 of them...") that no training question uses. It asks the same operations
     with the same solutions, so it measures whether the model generalises beyond its training templates.
+- Long answers (longform.py): make_problems(split, n, family="multistep") gives word problems of several
+  quantities with worked solutions of 3 to 6 steps (80-250 tokens), split the same two ways (their held-out
+  phrasing family is longform.HELDOUT_PHRASING). story_samples gives chat prompts with stories and
+  descriptions of several paragraphs (150-400 tokens); story_prompts("heldout", n) gives prompts never
+  trained on (is_heldout of the prompt); long_texts gives the same texts without a prompt.
 - Natural text: docstrings of the Python standard library, read with `ast` from the running Python's own
   source files (PSF License), and short generated stories, so an English prompt gets a readable answer.
+  documents() joins docstring paragraphs into documents of several paragraphs for plain-text training.
 - The tokenizer: byte-level BPE trained with the `tokenizers` package, with SDAR's special tokens.
 """
 from __future__ import annotations
@@ -24,6 +30,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+import longform
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]  # ids 0..3
 END_OF_TEXT, EOS_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|im_end|>", "<|MASK|>"
@@ -315,19 +323,35 @@ LIST_OPENERS = ["", "", "Let's look at the list.", "We go through the items one 
 FAMILIES = {"arithmetic": (arithmetic_problem, 0.65), "lists": (list_problem, 0.35)}
 
 
-def make_problems(split: str, n: int) -> list[Problem]:
+def multistep_problem(rng: random.Random, phrasing: str | None = None) -> Problem:
+    """A word problem of several quantities with a worked solution of 3 to 6 steps (longform.multistep), in the
+    given phrasing family or a training one."""
+    phrasing = phrasing or rng.choice(longform.TRAIN_PHRASINGS)
+    question, solution, value = longform.multistep(rng, phrasing)
+    return Problem(question, solution, str(value), "multistep", phrasing)
+
+
+def make_problems(split: str, n: int, family: str | None = None) -> list[Problem]:
     """n problems of the split, seeded. "train" and "heldout" mix the families by their weights, in the training
-    phrasings, and split them by is_heldout; "heldout-phrasing" is word problems in HELDOUT_PHRASING only."""
+    phrasings, and split them by is_heldout; "heldout-phrasing" is word problems in HELDOUT_PHRASING only.
+    family="multistep": the long word problems alone, split the same way (their held-out phrasing family is
+    longform.HELDOUT_PHRASING), from their own seed, so the default sets stay as they were."""
     if split not in ("train", "heldout", "heldout-phrasing"):
         raise ValueError(f"unknown split {split!r}")
-    rng = random.Random(f"problems-{split}")
+    if family not in (None, "multistep"):
+        raise ValueError(f"unknown family {family!r}; use multistep or none (the short families)")
+    rng = random.Random(f"problems-{split}" + (f"-{family}" if family else ""))
     names, weights = list(FAMILIES), [w for _, w in FAMILIES.values()]
     out, seen, tries = [], set(), 0
     while len(out) < n:
         tries += 1
         if tries > 50 * n + 1000:  # a question space too small for n distinct problems fails, not loops forever
             raise RuntimeError(f"only {len(out)} distinct {split} problems, {n} asked")
-        if split == "heldout-phrasing":
+        if family == "multistep":
+            p = multistep_problem(rng, longform.HELDOUT_PHRASING if split == "heldout-phrasing" else None)
+            if split != "heldout-phrasing" and is_heldout(p.question) != (split == "heldout"):
+                continue
+        elif split == "heldout-phrasing":
             p = arithmetic_problem(rng, HELDOUT_PHRASING)
         else:
             p = FAMILIES[rng.choices(names, weights)[0]][0](rng)
@@ -445,6 +469,65 @@ def continuation_samples(paragraphs: list[str], seed: int) -> list[tuple[str, st
         k = rng.randint(3, min(12, len(words) - 3))
         pairs.append((" ".join(words[:k]), " ".join(words[k:])))
     return pairs
+
+
+def documents(paragraphs: list[str], seed: int) -> list[str]:
+    """Consecutive paragraphs joined by blank lines into plain-text documents of at least 80 words, each cut
+    at a seeded length up to 200 words (about 300 tokens of docstrings); other seeds cut elsewhere, so a
+    paragraph that starts one document sits inside another.
+
+    Why: a docstring paragraph alone is short (median 23 tokens; two in three end inside the first block of
+    32). Trained one by one, each from a block boundary and padded with end-of-text to the block's end, they
+    taught that a few words of plain text are followed by end-of-text in the same block: the decoder, which
+    unmasks its surest token first, then wrote end-of-text at the block's end first and closed the sentence
+    in the slots left (a plain docstring opening got 2 or 3 tokens)."""
+    rng = random.Random(f"documents-{seed}")
+    out, current, words, target = [], [], 0, rng.randint(80, 200)
+    for p in paragraphs:
+        current.append(p)
+        words += len(p.split())
+        if words >= target:
+            out.append("\n\n".join(current))
+            current, words, target = [], 0, rng.randint(80, 200)
+    return out + (["\n\n".join(current)] if current else [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Long texts: stories and descriptions of several paragraphs (longform.py), in chat or as plain text.
+
+def story_samples(n: int, seed: int) -> list[tuple[str, str]]:
+    """n training (prompt, text) chat pairs: stories and descriptions of 150 to 400 tokens, each prompt asking
+    for its text in one of several ways. Prompts for which is_heldout holds are never trained on."""
+    rng = random.Random(f"long-{seed}")
+    out = []
+    while len(out) < n:
+        prompt, text = longform.long_sample(rng)
+        if not is_heldout(prompt):
+            out.append((prompt, text))
+    return out
+
+
+def story_prompts(split: str, n: int) -> list[str]:
+    """n distinct prompts asking for a story or a description, seeded: "heldout" prompts are never trained on,
+    "train" prompts may be."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}")
+    rng = random.Random(f"long-prompts-{split}")
+    out, seen = [], set()
+    for _ in range(100 * n + 1000):
+        prompt, _ = longform.long_sample(rng)
+        if is_heldout(prompt) == (split == "heldout") and prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"only {len(out)} distinct {split} story prompts, {n} asked")
+
+
+def long_texts(n: int, seed: int) -> list[str]:
+    """n whole stories and descriptions without a prompt, for plain-text training."""
+    rng = random.Random(f"long-texts-{seed}")
+    return [longform.long_sample(rng, continuation=False)[1] for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------

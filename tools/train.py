@@ -61,16 +61,37 @@ PHASES = ("ar", "diffusion")
 # ---------------------------------------------------------------------------------------------------
 # Data: token rows of `seq_len`, each a pack of examples that start on block boundaries.
 
-def build_examples(tok, num_problems: int, seed: int) -> list[tuple[list[int], int]]:
+# Data mixes (--mix), in examples per training problem (--problems): the share of the problems that are
+# multi-step word problems, chat stories and plain long stories, and short plain stories. "short" is the data
+# of the models trained before the long families; "long" adds them and trains docstrings as documents of
+# several paragraphs (data.documents says why); "long-heavy" trades short problems and stories for long answers.
+MIXES = {
+    "short": dict(multistep=0.0, long_chats=0.0, long_plain=0.0, short_stories=0.25, documents=False),
+    "long": dict(multistep=0.2, long_chats=0.075, long_plain=0.03, short_stories=0.15, documents=True),
+    "long-heavy": dict(multistep=0.4, long_chats=0.15, long_plain=0.06, short_stories=0.1, documents=True),
+}
+
+
+def build_examples(tok, num_problems: int, seed: int, mix: str = "long") -> list[tuple[list[int], int]]:
     """(token ids, number of leading prompt tokens that are never noised) for every training example."""
+    share = MIXES[mix]
     im_end, eot = tok.token_to_id(data.EOS_TOKEN), tok.token_to_id(data.END_OF_TEXT)
-    chats = [(p.question, p.solution) for p in data.make_problems("train", num_problems)]
-    paragraphs = data.natural_text() + data.stories(num_problems // 4, seed)
+    multistep = int(num_problems * share["multistep"])
+    chats = [(p.question, p.solution) for p in data.make_problems("train", num_problems - multistep)]
+    chats += [(p.question, p.solution) for p in data.make_problems("train", multistep, family="multistep")]
+    docstrings, stories = data.natural_text(), data.stories(int(num_problems * share["short_stories"]), seed)
+    paragraphs = docstrings + stories
     chats += data.continuation_samples(paragraphs, seed)
-    prompts = tok.encode_batch([data.chat_prompt(q) for q, _ in chats])
-    answers = tok.encode_batch([a for _, a in chats])
+    chats += data.story_samples(int(num_problems * share["long_chats"]), seed)
+    if share["documents"]:
+        # four cuttings: the same docstrings start documents in four sets of places
+        paragraphs = [d for k in range(4) for d in data.documents(docstrings, seed + k)] + stories
+    paragraphs += data.long_texts(int(num_problems * share["long_plain"]), seed)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the same ids without offsets, 2-3x faster
+    prompts = encode([data.chat_prompt(q) for q, _ in chats])
+    answers = encode([a for _, a in chats])
     examples = [(p.ids + a.ids + [im_end, eot], len(p.ids)) for p, a in zip(prompts, answers)]
-    examples += [(e.ids + [eot], 0) for e in tok.encode_batch(paragraphs)]  # plain text, all trainable
+    examples += [(e.ids + [eot], 0) for e in encode(paragraphs)]  # plain text, all trainable
     random.Random(seed).shuffle(examples)
     return examples
 
@@ -288,7 +309,10 @@ def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
         "  manipulation, in the ChatML chat format. Two held-out sets are never trained on: in-template questions",
         "  (a disjoint question space) and one whole family of question phrasings (data.HELDOUT_PHRASING).",
         "- Natural text: docstrings of the Python standard library (PSF License), read from the running Python's",
-        "  own source files, and generated short stories (data.py).", "",
+        "  own source files, and generated short stories (data.py).",
+        f"- Mix `{history.get('mix', 'short')}` (train.py MIXES): `long` mixes add multi-step word problems with worked",
+        "  solutions (3-6 steps), stories and descriptions of several paragraphs (tools/longform.py) and docstrings",
+        "  joined into documents of several paragraphs.", "",
         "## Evaluation", "",
         "See the results below (written by `python tools/eval.py`).", "",
     ]
@@ -310,6 +334,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--problems", type=int, default=200_000, help="training problems")
+    p.add_argument("--mix", default="long", choices=MIXES, help="training data, see MIXES: "
+                   "long (default), long-heavy, or short (the data before the long families)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -383,6 +409,10 @@ def train(args, out: Path, device: str):
     else:
         texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
         texts += data.natural_text() + data.stories(5000, args.seed)
+        if args.mix != "short":  # the long families too, the same sample for every mix that has them
+            texts += [data.chat_sample(p.question, p.solution)
+                      for p in data.make_problems("train", min(args.problems, 5000), family="multistep")]
+            texts += [data.chat_sample(q, a) for q, a in data.story_samples(min(args.problems, 3000), args.seed)]
         tok = data.train_tokenizer(texts, args.vocab_size)
     data.write_tokenizer_files(tok, out, block_size=BLOCK_SIZE)
     mask_id, pad_id = tok.token_to_id(data.MASK_TOKEN), tok.token_to_id(data.END_OF_TEXT)
@@ -397,7 +427,7 @@ def train(args, out: Path, device: str):
     state_path = out / "train_state.pt"
     history = {"commands": [], "phase": PHASES[0], "step": 0, "elapsed_phase": 0.0, "settings": {},
                "log": {p: [] for p in PHASES}, "steps": {p: 0 for p in PHASES}, "elapsed": {p: 0.0 for p in PHASES},
-               "batch_size": args.batch_size, "seq_len": args.seq_len, "shape": args.shape}
+               "batch_size": args.batch_size, "seq_len": args.seq_len, "shape": args.shape, "mix": args.mix}
     saved = None
     if args.resume:
         saved = torch.load(state_path, map_location=device, weights_only=True)
@@ -405,6 +435,9 @@ def train(args, out: Path, device: str):
         if history.get("shape", args.shape) != args.shape:
             raise CheckpointError(f"--resume: {state_path} was trained with --shape {history['shape']}, "
                                   f"not {args.shape}; pass --shape {history['shape']}")
+        if history.get("mix", "short") != args.mix:  # runs from before --mix trained on the "short" data
+            raise CheckpointError(f"--resume: {state_path} was trained with --mix {history.get('mix', 'short')}, "
+                                  f"not {args.mix}; pass --mix {history.get('mix', 'short')}")
         model.load_state_dict(saved["model"])
         print(f"resumed in phase {history['phase']} at step {history['step']}", flush=True)
     history["commands"].append(" ".join(args.argv))
@@ -419,7 +452,7 @@ def train(args, out: Path, device: str):
             opt.load_state_dict(saved["optimizer"])           # ... unless it resumes mid-phase
         if s["steps"] > history["step"]:
             if tensors is None:
-                examples = build_examples(tok, args.problems, args.seed)
+                examples = build_examples(tok, args.problems, args.seed, args.mix)
                 tensors = pack(examples, args.seq_len, cfg.block_size, pad_id)
                 print(f"{len(examples)} examples packed into {len(tensors[0])} rows of {args.seq_len} "
                       f"({time.time() - t0:.0f} s)", flush=True)

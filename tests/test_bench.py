@@ -12,7 +12,7 @@ import bench
 def test_real_size_runs_every_mode(tmp_path, shape, capsys):
     replayed = 2 if shape == "tiny" else 0   # schedules of the shipped model on 2 problems
     assert bench.main(["--real-size", "--real-size-config", shape, "--contexts", "32", "--device", "cpu",
-                       "--replay-problems", str(replayed), "--out", str(tmp_path)]) == 0
+                       "--replay-problems", str(replayed), "--replay-workload", "arith", "--out", str(tmp_path)]) == 0
     res = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]
     assert res["config"].get("model_type", "sdar") == {"tiny": "sdar", "tiny-moe": "llada2_moe"}[shape]
     rows = {r["mode"]: r for r in res["end_to_end"]}

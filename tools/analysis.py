@@ -139,6 +139,7 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
 
 
 ORACLES = (None, "ranking", "ranking+target")
+STUDIED = ("delta", "leftmost", "I1", "confidence", "delta+position", "delta+confidence", "probe")  # eval --oracle
 
 
 def oracle_probe(model, tok, prompts: list[str], opts: Options, oracle: str | None = None):
@@ -151,6 +152,12 @@ def oracle_probe(model, tok, prompts: list[str], opts: Options, oracle: str | No
     were decodable than the target, up to the difference, and against the ranking otherwise."""
     if oracle not in ORACLES:
         raise ValueError(f"unknown oracle {oracle!r}; use one of {ORACLES[1:]}")
+    if not opts.focus:  # nothing is evicted: no side forward needed
+        ids = encode_prompts(tok, prompts, chat=True)
+        with torch.inference_mode():
+            out = generate_ids(model, ids, tok.mask_id, tok.eos_ids, opts)
+        return {"evicting_steps": 0, "decodable": 0, "kept": 0, "missed_by_cap": 0, "missed_by_ranking": 0,
+                "recall": 1.0, "steps": sum(len(stats["decoded"]) for _, stats in out)}, out
     if oracle is not None and opts.focus_rank != "confidence":
         raise ValueError("an oracle ranks by the true confidences: pass focus_rank='confidence'")
     totals = {"evicting_steps": 0, "decodable": 0, "kept": 0, "missed_by_cap": 0, "missed_by_ranking": 0}
@@ -219,3 +226,42 @@ def full_model_confidence(model, dec):
     candidate = torch.zeros_like(dec.masked)
     candidate[seq[mask_rows], col[mask_rows]] = True
     return confidence, candidate
+
+
+def fit_probe(model, tok, prompts: list[str], opts: Options, steps: int = 2000, lr: float = 0.5):
+    """The logistic probe behind focus.ranking_score("probe"): decode `prompts` with the delayed cache (opts
+    without FOCUS), and at every step where the mask set holds more than one token take each masked token's
+    features (focus.probe_features) and its label, decoded at this step or not (the delayed cache computes
+    every masked token through every layer, so its step decodes what the full model decodes). Then fit
+    w, b by gradient descent on the mean logistic loss. Returns (weights, bias, number of examples)."""
+    features, labels, pending = [], [], []
+
+    def hook(dec):
+        if pending:
+            seq_m, col_m, f = pending.pop()
+            features.append(f)
+            labels.append(dec.last_step.decoded[seq_m, col_m].float())
+        seq, col, rows, _ = dec.rows(dec.processing())
+        mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
+        if len(mask_rows) == 0:
+            return
+        g = focus.grid(seq[mask_rows])
+        (i0, i1), _ = probe_forward(model, dec, seq, col, rows, mask_rows, g)
+        position = focus.to_grid(col[mask_rows], g, fill=-1)
+        signals = focus.Signals(i0, i1, focus.importance_delta(i1, i0, i1.dtype), position, torch.zeros_like(i0))
+        several = (g.valid.sum(1) > 1)[g.line]                          # a set of one needs no ranking
+        pending.append((seq[mask_rows][several], col[mask_rows][several],
+                        focus.probe_features(signals)[g.line, g.place][several]))
+
+    ids = encode_prompts(tok, prompts, chat=True)
+    with torch.inference_mode():
+        out = generate_ids(model, ids, tok.mask_id, tok.eos_ids, opts, step_hook=hook)
+    x, y = torch.cat(features).float(), torch.cat(labels)
+    w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros((), requires_grad=True)
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        with torch.no_grad():
+            w -= lr * gw
+            b -= lr * gb
+    return [round(float(v), 3) for v in w.detach()], round(float(b.detach()), 3), len(y)

@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import focus
 import kernels
 import plots
 import replay
+import workloads
 from analysis import predictor_probe
 from decoder import Options
 from generate import DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids
@@ -158,6 +160,10 @@ def bench_modes(model, tok, problems, args) -> list[dict]:
 SDAR_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                  block_size=32, mask_token_id=151669, max_position_embeddings=32768)
+# The paper's model: SDAR-8B-Chat (Qwen3-8B's shape).
+SDAR_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+               block_size=32, mask_token_id=151669, max_position_embeddings=32768)
 # The paper's second model (mixture of experts, 16B parameters, 1.4B active): LLaDA2.0-mini's config.json.
 LLADA2_MINI = dict(model_type="llada2_moe", vocab_size=157184, hidden_size=2048, intermediate_size=5120,
                    num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
@@ -171,7 +177,8 @@ TINY_REAL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidd
                  max_position_embeddings=4096)
 TINY_MOE = {**LLADA2_MINI, **TINY_REAL, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
             "n_group": 4, "topk_group": 2}
-REAL_SIZE = {"sdar-1.7b": SDAR_1_7B, "llada2-mini": LLADA2_MINI, "tiny": TINY_REAL, "tiny-moe": TINY_MOE}
+REAL_SIZE = {"sdar-1.7b": SDAR_1_7B, "sdar-8b": SDAR_8B, "llada2-mini": LLADA2_MINI, "tiny": TINY_REAL,
+             "tiny-moe": TINY_MOE}
 
 
 def random_model(shape: dict, device, dtype):
@@ -284,15 +291,16 @@ REPLAY_MODES = ("full", "delayed", "focus-1.5", "paper-focus-1.5@0.8")
 
 
 def record_schedules(args, device, block_size: int) -> dict:
-    """Each replayed mode's schedules, from a decode of --model (the shipped model by default) on held-out
-    problems (replay.record)."""
+    """Each replayed mode's schedules, from a decode of --model (the shipped model by default) on the first
+    --replay-problems prompts of --replay-workload, at the workload's token budget (replay.record)."""
     ref, tok = load(args.model, device=device)
     if ref.config.block_size != block_size:
         raise ValueError(f"--model {args.model} has block size {ref.config.block_size}, the real-size shape "
                          f"{block_size}: its schedules do not fit; pass --replay-problems 0 or another --model")
-    problems = data.make_problems("heldout", args.replay_problems)
-    prompts = encode_prompts(tok, [p.question for p in problems], chat=True)
-    return {name: replay.record(ref, prompts, tok.mask_id, tok.eos_ids, mode_options(name, args, len(prompts)))
+    w = workloads.workload(args.replay_workload, args.replay_problems)
+    prompts = encode_prompts(tok, w.prompts, chat=True)
+    return {name: replay.record(ref, prompts, tok.mask_id, tok.eos_ids,
+                                replace(mode_options(name, args, len(prompts)), max_new_tokens=w.max_new_tokens))
             for name in REPLAY_MODES}
 
 
@@ -306,7 +314,7 @@ def bench_replay(model, schedules: dict, args, batches, device) -> list[dict]:
             for name in REPLAY_MODES:
                 recorded = schedules[name]
                 scheds = [recorded[i % len(recorded)] for i in range(b)]
-                opts = mode_options(name, args, b)
+                opts = replace(mode_options(name, args, b), max_new_tokens=max(s.tokens for s in scheds) + 1)
                 replay.replay(model, warm_up(scheds, opts), ctx, opts)
                 clock = {}
                 sync(device)
@@ -397,10 +405,13 @@ def parse_args(argv=None):
     p.add_argument("--no-analysis", dest="analysis", action="store_false")
     p.add_argument("--real-size", action="store_true", help="random weights of a real model's shape (GPU)")
     p.add_argument("--real-size-config", default="sdar-1.7b", choices=list(REAL_SIZE),
-                   help="the shape: SDAR-1.7B, LLaDA2.0-mini (MoE, 32 GB in bf16), or tiny ones for a quick check")
+                   help="the shape: SDAR-1.7B, SDAR-8B (the paper's model, 16 GB in bf16), LLaDA2.0-mini (MoE, "
+                        "32 GB in bf16), or tiny ones for a quick check")
     p.add_argument("--replay-problems", type=int, default=64,
-                   help="--real-size: also replay the schedules of a decode of --model on this many held-out "
-                        "problems (0: off)")
+                   help="--real-size: also replay the schedules of a decode of --model on this many prompts of "
+                        "--replay-workload (0: off)")
+    p.add_argument("--replay-workload", default="long", choices=workloads.WORKLOADS,
+                   help="--real-size: the workload whose schedules are replayed (workloads.py)")
     p.add_argument("--real-batches", default="64,128,256")
     p.add_argument("--contexts", default="256,512")
     p.add_argument("--out", default="results")

@@ -6,9 +6,14 @@
     python tools/eval.py --study --output study.json     # the model card's study row: modes, phrasings, predictors
     python tools/eval.py --frontier --output f.json      # accuracy against compute: threshold and alpha sweeps
     python tools/eval.py --ablation --output a.json      # FOCUS with the delta replaced by controls
+    python tools/eval.py --workloads arith,multistep,story,long -n 64 --output w.json   # the named workloads
+    python tools/eval.py --oracle arith,long -n 64 --output o.json   # every ranking against the full model's choice
 
 Two held-out sets, neither ever trained on: in-template questions (data.make_problems("heldout")) and a
-whole family of question phrasings (data.make_problems("heldout-phrasing")).
+whole family of question phrasings (data.make_problems("heldout-phrasing")). The named workloads
+(workloads.py: arith, multistep, story, long) add long answers: for each, the full block, the delayed cache
+and FOCUS side by side, with the tokens generated, blocks per sequence, tokens decoded per step beside the
+paper's, and quality (exact answers; for stories, agreement with the full block).
 
 Compute is counted in row-layers per generated token: each step computes `computed` rows in layers 0-1
 and `computed_deep` rows in layers 2..L, so a step costs 2 x computed + (L - 2) x computed_deep.
@@ -27,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 import analysis
 import data
 import plots
+import workloads
 from decoder import Options
-from generate import DEFAULT_MODEL, ArgumentParser, add_options, generate, options_from
+from generate import DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from
 from checkpoint import CheckpointError, load, resolve_device
 
 
@@ -112,6 +118,108 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+WORKLOAD_MODES = STUDY_MODES[:3]  # full block (first: the stories' reference), delayed cache, FOCUS 1.5
+
+
+def run_workloads(model, tok, names: list[str], n: int, base: Options, modes=WORKLOAD_MODES,
+                  max_new_tokens: int | None = None) -> list[dict]:
+    """Every mode on every named workload: its first n prompts, at its token budget unless max_new_tokens."""
+    rows = []
+    for name in names:
+        w = workloads.workload(name, n)
+        budget = {"max_new_tokens": max_new_tokens or w.max_new_tokens}
+        reference = None
+        for mode, options in modes:
+            t0 = time.perf_counter()
+            results = generate(model, tok, w.prompts, **(asdict(base) | budget | options))
+            ids = [r.token_ids for r in results]
+            reference = reference or ids
+            row = {"workload": name, "mode": mode, "options": options, "n": len(w.prompts),
+                   "seconds": time.perf_counter() - t0, "tokens_mean": float(np.mean([len(i) for i in ids])),
+                   # a block ends in a commit step, which decodes nothing, except the last one
+                   "blocks_per_sequence": float(np.mean([r.stats["decoded"].count(0) + 1 for r in results])),
+                   "ended_at_eos": float(np.mean([r.stats["finish_reason"] == "eos" for r in results])),
+                   "accuracy": workloads.accuracy(w, [r.text for r in results]),
+                   "agreement": workloads.agreement(w, ids, reference)}
+            row.update(decode_stats(results, model.config.num_hidden_layers))
+            rows.append(row)
+            print(f"  {name:9s} {mode:14s} {row['tokens_mean']:6.1f} tokens, {row['steps']} steps "
+                  f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        delayed = next(r for r in rows if r["workload"] == name and r["mode"] == "delayed cache")
+        for r in rows[-len(modes):]:
+            r["steps_over_delayed"] = r["steps"] / delayed["steps"]
+    return rows
+
+
+def workload_table(rows: list[dict]) -> str:
+    paper = " / ".join(str(v) for v in workloads.PAPER_DECODED_PER_STEP)
+    lines = [f"| workload | mode | tokens generated | blocks per sequence | ended at EOS | decoded/step mean / sd / "
+             f"median (paper {paper}) | steps | steps / DC | row-layers per token | accuracy | stories: identical "
+             "to full block / shared prefix |", "|" + " --- |" * 11]
+    for r in rows:
+        agree = r["agreement"]
+        lines.append(f"| {r['workload']} | {r['mode']} | {r['tokens_mean']:.1f} | {r['blocks_per_sequence']:.1f} | "
+                     f"{r['ended_at_eos']:.0%} | {r['decoded_mean']:.2f} / {r['decoded_std']:.2f} / "
+                     f"{r['decoded_median']:.0f} | {r['steps']} | {r['steps_over_delayed']:.2f} | "
+                     f"{r['row_layers_per_token']:.1f} | "
+                     + (f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-") + " | "
+                     + (f"{agree['identical']:.0%} / {agree['shared_prefix']:.0%}" if agree else "-") + " |")
+    return "\n".join(lines)
+
+
+# The ranking study: every ranking with the reference's target and rules, and the oracles (analysis.oracle_probe).
+RANKING_STUDY = ([("delayed cache", {}, None)]
+                 + [(f"FOCUS 1.5 by {r}", dict(focus=True, alpha=1.5, focus_rank=r), None) for r in analysis.STUDIED]
+                 + [("oracle ranking", dict(focus=True, alpha=1.5, focus_rank="confidence"), "ranking"),
+                    ("oracle ranking and target", dict(focus=True, alpha=1.5, focus_rank="confidence"),
+                     "ranking+target")])
+
+
+def run_oracle(model, tok, names: list[str], n: int, base: Options, entries=RANKING_STUDY,
+               max_new_tokens: int | None = None) -> list[dict]:
+    """Each ranking (and the oracles) on each named workload: steps against the delayed cache's, the recall of
+    the kept set against the tokens the full model would decode, misses by ranking and by cap, compute and
+    quality (analysis.oracle_probe)."""
+    rows = []
+    for name in names:
+        w = workloads.workload(name, n)
+        budget = {"max_new_tokens": max_new_tokens or w.max_new_tokens}
+        reference = None
+        for mode, options, oracle in entries:
+            t0 = time.perf_counter()
+            opts = Options(**(asdict(base) | budget | options))
+            probe, out = analysis.oracle_probe(model, tok, w.prompts, opts, oracle)
+            results = [Result(p, tok.decode(ids), ids, stats) for p, (ids, stats) in zip(w.prompts, out)]
+            ids = [r.token_ids for r in results]
+            reference = reference or ids
+            row = {"workload": name, "mode": mode, "options": options, "oracle": oracle, "n": len(w.prompts),
+                   "seconds": time.perf_counter() - t0, **probe,
+                   "accuracy": workloads.accuracy(w, [r.text for r in results]),
+                   "agreement_with_delayed_cache": workloads.agreement(w, ids, reference)}
+            row.update(decode_stats(results, model.config.num_hidden_layers))
+            rows.append(row)
+            print(f"  {name:9s} {mode:34s} {row['steps']} steps, recall {row['recall']:.2f} "
+                  f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        for r in rows[-len(entries):]:
+            r["steps_over_delayed"] = r["steps"] / rows[-len(entries)]["steps"]
+            r["row_layers_over_delayed"] = r["row_layers_per_token"] / rows[-len(entries)]["row_layers_per_token"]
+    return rows
+
+
+def oracle_table(rows: list[dict]) -> str:
+    lines = ["| workload | ranking | steps / DC | decoded/step | recall of decodable tokens | missed: ranking / cap "
+             "| row-layers per token | accuracy | stories: shared prefix with DC |", "|" + " --- |" * 9]
+    for r in rows:
+        agree = r["agreement_with_delayed_cache"]
+        lines.append(f"| {r['workload']} | {r['mode']} | {r['steps_over_delayed']:.2f} | {r['decoded_mean']:.2f} | "
+                     + (f"{r['recall']:.2f} | {r['missed_by_ranking']} / {r['missed_by_cap']}" if r["decodable"]
+                        else "- | -")
+                     + f" | {r['row_layers_per_token']:.1f} | "
+                     + (f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-") + " | "
+                     + (f"{agree['shared_prefix']:.0%}" if agree else "-") + " |")
+    return "\n".join(lines)
+
+
 def predictor_table(probe: dict) -> str:
     lines = ["| score | AUC per step | precision of top-k | most confident token kept | decoded tokens kept |",
              "|" + " --- |" * 5]
@@ -136,7 +244,7 @@ def check_new_file(output: str):
 def parse_args(argv=None):
     p = ArgumentParser(description="Accuracy and decoding statistics on held-out problems.")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("-n", "--num-problems", type=int, default=500)
+    p.add_argument("-n", "--num-problems", type=int, help="problems (default 500), or prompts per workload (64)")
     p.add_argument("--split", default="heldout", choices=("heldout", "heldout-phrasing"))
     add_options(p, ["batch_size", "max_new_tokens", "threshold", "delayed_cache", "focus", "alpha", "focus_rank",
                     "exact_commit"])
@@ -148,9 +256,14 @@ def parse_args(argv=None):
     what.add_argument("--study", action="store_true", help="modes x both held-out sets, and the predictor analysis")
     what.add_argument("--frontier", action="store_true", help="accuracy against compute: threshold and alpha sweeps")
     what.add_argument("--ablation", action="store_true", help="FOCUS ranked by the delta and by controls")
+    what.add_argument("--workloads", metavar="NAMES", help="comma-separated named workloads: "
+                      f"{', '.join(workloads.WORKLOADS)}; modes side by side on each")
+    what.add_argument("--oracle", metavar="NAMES", help="named workloads: every FOCUS ranking and the oracles "
+                      "against what the full model would decode at each step")
     p.add_argument("--probe-problems", type=int, default=200, help="--study: problems for the predictor analysis")
-    p.add_argument("--output", help="--study / --frontier / --ablation: write the JSON here (a new file)")
+    p.add_argument("--output", help="--study / --frontier / --ablation / --workloads: write the JSON here (a new file)")
     p.add_argument("--plot", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
+    p.set_defaults(max_new_tokens=None)  # --workloads: each workload's own budget unless given
     return p.parse_args(argv)
 
 
@@ -161,11 +274,18 @@ def main(argv=None) -> int:
         return e.code
     if args.plot:
         return plots.plot_command(args.plot, plots.plot_frontier)
-    sweeping = args.study or args.frontier or args.ablation
+    sweeping = args.study or args.frontier or args.ablation or args.workloads or args.oracle
     try:
         device = resolve_device(args.device)
+        if args.num_problems is None:
+            args.num_problems = 64 if args.workloads or args.oracle else 500
         if args.num_problems <= 0:
             raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
+        names = (args.workloads or args.oracle).split(",") if args.workloads or args.oracle else []
+        budget, args.max_new_tokens = args.max_new_tokens, args.max_new_tokens or Options.max_new_tokens
+        for name in names:
+            if name not in workloads.WORKLOADS:
+                raise ValueError(f"unknown workload {name!r}; use one of {', '.join(workloads.WORKLOADS)}")
         if args.output:
             check_new_file(args.output)
         opts = options_from(args)
@@ -175,6 +295,12 @@ def main(argv=None) -> int:
             if args.study:
                 res = study(model, tok, args, opts)
                 report = table(res["modes"]) + "\n\n" + predictor_table(res["predictors"])
+            elif args.workloads:
+                res = {"workloads": run_workloads(model, tok, names, args.num_problems, opts, max_new_tokens=budget)}
+                report = workload_table(res["workloads"])
+            elif args.oracle:
+                res = {"oracle": run_oracle(model, tok, names, args.num_problems, opts, max_new_tokens=budget)}
+                report = oracle_table(res["oracle"])
             else:
                 problems = data.make_problems(args.split, args.num_problems)
                 res = {"modes": sweep(model, tok, problems, FRONTIER if args.frontier else ABLATION, opts)}

@@ -75,7 +75,13 @@ CASES = {
     # The output path, checked before the model is loaded.
     "output folder missing": ("generate", ["--prompt", "Hi", "--output", "{dir}/nodir/x.jsonl"], ["nodir", "does not exist"]),
     "output is a folder": ("generate", ["--prompt", "Hi", "--output", "{dir}"], ["is a folder"]),
-    "eval output folder missing": ("eval", ["--output", "{dir}/nodir/x.json"], ["nodir", "does not exist"]),
+    "eval output folder missing": ("eval", ["--study", "--output", "{dir}/nodir/x.json"], ["nodir", "does not exist"]),
+    "eval output without a sweep": ("eval", ["--output", "{dir}/x.json"], ["--output goes with"]),
+    "eval output's partial file exists": ("eval", ["--workloads", "long", "--output", "{dir}/left.jsonl"],
+                                          ["left.jsonl.partial exists"]),
+    "eval num-problems 10^9": ("eval", ["-n", "1000000000"], ["num-problems", "1..10,000"]),
+    "eval probe-problems -2": ("eval", ["--study", "--probe-problems", "-2"], ["--probe-problems", "-2"]),
+    "eval show-failures -1": ("eval", ["--show-failures", "-1"], ["--show-failures", "-1"]),
     # Numbers.
     "alpha nan": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "nan"], ["alpha", "finite", "nan"]),
     "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),
@@ -168,6 +174,8 @@ CASES = {
     "bench batch size x": ("bench", ["--batch-sizes", "x"], ["--batch-sizes", "'x'"]),
     "bench mode unknown": ("bench", ["--modes", "full,fast"], ["--modes", "'fast'"]),
     "bench repeats 0": ("bench", ["--repeats", "0"], ["--repeats", "0"]),
+    "bench mode twice": ("bench", ["--modes", "full,full"], ["--modes", "twice"]),
+    "bench real size on a CPU": ("bench", ["--real-size", "--device", "cpu"], ["needs a GPU"]),
 }
 if torch.cuda.is_available():
     del CASES["generate device tpu"]  # still runs; only the cuda case below needs a machine without a GPU

@@ -29,3 +29,13 @@ def test_real_size_runs_every_mode(tmp_path, shape, capsys):
         assert rows["paper-focus-1.5@0.8"]["threshold"] == 0.8
     else:
         assert "replayed" not in res
+
+
+def test_an_interrupt_is_one_line_and_leaves_no_empty_file(tmp_path, monkeypatch, capsys):
+    def interrupted(args, device):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_real_size", interrupted)
+    code = bench.main(["--real-size", "--real-size-config", "tiny", "--device", "cpu", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err == ["interrupted; nothing had finished"]
+    assert list(tmp_path.iterdir()) == []

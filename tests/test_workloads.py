@@ -67,3 +67,29 @@ def test_eval_reports_every_mode_on_every_workload(tmp_path, make_checkpoint):
         assert (r["accuracy"] is None) == (r["workload"] == "story")
         assert (r["agreement"] is None) == (r["workload"] == "arith")
     assert rows[3]["agreement"] == {"identical": 1.0, "shared_prefix": 1.0}   # the full block against itself
+
+
+def test_eval_keeps_finished_rows_on_an_interrupt(tmp_path, make_checkpoint, monkeypatch, capsys):
+    """Ctrl-C in the middle of a sweep: exit 130, one line naming the partial file, which holds every row that
+    finished; the output itself is not made."""
+    import json
+
+    import eval as evaluate
+    calls = []
+    real = evaluate.generate
+
+    def second_mode_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "generate", second_mode_interrupted)
+    out = tmp_path / "w.json"
+    ckpt = make_checkpoint(max_position_embeddings=2048)
+    code = evaluate.main(["--model", str(ckpt.path), "--workloads", "arith", "-n", "2", "--max-new-tokens", "8",
+                          "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-1].startswith("interrupted") and "w.json.partial" in err[-1]
+    assert not out.exists()
+    rows = json.loads((tmp_path / "w.json.partial").read_text())["workloads"]
+    assert [r["mode"] for r in rows] == ["full block"]

@@ -13,7 +13,6 @@ device, torch version and commit, and a Markdown table.
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import kernels
 import plots
 import replay
 import workloads
+from partial import PartialJSON
 from analysis import predictor_probe
 from decoder import Options
 from generate import DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids
@@ -423,6 +423,11 @@ def parse_args(argv=None):
     for m in args.modes:
         if m not in MODES:
             p.error(f"--modes: unknown mode {m!r}; use some of {', '.join(MODES)}")
+    if len(set(args.modes)) < len(args.modes):
+        p.error(f"--modes names a mode twice: {','.join(args.modes)}")
+    for name in ("batch_sizes", "real_batches", "contexts"):
+        if len(set(getattr(args, name))) < len(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} names a value twice")
     if args.replay_problems < 0:
         p.error(f"--replay-problems must be 0 (off) or positive, got {args.replay_problems}")
     for name in ("num_prompts", "repeats"):
@@ -448,9 +453,10 @@ def positive_list(p, name: str, text: str) -> list[int]:
 
 
 def new_results_path(folder: Path, stem: str) -> Path:
-    """folder/stem.json, or stem-2.json, stem-3.json, ... : a results file is never overwritten."""
+    """folder/stem.json, or stem-2.json, stem-3.json, ... : a results file (or an interrupted run's partial
+    one) is never overwritten."""
     path, n = folder / f"{stem}.json", 1
-    while path.exists():
+    while path.exists() or path.with_name(path.name + ".partial").exists():
         n += 1
         path = folder / f"{stem}-{n}.json"
     return path
@@ -460,6 +466,9 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         device = torch.device(resolve_device(args.device))
+        if args.real_size and device.type != "cuda" and not args.real_size_config.startswith("tiny"):
+            raise ValueError(f"--real-size {args.real_size_config} needs a GPU (--device cuda): on a CPU it would run "
+                             "for hours; the tiny shapes (--real-size-config tiny) check it runs")
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code
     except ValueError as e:
@@ -471,21 +480,35 @@ def main(argv=None) -> int:
     res = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
            "threshold": args.threshold}
+    out = None
+    try:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        out = PartialJSON(new_results_path(folder, f"{kind}{'-real-size' if args.real_size else ''}-{res['date']}"))
+        return run(args, device, res, out)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {out.abandon() if out else 'nothing was written'}", file=sys.stderr)
+        out = None
+        return 130
+    finally:
+        if out:
+            out.abandon()
+
+
+def run(args, device, res: dict, out: PartialJSON) -> int:
+    """The benchmark itself, saving into `out` what finished as it goes."""
     if args.real_size:
-        try:
-            res["real_size"] = bench_real_size(args, device)
-        except (CheckpointError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        res["real_size"] = bench_real_size(args, device)
         report = real_size_table(res["real_size"])
     else:
-        try:
-            model, tok = load(args.model, device=device, dtype=args.dtype)
-        except (CheckpointError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        model, tok = load(args.model, device=device, dtype=args.dtype)
         problems = data.make_problems("heldout", args.num_prompts)
         res["modes"] = bench_modes(model, tok, problems, args)
+        out.save(res)
         report = table(res["modes"])
         if args.analysis:
             res["predictors"] = predictor_probe(model, tok, problems, args.max_new_tokens, args.threshold,
@@ -496,12 +519,7 @@ def main(argv=None) -> int:
                 [f"- {n}: AUC {v['auc_per_step']:.3f} per step ({v['auc_pooled']:.3f} pooled), precision of top-k "
                  f"{v['precision_top_k']:.3f}, most confident token kept {v['top1_kept']:.3f}"
                  for n, v in res["predictors"].items() if isinstance(v, dict)])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    path = new_results_path(out, f"{kind}{'-real-size' if args.real_size else ''}-{res['date']}")
-    with open(path, "x") as f:  # "x": never over a file, even one made since the name was chosen
-        f.write(json.dumps(res, indent=1) + "\n")
+    path = out.commit(res)
     print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")
     if res.get("modes") or res.get("predictors"):  # a real-size run has no plots
         plots.plot_bench(path)

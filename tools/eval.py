@@ -33,6 +33,7 @@ import analysis
 import data
 import plots
 import workloads
+from partial import PartialJSON
 from decoder import Options
 from generate import DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from
 from checkpoint import CheckpointError, load, resolve_device
@@ -80,7 +81,8 @@ ABLATION = [("delayed cache", {})] + [(f"FOCUS 1.5 by {r}", dict(focus=True, alp
                                       for r in ("delta", "random", "negated-delta", "leftmost", "after-decoded")]
 
 
-def sweep(model, tok, problems, entries, base: Options, phrasings=None) -> list[dict]:
+def sweep(model, tok, problems, entries, base: Options, phrasings=None, finished=None) -> list[dict]:
+    """Each entry on the same problems; finished(rows), if given, after each one."""
     rows = []
     for name, options in entries:
         opts = asdict(base) | options
@@ -89,17 +91,19 @@ def sweep(model, tok, problems, entries, base: Options, phrasings=None) -> list[
         if phrasings:
             row["heldout_phrasing"], _ = evaluate(model, tok, phrasings, **opts)
         rows.append(row)
+        if finished:
+            finished(rows)
         extra = f", held-out phrasings {row['heldout_phrasing']['accuracy']:.1%}" if phrasings else ""
         print(f"  {name:32s} {row['accuracy']:6.1%}{extra}  steps {row['steps']}  row-layers/token "
               f"{row['row_layers_per_token']:.1f}  ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return rows
 
 
-def study(model, tok, args, base: Options) -> dict:
+def study(model, tok, args, base: Options, finished=None) -> dict:
     """Everything one row of the model card's study table needs."""
     problems = data.make_problems("heldout", args.num_problems)
     phrasings = data.make_problems("heldout-phrasing", args.num_problems)
-    rows = sweep(model, tok, problems, STUDY_MODES, base, phrasings)
+    rows = sweep(model, tok, problems, STUDY_MODES, base, phrasings, finished)
     by = {r["mode"]: r for r in rows}
     probe = analysis.predictor_probe(model, tok, problems[:args.probe_problems], base.max_new_tokens,
                                      base.threshold, base.batch_size)
@@ -118,11 +122,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MAX_PROBLEMS = 10_000  # the held-out sets are a tenth of the question space: more would take minutes to build
 WORKLOAD_MODES = STUDY_MODES[:3]  # full block (first: the stories' reference), delayed cache, FOCUS 1.5
 
 
 def run_workloads(model, tok, names: list[str], n: int, base: Options, modes=WORKLOAD_MODES,
-                  max_new_tokens: int | None = None) -> list[dict]:
+                  max_new_tokens: int | None = None, finished=None) -> list[dict]:
     """Every mode on every named workload: its first n prompts, at its token budget unless max_new_tokens."""
     rows = []
     for name in names:
@@ -143,6 +148,8 @@ def run_workloads(model, tok, names: list[str], n: int, base: Options, modes=WOR
                    "agreement": workloads.agreement(w, ids, reference)}
             row.update(decode_stats(results, model.config.num_hidden_layers))
             rows.append(row)
+            if finished:
+                finished(rows)
             print(f"  {name:9s} {mode:14s} {row['tokens_mean']:6.1f} tokens, {row['steps']} steps "
                   f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
         delayed = next(r for r in rows if r["workload"] == name and r["mode"] == "delayed cache")
@@ -176,7 +183,7 @@ RANKING_STUDY = ([("delayed cache", {}, None)]
 
 
 def run_oracle(model, tok, names: list[str], n: int, base: Options, entries=RANKING_STUDY,
-               max_new_tokens: int | None = None) -> list[dict]:
+               max_new_tokens: int | None = None, finished=None) -> list[dict]:
     """Each ranking (and the oracles) on each named workload: steps against the delayed cache's, the recall of
     the kept set against the tokens the full model would decode, misses by ranking and by cap, compute and
     quality (analysis.oracle_probe)."""
@@ -198,6 +205,8 @@ def run_oracle(model, tok, names: list[str], n: int, base: Options, entries=RANK
                    "agreement_with_delayed_cache": workloads.agreement(w, ids, reference)}
             row.update(decode_stats(results, model.config.num_hidden_layers))
             rows.append(row)
+            if finished:
+                finished(rows)
             print(f"  {name:9s} {mode:34s} {row['steps']} steps, recall {row['recall']:.2f} "
                   f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
         for r in rows[-len(entries):]:
@@ -231,15 +240,6 @@ def predictor_table(probe: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-
-def check_new_file(output: str):
-    """Before any work: results are never written over a file, nor lost to a missing folder."""
-    path = Path(output)
-    if path.exists():
-        raise ValueError(f"--output {output} exists; results are never overwritten: name a new file")
-    if not path.parent.is_dir():
-        raise ValueError(f"--output {output}: the folder {path.parent} does not exist; create it first")
-
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Accuracy and decoding statistics on held-out problems.")
@@ -275,40 +275,51 @@ def main(argv=None) -> int:
     if args.plot:
         return plots.plot_command(args.plot, plots.plot_frontier)
     sweeping = args.study or args.frontier or args.ablation or args.workloads or args.oracle
+    out = None
     try:
         device = resolve_device(args.device)
         if args.num_problems is None:
             args.num_problems = 64 if args.workloads or args.oracle else 500
-        if args.num_problems <= 0:
-            raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
+        if not 0 < args.num_problems <= MAX_PROBLEMS:
+            raise ValueError(f"--num-problems must be in 1..{MAX_PROBLEMS:,}, got {args.num_problems}")
+        for name in ("probe_problems", "show_failures"):
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
         names = (args.workloads or args.oracle).split(",") if args.workloads or args.oracle else []
         budget, args.max_new_tokens = args.max_new_tokens, args.max_new_tokens or Options.max_new_tokens
         for name in names:
             if name not in workloads.WORKLOADS:
                 raise ValueError(f"unknown workload {name!r}; use one of {', '.join(workloads.WORKLOADS)}")
-        if args.output:
-            check_new_file(args.output)
+        if args.output and not sweeping:
+            raise ValueError("--output goes with --study, --frontier, --ablation, --workloads or --oracle")
         opts = options_from(args)
-        model, tok = load(args.model, device=device, dtype=args.dtype)
         command = "python tools/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        meta = {"command": command.strip(), "device": device, "model": args.model}
+        out = PartialJSON(args.output) if args.output else None  # before the model: a bad --output fails at once
+        model, tok = load(args.model, device=device, dtype=args.dtype)
         if sweeping:
+            def finished(key):
+                return (lambda rows: out.save({key: rows, **meta})) if out else None
             if args.study:
-                res = study(model, tok, args, opts)
+                res = study(model, tok, args, opts, finished("modes"))
                 report = table(res["modes"]) + "\n\n" + predictor_table(res["predictors"])
             elif args.workloads:
-                res = {"workloads": run_workloads(model, tok, names, args.num_problems, opts, max_new_tokens=budget)}
+                res = {"workloads": run_workloads(model, tok, names, args.num_problems, opts, max_new_tokens=budget,
+                                                  finished=finished("workloads"))}
                 report = workload_table(res["workloads"])
             elif args.oracle:
-                res = {"oracle": run_oracle(model, tok, names, args.num_problems, opts, max_new_tokens=budget)}
+                res = {"oracle": run_oracle(model, tok, names, args.num_problems, opts, max_new_tokens=budget,
+                                            finished=finished("oracle"))}
                 report = oracle_table(res["oracle"])
             else:
                 problems = data.make_problems(args.split, args.num_problems)
-                res = {"modes": sweep(model, tok, problems, FRONTIER if args.frontier else ABLATION, opts)}
+                res = {"modes": sweep(model, tok, problems, FRONTIER if args.frontier else ABLATION, opts,
+                                      finished=finished("modes"))}
                 report = table(res["modes"])
-            res.update({"command": command.strip(), "device": device, "model": args.model})
-            if args.output:
-                with open(args.output, "x") as f:  # "x": a file made meanwhile is not overwritten either
-                    f.write(json.dumps(res, indent=1) + "\n")
+            res.update(meta)
+            if out:
+                out.commit(res)
+                out = None
                 if args.frontier:
                     plots.plot_frontier(Path(args.output))
             print(report)
@@ -318,6 +329,12 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {out.abandon() if out else 'no --output was asked for'}", file=sys.stderr)
+        return 130
+    finally:
+        if out:  # an error after the output was made: keep what finished
+            out.abandon()
     for r, pr in zip(results, problems):
         if args.show_failures and data.extract_answer(r.text) != pr.answer:
             print(f"--- {pr.question}\nexpected {pr.answer}, got:\n{r.text}\n")

@@ -1,0 +1,59 @@
+"""A results file of the tools that never loses what finished. The file is made at once, before any work, as
+OUTPUT.partial (so an existing OUTPUT, a missing or unwritable folder fail in a second, not after an hour); the
+results are rewritten into it whole (a new file renamed over it) after every piece that finishes; OUTPUT gets
+them at the end, by a link that fails if OUTPUT appeared meanwhile. Ctrl-C or an error leaves OUTPUT.partial
+with the pieces that finished."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class PartialJSON:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        if not self.path.parent.is_dir():
+            raise ValueError(f"{self.path}: the folder {self.path.parent} does not exist; create it first")
+        if os.path.lexists(self.path):
+            raise ValueError(f"{self.path} exists; results are never overwritten: name a new file")
+        try:
+            os.close(os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise ValueError(f"{self.partial} exists (an interrupted run, or one still going?); move it away") from None
+        except OSError as e:
+            raise ValueError(f"cannot write {self.partial}: {e.strerror or e}") from None
+        self.pieces = 0
+
+    def save(self, res: dict):
+        """The results so far, replacing the partial file's content at once (never half written)."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(res, indent=1) + "\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.partial)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        self.pieces += 1
+
+    def commit(self, res: dict) -> Path:
+        """Everything finished: OUTPUT holds it, the partial file is gone."""
+        self.save(res)
+        try:
+            os.link(self.partial, self.path)
+        except FileExistsError:
+            raise ValueError(f"{self.path} appeared while this run was going and is kept; the results are in "
+                             f"{self.partial}") from None
+        os.unlink(self.partial)
+        return self.path
+
+    def abandon(self) -> str:
+        """The run stopped early: keep the partial file if it holds anything, and say where it is."""
+        if self.pieces == 0 and os.path.lexists(self.partial) and os.path.getsize(self.partial) == 0:
+            os.unlink(self.partial)
+            return "nothing had finished"
+        return f"what finished is in {self.partial}"

@@ -132,7 +132,8 @@ def test_never_overwrites_a_checkpoint(tmp_path, small_data, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--steps", "-1"), ("--batch-size", "0"), ("--minutes", "nan"),
-                                         ("--ar-lr", "inf"), ("--seq-len", "100")])
+                                         ("--ar-lr", "inf"), ("--seq-len", "100"), ("--seq-len", "1048576"),
+                                         ("--problems", "1000000000")])
 def test_bad_values_are_one_line_errors(tmp_path, capsys, flag, value):
     assert train.main(["--out", str(tmp_path / "m"), flag, value]) == 2
     err = capsys.readouterr().err.strip()
@@ -177,3 +178,30 @@ def test_mixes_hold_their_families_and_plain_text_past_its_first_block(monkeypat
         multistep = [p.solution for p in data.make_problems("train", max(int(400 * share["multistep"]), 5), family="multistep")]
         assert all((t in answers) == (mix != "short") for t in stories + multistep), mix
         assert sum(t in plain for t in data.long_texts(int(400 * share["long_plain"]), 0)) == int(400 * share["long_plain"])
+
+
+@pytest.mark.parametrize("damage", ["cut", "foreign", "no tokenizer"])
+def test_resume_from_a_damaged_folder_is_a_one_line_error(tmp_path, small_data, capsys, damage):
+    """A train_state.pt cut short, another program's file in its place, or the tokenizer gone: one line,
+    exit 2, and the folder as it was."""
+    out = tmp_path / "m"
+    assert train.main(["--out", str(out)] + ARGS) == 0
+    state = out / "train_state.pt"
+    if damage == "cut":
+        state.write_bytes(state.read_bytes()[:1000])
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, state)
+    else:
+        (out / "tokenizer.json").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert train.main(["--out", str(out), "--resume"] + ARGS) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume") and "Traceback" not in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_never_trains_into_results_or_over_the_shipped_model(capsys):
+    for out, extra in (("results", []), ("checkpoints/sdar-tiny", ["--overwrite"])):
+        assert train.main(["--out", str(train.ROOT / out)] + extra + ARGS) == 2
+        assert "shipped checkpoint" in capsys.readouterr().err

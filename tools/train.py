@@ -56,6 +56,9 @@ SHAPES = {
 }
 BLOCK_SIZE = 32
 PHASES = ("ar", "diffusion")
+MAX_SEQ_LEN = 2048          # the model's context (max_position_embeddings)
+MAX_PROBLEMS = 5_000_000
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,17 +366,46 @@ def check_args(args) -> Path:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.seq_len % BLOCK_SIZE:
         raise ValueError(f"--seq-len must be a multiple of the block size {BLOCK_SIZE}, got {args.seq_len}")
+    if args.seq_len > MAX_SEQ_LEN:  # the two-copy diffusion mask is (2 seq_len)^2 per row of the batch
+        raise ValueError(f"--seq-len must be at most {MAX_SEQ_LEN} (the model's context), got {args.seq_len}")
+    if args.problems > MAX_PROBLEMS:
+        raise ValueError(f"--problems must be at most {MAX_PROBLEMS:,} (the examples are held in memory), "
+                         f"got {args.problems:,}")
+    if args.batch_size > 4096 or args.vocab_size > 1 << 20:
+        raise ValueError("--batch-size must be at most 4096 and --vocab-size at most 1,048,576")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a folder")
+    shipped = (ROOT / "checkpoints").resolve()
+    if out.resolve() == (ROOT / "results").resolve() or (args.overwrite and shipped in out.resolve().parents):
+        raise ValueError(f"--out {out} is the project's results or a shipped checkpoint; train into a new folder and "
+                         "copy it there by hand")
     if args.resume and not (out / "train_state.pt").exists():
         raise ValueError(f"--resume: {out / 'train_state.pt'} does not exist; start without --resume")
+    if args.resume and not (out / "tokenizer.json").exists():
+        raise ValueError(f"--resume: {out / 'tokenizer.json'} is missing; the run cannot go on without the "
+                         "tokenizer it was trained with")
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise ValueError(f"--out {out} already holds files; choose a new folder, or pass --resume to continue "
                          "its training or --overwrite to replace it")
     if args.init_from and not (Path(args.init_from) / "tokenizer.json").exists():
         raise ValueError(f"--init-from {args.init_from}: no tokenizer.json there")
     return out
+
+
+def read_state(path: Path, device: str):
+    """train_state.pt -> (its dict, the run's history); a file that is not one is a one-line CheckpointError."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        history = json.loads(saved["history"])
+        if not (isinstance(history, dict) and history.get("phase") in (*PHASES, "done") and "model" in saved
+                and "optimizer" in saved):
+            raise ValueError("not a training state of this script")
+        return saved, history
+    except Exception as e:  # a cut file, another program's pickle, a JSON that is not ours
+        raise CheckpointError(f"--resume: {path} is not a training state this script wrote "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); start a "
+                              "new folder") from None
 
 
 def main(argv=None) -> int:
@@ -430,15 +462,18 @@ def train(args, out: Path, device: str):
                "batch_size": args.batch_size, "seq_len": args.seq_len, "shape": args.shape, "mix": args.mix}
     saved = None
     if args.resume:
-        saved = torch.load(state_path, map_location=device, weights_only=True)
-        history = json.loads(saved["history"])
+        saved, history = read_state(state_path, device)
         if history.get("shape", args.shape) != args.shape:
             raise CheckpointError(f"--resume: {state_path} was trained with --shape {history['shape']}, "
                                   f"not {args.shape}; pass --shape {history['shape']}")
         if history.get("mix", "short") != args.mix:  # runs from before --mix trained on the "short" data
             raise CheckpointError(f"--resume: {state_path} was trained with --mix {history.get('mix', 'short')}, "
                                   f"not {args.mix}; pass --mix {history.get('mix', 'short')}")
-        model.load_state_dict(saved["model"])
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"--resume: {state_path} does not hold weights of this model "
+                                  f"({str(e).splitlines()[0][:120]}); start a new folder") from None
         print(f"resumed in phase {history['phase']} at step {history['step']}", flush=True)
     history["commands"].append(" ".join(args.argv))
 

@@ -228,6 +228,19 @@ def full_model_confidence(model, dec):
     return confidence, candidate
 
 
+def probe_prompts(n: int) -> list[str]:
+    """Training prompts (never held out) of the long workload's kinds, shuffled: n arithmetic and list
+    problems, n / 2 multi-step problems, n / 2 story prompts."""
+    import random
+
+    import data
+    prompts = [p.question for p in data.make_problems("train", n)]
+    prompts += [p.question for p in data.make_problems("train", n // 2, family="multistep")]
+    prompts += [q for q, _ in data.story_samples(n // 2, 7)]
+    random.Random(0).shuffle(prompts)
+    return prompts
+
+
 def fit_probe(model, tok, prompts: list[str], opts: Options, steps: int = 2000, lr: float = 0.5):
     """The logistic probe behind focus.ranking_score("probe"): decode `prompts` with the delayed cache (opts
     without FOCUS), and at every step where the mask set holds more than one token take each masked token's

@@ -258,6 +258,8 @@ def parse_args(argv=None):
     what.add_argument("--ablation", action="store_true", help="FOCUS ranked by the delta and by controls")
     what.add_argument("--workloads", metavar="NAMES", help="comma-separated named workloads: "
                       f"{', '.join(workloads.WORKLOADS)}; modes side by side on each")
+    what.add_argument("--fit-probe", action="store_true", help="fit focus.py's probe ranking on -n training "
+                      "problems (and half as many multi-step problems and stories) and print its weights")
     what.add_argument("--oracle", metavar="NAMES", help="named workloads: every FOCUS ranking and the oracles "
                       "against what the full model would decode at each step")
     p.add_argument("--probe-problems", type=int, default=200, help="--study: problems for the predictor analysis")
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         if args.num_problems is None:
-            args.num_problems = 64 if args.workloads or args.oracle else 500
+            args.num_problems = 64 if args.workloads or args.oracle or args.fit_probe else 500
         if not 0 < args.num_problems <= MAX_PROBLEMS:
             raise ValueError(f"--num-problems must be in 1..{MAX_PROBLEMS:,}, got {args.num_problems}")
         for name in ("probe_problems", "show_failures"):
@@ -297,6 +299,11 @@ def main(argv=None) -> int:
         meta = {"command": command.strip(), "device": device, "model": args.model}
         out = PartialJSON(args.output) if args.output else None  # before the model: a bad --output fails at once
         model, tok = load(args.model, device=device, dtype=args.dtype)
+        if args.fit_probe:
+            probe_opts = Options(**(asdict(opts) | {"max_new_tokens": budget or 512}))
+            weights, bias, n = analysis.fit_probe(model, tok, analysis.probe_prompts(args.num_problems), probe_opts)
+            print(f"PROBE_WEIGHTS = {tuple(weights)}\nPROBE_BIAS = {bias}  # {n:,} masked tokens: {command}")
+            return 0
         if sweeping:
             def finished(key):
                 return (lambda rows: out.save({key: rows, **meta})) if out else None

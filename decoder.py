@@ -22,7 +22,7 @@ from model import KVCache, Rows
 
 STRATEGIES = ("threshold", "static", "sequential")
 ENDINGS = ("length", "eos", "repeats")  # why a sequence ended: its token budget, an EOS token, --stop-repeats
-RANKINGS = focus.RANKINGS  # (inside Options the name `focus` is a field)
+RANKINGS, TARGETS = focus.RANKINGS, focus.TARGETS  # (inside Options the name `focus` is a field)
 MAX_BLOCK_SIZE = 256  # a step computes up to a whole block and a block takes up to block-size steps
 MAX_ALPHA = 1e6       # FOCUS's target alpha x tokens per step is a count of tokens: kept far from int64's end
 MAX_INT = 2**63 - 1   # int64: a seed, and any count that reaches a tensor
@@ -51,6 +51,8 @@ class Options:
     focus: bool = option(False, "FOCUS eviction after layer 1 (needs the delayed cache)")
     alpha: float = option(1.5, "FOCUS: keep about alpha x (average tokens decoded per step)")
     focus_rank: str = option("delta", "FOCUS: ranking score, the delta or an ablation control", RANKINGS)
+    focus_target: str = option("reference", "FOCUS: how many to keep, the reference's alpha x average or, beyond "
+                                            "the paper, raised to the tokens near the threshold", TARGETS)
     compile: bool = option(False, "fast paths (kernels.py): on CUDA each step's layers as CUDA graphs; "
                                   "RMSNorm, RoPE and SwiGLU through torch.compile; MoE experts as "
                                   "batched matrix products")
@@ -86,6 +88,8 @@ class Options:
             raise ValueError("FOCUS runs on top of the delayed cache; drop --no-delayed-cache or --focus")
         if not self.focus and self.focus_rank != "delta":
             raise ValueError(f"focus-rank {self.focus_rank} needs --focus (without it nothing is ranked)")
+        if not self.focus and self.focus_target != "reference":
+            raise ValueError(f"focus-target {self.focus_target} needs --focus (without it nothing is evicted)")
         if self.stop_repeats == 1 or self.stop_repeats < 0:
             raise ValueError(f"stop-repeats must be 0 (off) or at least 2, got {self.stop_repeats}")
         if self.stop_repeats > self.max_new_tokens:  # n equal blocks take at least n new tokens
@@ -309,7 +313,11 @@ class Decoder:
         """(S,) how many masked tokens FOCUS keeps this step (focus.retain_target), from the running average
         of tokens decoded per step in the block (1 before any step counted)."""
         avg = torch.where(self.decoded_steps > 0, self.decoded_sum / self.decoded_steps.clamp(min=1), 1.0)
-        return focus.retain_target(avg, self.masked.sum(1) * self.live, self.opts.alpha)
+        target = focus.retain_target(avg, self.masked.sum(1) * self.live, self.opts.alpha)
+        if self.opts.focus_target == "near-threshold":
+            target = focus.near_threshold_target(target, self.confidence, self.masked & self.live[:, None],
+                                                 self.opts.threshold)
+        return target
 
     def choose(self, logits, seq, col):
         """Sample the masked rows that reached the last layer (logits (R, vocab) at slots seq, block positions

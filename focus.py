@@ -99,6 +99,18 @@ def retain_target(avg_decoded, mask_count, alpha: float):
     return torch.where(mask_count > 0, torch.minimum(target, mask_count), 0)
 
 
+TARGETS = ("reference", "near-threshold")
+NEAR = 0.3  # near-threshold: a token counts when its last confidence came within this of the threshold
+
+
+def near_threshold_target(target, confidence, masked, threshold: float):
+    """Beyond the paper: the reference's target, raised to the number of masked tokens whose confidence at the
+    last step that computed them came within NEAR of the threshold, the tokens likely to be decodable now.
+    target (S,); confidence, masked (S, block)."""
+    near = ((confidence >= threshold - NEAR) & masked).sum(1)
+    return torch.maximum(target, torch.minimum(near, masked.sum(1)))
+
+
 def select_retained(score, valid, position, target, progress):
     """Which masked tokens stay in layers 2..L. All (A, m) on the mask-set grid except target and progress (A,).
 

@@ -500,3 +500,34 @@ def test_focus_rank_changes_only_the_ranking(tiny, prompts, rank_by):
     other = gen(tiny, prompts, batch_size=3, focus=True, alpha=1.0, focus_rank=rank_by)
     assert [s["computed_deep"] for _, s in other] != [s["computed_deep"] for _, s in delta] or \
         [ids for ids, _ in other] != [ids for ids, _ in delta]
+
+
+def test_near_threshold_target_literal():
+    """Raised to the masked tokens whose last confidence came within NEAR of the threshold, never lowered,
+    never past the mask set."""
+    target = torch.tensor([2, 2, 5])
+    confidence = torch.tensor([[0.95, 0.7, 0.61, 0.1], [0.9, 0.9, 0.9, 0.9], [0.8, 0.8, 0.0, 0.0]])
+    masked = torch.tensor([[True, True, True, True], [True, True, False, False], [True, True, True, True]])
+    got = focus.near_threshold_target(target, confidence, masked, threshold=0.9)   # near: >= 0.6
+    assert got.tolist() == [3, 2, 5]
+    masked[1] = True
+    assert focus.near_threshold_target(target, confidence, masked, 0.9).tolist() == [3, 4, 5]
+
+
+def test_the_decoder_raises_its_target_near_the_threshold(tiny, prompts):
+    """Decoder.retain_target with --focus-target near-threshold is the reference target put through
+    near_threshold_target with the decoder's own last confidences and mask sets."""
+    from decoder import Decoder
+    decs = {}
+    for rule in focus.TARGETS:
+        opts = generate.Options(max_new_tokens=24, batch_size=3, focus=True, alpha=1.0, focus_target=rule,
+                                threshold=1.0)  # one token a step: the rest stay masked, some of them near
+        dec = decs[rule] = Decoder(tiny, MASK, [], opts, num_slots=3, max_len=48)
+        with torch.no_grad():
+            dec.admit([0, 1, 2], prompts)
+            dec.finish_blocks(dec.step()["committing"])
+        dec.confidence[:, ::2] = 0.8                               # as if an earlier step had computed these
+    ref, near = decs["reference"], decs["near-threshold"]
+    assert torch.equal(ref.confidence, near.confidence)
+    want = focus.near_threshold_target(ref.retain_target(), ref.confidence, ref.masked & ref.live[:, None], 1.0)
+    assert torch.equal(near.retain_target(), want) and not torch.equal(want, ref.retain_target())

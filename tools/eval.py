@@ -177,6 +177,9 @@ def workload_table(rows: list[dict]) -> str:
 # The ranking study: every ranking with the reference's target and rules, and the oracles (analysis.oracle_probe).
 RANKING_STUDY = ([("delayed cache", {}, None)]
                  + [(f"FOCUS 1.5 by {r}", dict(focus=True, alpha=1.5, focus_rank=r), None) for r in analysis.STUDIED]
+                 + [(f"FOCUS 1.5 by {r}, near-threshold target", dict(focus=True, alpha=1.5, focus_rank=r,
+                                                                      focus_target="near-threshold"), None)
+                    for r in ("delta", "delta+confidence")]
                  + [("oracle ranking", dict(focus=True, alpha=1.5, focus_rank="confidence"), "ranking"),
                     ("oracle ranking and target", dict(focus=True, alpha=1.5, focus_rank="confidence"),
                      "ranking+target")])
@@ -262,6 +265,8 @@ def parse_args(argv=None):
                       "problems (and half as many multi-step problems and stories) and print its weights")
     what.add_argument("--oracle", metavar="NAMES", help="named workloads: every FOCUS ranking and the oracles "
                       "against what the full model would decode at each step")
+    p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
+                   "delayed cache, the unit)")
     p.add_argument("--probe-problems", type=int, default=200, help="--study: problems for the predictor analysis")
     p.add_argument("--output", help="--study / --frontier / --ablation / --workloads: write the JSON here (a new file)")
     p.add_argument("--plot", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
@@ -315,7 +320,8 @@ def main(argv=None) -> int:
                                                   finished=finished("workloads"))}
                 report = workload_table(res["workloads"])
             elif args.oracle:
-                res = {"oracle": run_oracle(model, tok, names, args.num_problems, opts, max_new_tokens=budget,
+                entries = [e for e in RANKING_STUDY if e[0] == "delayed cache" or (args.only or "") in e[0]]
+                res = {"oracle": run_oracle(model, tok, names, args.num_problems, opts, entries, budget,
                                             finished=finished("oracle"))}
                 report = oracle_table(res["oracle"])
             else:

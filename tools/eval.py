@@ -250,7 +250,7 @@ def parse_args(argv=None):
     p.add_argument("-n", "--num-problems", type=int, help="problems (default 500), or prompts per workload (64)")
     p.add_argument("--split", default="heldout", choices=("heldout", "heldout-phrasing"))
     add_options(p, ["batch_size", "max_new_tokens", "threshold", "delayed_cache", "focus", "alpha", "focus_rank",
-                    "exact_commit"])
+                    "focus_target", "exact_commit", "eos_early_stop"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--update-card", action="store_true", help="append the results to the model card README.md")

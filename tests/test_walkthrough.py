@@ -352,6 +352,11 @@ def evicts(avg, mask_count, alpha) -> list:
     return [m > t for m, t in zip(mask_count, target(avg, mask_count, alpha))]
 
 
+def near_target(target, confidence, masked, threshold) -> list:
+    return focus.near_threshold_target(torch.tensor(target), torch.tensor(confidence), torch.tensor(masked),
+                                       threshold).tolist()
+
+
 def kept(score, position, target, progress) -> str:
     """focus.select_retained on one sequence's mask set."""
     out = focus.select_retained(torch.tensor([score], dtype=torch.float32), torch.ones(1, len(score), dtype=torch.bool),
@@ -391,7 +396,7 @@ def _code_names():
             "unmask_rule": unmask_rule, "delayed_cache_rows": delayed_cache_rows,
             "delayed_cache_total": delayed_cache_total, "attention_reach": attention_reach,
             "importance": importance, "delta": delta, "target": target, "evicts": evicts, "kept": kept,
-            "kept_without_rule5": kept_without_rule5}
+            "kept_without_rule5": kept_without_rule5, "near_target": near_target}
 
 
 def code_names() -> dict:

@@ -508,7 +508,9 @@ def test_a_closed_pipe_ends_quietly(checkpoint):
     assert stderr.strip().splitlines()[-1].startswith("2 sequences")
 
 
-def test_interrupt_during_imports_is_one_line():
+@pytest.mark.parametrize("script,args,line", [("generate.py", ["--prompt", "Hi"], "interrupted before generation began"),
+                                              ("tools/eval.py", ["--study"], "interrupted before any work began")])
+def test_interrupt_during_imports_is_one_line(script, args, line):
     """Ctrl-C while `import torch` runs (a finder sends SIGINT the moment torch is looked up)."""
     code = textwrap.dedent(f"""
         import os, runpy, signal, sys
@@ -517,12 +519,12 @@ def test_interrupt_during_imports_is_one_line():
                 if name == "torch":
                     os.kill(os.getpid(), signal.SIGINT)
         sys.meta_path.insert(0, Interrupt())
-        sys.path.insert(0, {str(ROOT)!r})
-        sys.argv = ["generate.py", "--prompt", "Hi"]
-        runpy.run_path({str(ROOT / "generate.py")!r}, run_name="__main__")
+        sys.path[:0] = [{str(ROOT)!r}, {str((ROOT / script).parent)!r}]   # as `python {script}` would
+        sys.argv = [{script!r}] + {args!r}
+        runpy.run_path({str(ROOT / script)!r}, run_name="__main__")
     """)
     proc = run_script(["-c", code])
-    assert proc.returncode == 130 and proc.stderr == "interrupted before generation began\n", proc.stderr
+    assert proc.returncode == 130 and proc.stderr == line + "\n", proc.stderr
 
 
 @pytest.mark.parametrize("failure,code,words", [

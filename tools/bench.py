@@ -20,28 +20,34 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
+try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with one line, not a traceback
+    import numpy as np
+    import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
-import data
-import focus
-import kernels
-import plots
-import replay
-import workloads
-from partial import PartialJSON
-from analysis import predictor_probe
-from decoder import Options
-from generate import DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids
-from checkpoint import CheckpointError, load, resolve_device
-from model import SDAR, ModelConfig, Rows, flops_per_token
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
+    import data
+    import focus
+    import kernels
+    import plots
+    import replay
+    import workloads
+    from partial import PartialJSON
+    from analysis import predictor_probe
+    from decoder import Options
+    from generate import DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids
+    from checkpoint import CheckpointError, load, resolve_device
+    from model import SDAR, ModelConfig, Rows, flops_per_token
 
-MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus-1.0": dict(focus=True, alpha=1.0),
-         "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0),
-         # The paper's pairing (its public scripts): FOCUS at threshold 0.8 with the delayed cache, against
-         # the full block at the run's threshold. Every other mode uses the run's threshold.
-         "paper-focus-1.5@0.8": dict(focus=True, alpha=1.5, threshold=0.8)}
+    MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus-1.0": dict(focus=True, alpha=1.0),
+             "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0),
+             # The paper's pairing (its public scripts): FOCUS at threshold 0.8 with the delayed cache, against
+             # the full block at the run's threshold. Every other mode uses the run's threshold.
+             "paper-focus-1.5@0.8": dict(focus=True, alpha=1.5, threshold=0.8)}
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("interrupted before any work began", file=sys.stderr)
+    sys.exit(130)
 
 
 def sync(device):

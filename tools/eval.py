@@ -26,17 +26,23 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
+try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with one line, not a traceback
+    import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
-import analysis
-import data
-import plots
-import workloads
-from partial import PartialJSON
-from decoder import Options
-from generate import DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from
-from checkpoint import CheckpointError, load, resolve_device
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
+    import analysis
+    import data
+    import plots
+    import workloads
+    from partial import PartialJSON
+    from decoder import Options
+    from generate import DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from
+    from checkpoint import CheckpointError, load, resolve_device
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("interrupted before any work began", file=sys.stderr)
+    sys.exit(130)
 
 
 def decode_stats(results, num_layers: int) -> dict:
@@ -268,7 +274,7 @@ def parse_args(argv=None):
     p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
                    "delayed cache, the unit)")
     p.add_argument("--probe-problems", type=int, default=200, help="--study: problems for the predictor analysis")
-    p.add_argument("--output", help="--study / --frontier / --ablation / --workloads: write the JSON here (a new file)")
+    p.add_argument("--output", help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
     p.add_argument("--plot", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
     p.set_defaults(max_new_tokens=None)  # --workloads: each workload's own budget unless given
     return p.parse_args(argv)

@@ -36,29 +36,35 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with one line, not a traceback
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
-import data
-from checkpoint import CheckpointError, load_state, resolve_device, save
-from model import SDAR, ModelConfig, num_params
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
+    import data
+    from checkpoint import CheckpointError, load_state, resolve_device, save
+    from model import SDAR, ModelConfig, num_params
 
-# Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model; "2x64" is for smoke tests.
-SHAPES = {
-    "8x384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-                  num_key_value_heads=2, head_dim=64),
-    "12x320": dict(hidden_size=320, intermediate_size=896, num_hidden_layers=12, num_attention_heads=5,
-                   num_key_value_heads=1, head_dim=64),
-    "2x64": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=32),
-}
-BLOCK_SIZE = 32
-PHASES = ("ar", "diffusion")
-MAX_SEQ_LEN = 2048          # the model's context (max_position_embeddings)
-MAX_PROBLEMS = 5_000_000
-ROOT = Path(__file__).resolve().parents[1]
+    # Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model; "2x64" is for smoke tests.
+    SHAPES = {
+        "8x384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=64),
+        "12x320": dict(hidden_size=320, intermediate_size=896, num_hidden_layers=12, num_attention_heads=5,
+                       num_key_value_heads=1, head_dim=64),
+        "2x64": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=32),
+    }
+    BLOCK_SIZE = 32
+    PHASES = ("ar", "diffusion")
+    MAX_SEQ_LEN = 2048          # the model's context (max_position_embeddings)
+    MAX_PROBLEMS = 5_000_000
+    ROOT = Path(__file__).resolve().parents[1]
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("interrupted before any work began", file=sys.stderr)
+    sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import re
 import pytest
 
 import data
-import longform
+import multistep as word_problems
+import longstories
 
 
 SPLITS = ["train", "heldout", "heldout-phrasing"]
@@ -184,7 +185,7 @@ def test_multistep_solutions_check_out(multistep):
     for p in (p for problems in multistep.values() for p in problems):
         assert p.family == "multistep"
         known = set(re.findall(r"\d+", p.question))  # every operand is given or computed before
-        known |= {str(n) for n, word in longform.TIMES.items() if word + " as many" in p.question}
+        known |= {str(n) for n, word in word_problems.TIMES.items() if word + " as many" in p.question}
         lines = p.solution.splitlines()
         steps = [s for line in lines for s in _STEP.findall(line)]
         assert 3 <= len(steps) <= 6, p.solution
@@ -206,14 +207,14 @@ def test_multistep_splits(multistep):
     assert not any(data.is_heldout(p.question) for p in train)
     assert len({p.question for p in heldout}) == len(heldout)
     assert not {p.question for p in train} & {p.question for p in heldout + phrasing}
-    assert {p.phrasing for p in phrasing} == {longform.HELDOUT_PHRASING}
-    assert {p.phrasing for p in train + heldout} == set(longform.TRAIN_PHRASINGS)
+    assert {p.phrasing for p in phrasing} == {word_problems.HELDOUT_PHRASING}
+    assert {p.phrasing for p in train + heldout} == set(word_problems.TRAIN_PHRASINGS)
 
 
 def test_multistep_heldout_phrasing_is_never_trained_on(multistep):
     # Sentence by sentence, names and numbers blanked: no training sentence may read like a held-out one.
     def sentences(question):
-        blanked = re.sub(r"\d+", "_", re.sub(r"\b(" + "|".join(longform.NAMES) + r")\b", "_", question))
+        blanked = re.sub(r"\d+", "_", re.sub(r"\b(" + "|".join(word_problems.NAMES) + r")\b", "_", question))
         return {s.lstrip("- ") for line in blanked.splitlines() for s in re.split(r"(?<=[.?])\s+", line)}
     train = set().union(*map(sentences, (p.question for p in data.make_problems("train", 6000, family="multistep"))))
     held = set().union(*map(sentences, (p.question for p in multistep["heldout-phrasing"])))
@@ -243,14 +244,14 @@ def test_long_answers_have_their_lengths(tokenizer, multistep):
 def test_stories_are_coherent():
     rng = random.Random(0)
     for _ in range(500):
-        cast = longform.new_cast(rng)
-        text = longform.story(rng, cast)
+        cast = longstories.new_cast(rng)
+        text = longstories.story(rng, cast)
         paragraphs = text.split("\n\n")
         assert 4 <= len(paragraphs) <= 5 and all(p.strip() == p and p for p in paragraphs)
         assert text.count('"') >= 6 and text.count('"') % 2 == 0  # three lines of dialogue at least, all closed
-        named = set(re.findall(r"\b(" + "|".join(longform.NAMES) + r")\b", text))
+        named = set(re.findall(r"\b(" + "|".join(word_problems.NAMES) + r")\b", text))
         assert named == set(cast.names), (named, cast.names)  # the cast, all of it and nobody else
-        fill = lambda t: t.format(h=cast.names[0], f=cast.names[1], landmark=longform.PLACES[cast.place][2])
+        fill = lambda t: t.format(h=cast.names[0], f=cast.names[1], landmark=longstories.PLACES[cast.place][2])
         setup = min(i for i in (text.lower().find(fill(s).lower()) for s in cast.event["setup"]) if i >= 0)
         # the event set up is resolved after it, by what the idea said
         idea, fix = next((i, f) for i, f in cast.event["turns"] if fill(i)[:-1] in text)
@@ -260,7 +261,7 @@ def test_stories_are_coherent():
 def test_story_samples_name_what_they_ask_for():
     for prompt, text in data.story_samples(600, 0):
         assert len(text.split("\n\n")) >= 4, text
-        for name in re.findall(r"\b(" + "|".join(longform.NAMES) + r")\b", prompt):
+        for name in re.findall(r"\b(" + "|".join(word_problems.NAMES) + r")\b", prompt):
             assert name in text, (prompt, text[:200])
         if prompt.startswith(("Continue", "Here is", "Finish")):
             assert not text.startswith(prompt.split(": ", 1)[1])  # the answer goes on, not starts over

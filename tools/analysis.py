@@ -67,6 +67,21 @@ def probe_forward(model, dec, seq, col, rows, mask_rows, g):
     return importance, torch.softmax(logits, -1).amax(-1)
 
 
+def step_signals(model, dec):
+    """The step the decoder is about to take, run through probe_forward, and what a ranking reads of it: the
+    masked rows' slots and block positions (M,), their grid, the Signals (no confidence) and the masked rows'
+    confidences (M,); None when nothing is masked."""
+    seq, col, rows, _ = dec.rows(dec.processing())
+    mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
+    if len(mask_rows) == 0:
+        return None
+    g = focus.grid(seq[mask_rows])
+    (i0, i1), conf = probe_forward(model, dec, seq, col, rows, mask_rows, g)
+    position = focus.to_grid(col[mask_rows], g, fill=-1)
+    signals = focus.Signals(i0, i1, focus.importance_delta(i1, i0, i1.dtype), position, torch.zeros_like(i0))
+    return seq[mask_rows], col[mask_rows], g, signals, conf
+
+
 def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float, batch_size: int,
                     alpha: float = 1.5) -> dict:
     """Decode with the delayed cache; at every step score the masked tokens by I^(0), I^(1), the delta and
@@ -84,21 +99,15 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
             seq_m, col_m, scores, conf, target = pending.pop()
             records.append((seq_m.cpu().numpy(), {k: v.float().cpu().numpy() for k, v in scores.items()},
                             conf.cpu().numpy(), target.cpu().numpy(), dec.last_step.decoded[seq_m, col_m].cpu().numpy()))
-        seq, col, rows, _ = dec.rows(dec.processing())
-        mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
-        if len(mask_rows) == 0:
+        step = step_signals(model, dec)
+        if step is None:
             return
-        g = focus.grid(seq[mask_rows])
-        (i0, i1), conf = probe_forward(model, dec, seq, col, rows, mask_rows, g)
-        position = focus.to_grid(col[mask_rows], g, fill=-1)
-        delta = focus.importance_delta(i1, i0, i1.dtype)
-        signals = focus.Signals(i0, i1, delta, position, torch.zeros_like(delta))
-        grid_scores = {"I0": i0, "I1": i1, "delta": delta, "leftmost": focus.ranking_score("leftmost", signals),
-                       "after-decoded": focus.ranking_score("after-decoded", signals)}
+        seq_m, col_m, g, s, conf = step
+        grid_scores = {"I0": s.importance_0, "I1": s.importance_1, "delta": s.delta,
+                       "leftmost": focus.ranking_score("leftmost", s), "after-decoded": focus.ranking_score("after-decoded", s)}
         avg = torch.where(dec.decoded_steps > 0, dec.decoded_sum / dec.decoded_steps.clamp(min=1), 1.0)
         target = focus.retain_target(avg, dec.masked.sum(1) * dec.live, alpha)
-        pending.append((seq[mask_rows], col[mask_rows], {k: v[g.line, g.place] for k, v in grid_scores.items()},
-                        conf, target[seq[mask_rows]]))
+        pending.append((seq_m, col_m, {k: v[g.line, g.place] for k, v in grid_scores.items()}, conf, target[seq_m]))
 
     prompts = encode_prompts(tok, [p.question for p in problems], chat=True)
     with torch.inference_mode():
@@ -254,21 +263,16 @@ def fit_probe(model, tok, prompts: list[str], opts: Options, steps: int = 2000, 
             seq_m, col_m, f = pending.pop()
             features.append(f)
             labels.append(dec.last_step.decoded[seq_m, col_m].float())
-        seq, col, rows, _ = dec.rows(dec.processing())
-        mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
-        if len(mask_rows) == 0:
+        step = step_signals(model, dec)
+        if step is None:
             return
-        g = focus.grid(seq[mask_rows])
-        (i0, i1), _ = probe_forward(model, dec, seq, col, rows, mask_rows, g)
-        position = focus.to_grid(col[mask_rows], g, fill=-1)
-        signals = focus.Signals(i0, i1, focus.importance_delta(i1, i0, i1.dtype), position, torch.zeros_like(i0))
+        seq_m, col_m, g, signals, _ = step
         several = (g.valid.sum(1) > 1)[g.line]                          # a set of one needs no ranking
-        pending.append((seq[mask_rows][several], col[mask_rows][several],
-                        focus.probe_features(signals)[g.line, g.place][several]))
+        pending.append((seq_m[several], col_m[several], focus.probe_features(signals)[g.line, g.place][several]))
 
     ids = encode_prompts(tok, prompts, chat=True)
     with torch.inference_mode():
-        out = generate_ids(model, ids, tok.mask_id, tok.eos_ids, opts, step_hook=hook)
+        generate_ids(model, ids, tok.mask_id, tok.eos_ids, opts, step_hook=hook)
     x, y = torch.cat(features).float(), torch.cat(labels)
     w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros((), requires_grad=True)
     for _ in range(steps):

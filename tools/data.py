@@ -9,9 +9,9 @@
   - "heldout-phrasing": word problems in HELDOUT_PHRASING, a family told in the past tense ("Yesterday Tom
     had 12 apples. Then Tom lost 3 of them...") that no training question uses. It asks the same operations
     with the same solutions, so it measures whether the model generalises beyond its training templates.
-- Long answers (longform.py): make_problems(split, n, family="multistep") gives word problems of several
+- Long answers (multistep.py, longstories.py): make_problems(split, n, family="multistep") gives word problems of several
   quantities with worked solutions of 3 to 6 steps (80-250 tokens), split the same two ways (their held-out
-  phrasing family is longform.HELDOUT_PHRASING). story_samples gives chat prompts with stories and
+  phrasing family is multistep.HELDOUT_PHRASING). story_samples gives chat prompts with stories and
   descriptions of several paragraphs (150-400 tokens); story_prompts("heldout", n) gives prompts never
   trained on (is_heldout of the prompt); long_texts gives the same texts without a prompt.
 - Natural text: docstrings of the Python standard library, read with `ast` from the running Python's own
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import longform
+import multistep
+import longstories
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]  # ids 0..3
 END_OF_TEXT, EOS_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|im_end|>", "<|MASK|>"
@@ -324,10 +325,10 @@ FAMILIES = {"arithmetic": (arithmetic_problem, 0.65), "lists": (list_problem, 0.
 
 
 def multistep_problem(rng: random.Random, phrasing: str | None = None) -> Problem:
-    """A word problem of several quantities with a worked solution of 3 to 6 steps (longform.multistep), in the
+    """A word problem of several quantities with a worked solution of 3 to 6 steps (multistep.multistep), in the
     given phrasing family or a training one."""
-    phrasing = phrasing or rng.choice(longform.TRAIN_PHRASINGS)
-    question, solution, value = longform.multistep(rng, phrasing)
+    phrasing = phrasing or rng.choice(multistep.TRAIN_PHRASINGS)
+    question, solution, value = multistep.multistep(rng, phrasing)
     return Problem(question, solution, str(value), "multistep", phrasing)
 
 
@@ -335,7 +336,7 @@ def make_problems(split: str, n: int, family: str | None = None) -> list[Problem
     """n problems of the split, seeded. "train" and "heldout" mix the families by their weights, in the training
     phrasings, and split them by is_heldout; "heldout-phrasing" is word problems in HELDOUT_PHRASING only.
     family="multistep": the long word problems alone, split the same way (their held-out phrasing family is
-    longform.HELDOUT_PHRASING), from their own seed, so the default sets stay as they were."""
+    multistep.HELDOUT_PHRASING), from their own seed, so the default sets stay as they were."""
     if split not in ("train", "heldout", "heldout-phrasing"):
         raise ValueError(f"unknown split {split!r}")
     if family not in (None, "multistep"):
@@ -348,7 +349,7 @@ def make_problems(split: str, n: int, family: str | None = None) -> list[Problem
         if tries > 50 * n + 1000:  # a question space too small for n distinct problems fails, not loops forever
             raise RuntimeError(f"only {len(out)} distinct {split} problems, {n} asked")
         if family == "multistep":
-            p = multistep_problem(rng, longform.HELDOUT_PHRASING if split == "heldout-phrasing" else None)
+            p = multistep_problem(rng, multistep.HELDOUT_PHRASING if split == "heldout-phrasing" else None)
             if split != "heldout-phrasing" and is_heldout(p.question) != (split == "heldout"):
                 continue
         elif split == "heldout-phrasing":
@@ -493,7 +494,7 @@ def documents(paragraphs: list[str], seed: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Long texts: stories and descriptions of several paragraphs (longform.py), in chat or as plain text.
+# Long texts: stories and descriptions of several paragraphs (longstories.py), in chat or as plain text.
 
 def story_samples(n: int, seed: int) -> list[tuple[str, str]]:
     """n training (prompt, text) chat pairs: stories and descriptions of 150 to 400 tokens, each prompt asking
@@ -501,7 +502,7 @@ def story_samples(n: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(f"long-{seed}")
     out = []
     while len(out) < n:
-        prompt, text = longform.long_sample(rng)
+        prompt, text = longstories.long_sample(rng)
         if not is_heldout(prompt):
             out.append((prompt, text))
     return out
@@ -515,7 +516,7 @@ def story_prompts(split: str, n: int) -> list[str]:
     rng = random.Random(f"long-prompts-{split}")
     out, seen = [], set()
     for _ in range(100 * n + 1000):
-        prompt, _ = longform.long_sample(rng)
+        prompt, _ = longstories.long_sample(rng)
         if is_heldout(prompt) == (split == "heldout") and prompt not in seen:
             seen.add(prompt)
             out.append(prompt)
@@ -527,7 +528,7 @@ def story_prompts(split: str, n: int) -> list[str]:
 def long_texts(n: int, seed: int) -> list[str]:
     """n whole stories and descriptions without a prompt, for plain-text training."""
     rng = random.Random(f"long-texts-{seed}")
-    return [longform.long_sample(rng, continuation=False)[1] for _ in range(n)]
+    return [longstories.long_sample(rng, continuation=False)[1] for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -320,8 +320,8 @@ def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
         "- Natural text: docstrings of the Python standard library (PSF License), read from the running Python's",
         "  own source files, and generated short stories (data.py).",
         f"- Mix `{history.get('mix', 'short')}` (train.py MIXES): `long` mixes add multi-step word problems with worked",
-        "  solutions (3-6 steps), stories and descriptions of several paragraphs (tools/longform.py) and docstrings",
-        "  joined into documents of several paragraphs.", "",
+        "  solutions (3-6 steps, tools/multistep.py), stories and descriptions of several paragraphs",
+        "  (tools/longstories.py) and docstrings joined into documents of several paragraphs.", "",
         "## Evaluation", "",
         "See the results below (written by `python tools/eval.py`).", "",
     ]

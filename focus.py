@@ -235,8 +235,8 @@ def probe_features(s: Signals):
 
 
 def probe_score(s: Signals):
-    w = torch.tensor(PROBE_WEIGHTS, device=s.delta.device)
-    return probe_features(s) @ w + PROBE_BIAS
+    features = probe_features(s).unbind(-1)  # weights as Python numbers: no host-to-device copy (CUDA graphs)
+    return sum(w * f for w, f in zip(PROBE_WEIGHTS, features)) + PROBE_BIAS
 
 
 def compact(keep, *tensors):
@@ -249,7 +249,6 @@ class Selected:
     """A FOCUS step up to the selection (select_step), what the rest of the step (finish_step) needs."""
     x: torch.Tensor          # (T, hidden) hidden states after layer 0
     q1: torch.Tensor         # (T, heads, head_dim) layer 1's queries
-    mask_rows: torch.Tensor  # (M,) indices of the masked rows, in set order
     kept: torch.Tensor       # (T,) bool: the selection's rows for layers 2..L (decoded, uncached rows always)
 
 
@@ -293,9 +292,12 @@ def evicts(rows: Rows, is_mask_row, target) -> bool:
 def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress, target, rank_by="delta",
                 generator=None, graphs: bool = False, confidence=None) -> Selected:
     """Layers 0 and 1 up to the selection on every row, then Eq. (importance) at both layers, the delta, the
-    ranking score and the selection rules on the mask sets (arguments as forward_focus)."""
-    early = kernels.graphed(early_layers) if graphs else early_layers
-    x, q0, k0, q1, k1 = early(model, model.embed_tokens(input_ids), rows, cache)
+    ranking score and the selection rules on the mask sets (arguments as forward_focus). graphs: all of it
+    inside the first CUDA graph, through the static-shape form below (select_in_graph)."""
+    if graphs and kernels.captures(model, rows.pos.device) and rank_by != "random":  # random draws from a
+        return select_in_graph(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by,   # generator:
+                               confidence)                                                                  # not in a graph
+    x, q0, k0, q1, k1 = early_layers(model, model.embed_tokens(input_ids), rows, cache)
     mask_rows = is_mask_row.nonzero().squeeze(1)                      # the mask sets, in set order
     g = grid(rows.seq[mask_rows])
     importance = [ragged_importance(q[mask_rows], k[mask_rows], g, model.layers[i].self_attn.scale)
@@ -309,7 +311,74 @@ def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress,
     kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
     kept[mask_rows] = kept_grid[g.line, g.place]                       # decoded, uncached rows always stay
-    return Selected(x, q1, mask_rows, kept)
+    return Selected(x, q1, kept)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The same selection on static shapes, so that it runs inside the first CUDA graph (--compile).
+#
+# select_step lays the mask sets out on a grid as wide as the widest set, which it learns from the host (a
+# sync), and gathers the masked rows by index lists of data-dependent length. A CUDA graph can do neither.
+# Inside a graph the rows already sit on a fixed grid (one line per cache slot, a bucketed number of places,
+# kernels.graphed), so the mask sets are laid out on that grid instead: a masked row's place in its set is the
+# number of masked rows before it in its line, and every other row is parked in one spare column. The same
+# functions as above (token_importance, importance_delta, ranking_score, select_retained) then run on wider,
+# padded lines; padding is invalid everywhere, so each set's result is the same. Tested against select_step
+# (tests/test_kernels.py).
+
+def select_in_graph(model, input_ids, rows: Rows, cache, is_mask_row, col, progress, target, rank_by,
+                    confidence) -> Selected:
+    """select_step with layers 0-1 and the whole selection as one CUDA graph (kernels.graphed). Per-slot
+    inputs travel as per-row tensors (each row carries its sequence's target and progress), since a graph's
+    inputs are padded by rows."""
+    conf = (torch.zeros(col.shape, device=col.device) if confidence is None
+            else confidence[rows.seq, col].float())
+    early = kernels.graphed(early_layers_and_selection)
+    x, q1, kept = early(model, model.embed_tokens(input_ids), rows, cache, is_mask_row, col, target[rows.seq],
+                        progress[rows.seq], conf, rank_by, True)
+    return Selected(x, q1, kept)
+
+
+def early_layers_and_selection(model, x, rows: Rows, cache, is_mask_row, col, target_row, progress_row,
+                               conf_row, rank_by: str, fuse: bool):
+    """early_layers, then the selection on the rows' own grid (rows.line x rows.q_max places). All inputs (T,)
+    per row. Returns x after layer 0, layer 1's queries and kept (T,) bool. No host sync, static shapes.
+    fuse: the selection through torch.compile (kernels.fused), its small steps fused into a few kernels."""
+    x, q0, k0, q1, k1 = early_layers(model, x, rows, cache)
+    select = kernels.fused(selection_on_rows) if fuse else selection_on_rows
+    kept = select(q0, k0, q1, k1, rows.line, rows.place, is_mask_row, col, target_row, progress_row, conf_row,
+                  len(rows.active), rows.q_max, model.layers[0].self_attn.scale, model.layers[1].self_attn.scale,
+                  rank_by)
+    return x, q1, kept
+
+
+def selection_on_rows(q0, k0, q1, k1, line, place, is_mask_row, col, target_row, progress_row, conf_row,
+                      num_lines: int, width: int, scale_0: float, scale_1: float, rank_by: str):
+    """Steps 1-4 of a FOCUS step on a (num_lines, width) grid where row r sits at (line[r], place[r]).
+    q*, k* (T, heads or kv_heads, head_dim); the rest (T,). Returns kept (T,) bool (rows not masked: True)."""
+    lines = torch.zeros(num_lines, width + 1, dtype=torch.bool, device=line.device)
+    lines[line, place] = is_mask_row
+    set_place = lines.cumsum(1) - 1                                     # a masked row's index in its mask set
+    cell = torch.where(is_mask_row, set_place[line, place], width)      # other rows: the spare column
+    valid = torch.arange(width, device=line.device) < lines.sum(1, keepdim=True)   # (A, width)
+
+    def on_grid(x, fill=0):  # (T, ...) -> (A, width, ...) in set order
+        out = x.new_full((num_lines, width + 1, *x.shape[1:]), fill)
+        out[line, cell] = x
+        return out[:, :width]
+
+    def per_line(x):         # each line's value of a per-row input that is the same for all rows of a sequence
+        return x.new_zeros(num_lines).index_put_((line,), x)
+
+    importance_0 = token_importance(on_grid(q0), on_grid(k0), valid, scale_0)
+    importance_1 = token_importance(on_grid(q1), on_grid(k1), valid, scale_1)
+    delta = importance_delta(importance_1, importance_0, q1.dtype)
+    position = on_grid(col, fill=-1).masked_fill(~valid, -1)
+    signals = Signals(importance_0, importance_1, delta, position, on_grid(conf_row).masked_fill(~valid, 0))
+    kept_grid = select_retained(ranking_score(rank_by, signals), valid, position, per_line(target_row),
+                                per_line(progress_row))
+    kept_grid = torch.cat([kept_grid, torch.ones_like(kept_grid[:, :1])], 1)  # the spare column: kept
+    return kept_grid[line, cell]
 
 
 def finish_step(model, selected: Selected, kept, rows: Rows, cache, is_mask_row, col, block_start,

@@ -7,17 +7,18 @@ option `compile`:
   attribute (RMSNorm.norm, Attention.apply_rope, MLP.act, Experts.act: model.py's plain functions), which is
   swapped for the function compiled by `torch.compile` (Inductor fuses its element-wise steps into one kernel;
   on CPU it emits C++), and MoE.run_experts for batched_experts. Where compilation is not available the plain
-  function runs, with a warning. (FOCUS's importance and selection run plain: on the GPU a compiled call with
-  dynamic shapes cost more host time, about 0.35 ms, than its kernels took.)
+  function runs, with a warning.
 
 - graphed(fn): the layers of a decode step as CUDA graphs (CUDA only; elsewhere fn runs as it is), asked for
   by `graphs=True` of model.forward_rows and focus.forward_focus. A step's rows are ragged (each sequence
   computes its own number of block positions), a graph's shapes are fixed, so the rows are padded to a few
   buckets (rows in all, rows per sequence, keys per sequence) and one graph is captured per bucket, on first
   use, then replayed. Padding rows write their keys and values into a spare cache slot that no sequence
-  reads. A plain step runs layers 0..L-1 as one graph; a FOCUS step runs layers 0-1 as one graph and layer
-  1's attention and layers 2..L as another, around the selection, as the reference implementation does. The
-  logits are computed outside, for the masked rows only.
+  reads. A plain step runs layers 0..L-1 as one graph. A FOCUS step runs two: layers 0-1 with the whole
+  selection (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid,
+  fused by torch.compile: fused(fn)), then, after the compaction, layer 1's attention and layers 2..L on the
+  kept rows, as the reference implementation splits it. The logits are computed outside, for the masked
+  rows only.
 
 - reused_cache(model, make, *args): the decoder's KV cache, made once and handed to the next decoder of the same
   shape, so that the graphs captured on it (which hold its addresses) serve later runs too; release(model)
@@ -42,6 +43,7 @@ import torch
 
 SWAPPABLE = ("norm", "apply_rope", "act", "run_experts")  # the module attributes that hold a plain function
 _FAST_OF, _PLAIN_OF = {}, {}                              # plain function <-> its fast version
+_FUSED = {}                                               # fused(fn): fn compiled
 
 
 @contextlib.contextmanager
@@ -71,6 +73,13 @@ def _fast_version(name: str, plain):
         fast = batched_experts if name == "run_experts" else compiled(plain)
         _FAST_OF[plain], _PLAIN_OF[fast] = fast, plain
     return _FAST_OF[plain]
+
+
+def fused(fn):
+    """compiled(fn), made once per function (focus.selection_on_rows inside the first graph of a FOCUS step)."""
+    if fn not in _FUSED:
+        _FUSED[fn] = compiled(fn)
+    return _FUSED[fn]
 
 
 def compiled(fn):
@@ -123,18 +132,23 @@ def release(model):
 def graphed(fn, capture: bool = True):
     """fn(model, x, rows, cache, *extra) with CUDA graphs, on CUDA. rows is a model.Rows; cache a model.KVCache
     whose last slot is spare (no sequence uses it); x and the tensors among extra have one entry per row; the
-    ints among extra, and the padded shapes, pick the graph. Returns what fn returns, one entry per row: the
-    graph's own buffers, valid until the same graph runs again. Off CUDA, and for MoE models (their routing
-    syncs with the host), fn runs as is. capture=False: the same padded buffers, run eagerly on any device
+    other values among extra (ints, strings), and the padded shapes, pick the graph. Returns what fn returns,
+    one entry per row: the graph's own buffers, valid until the same graph runs again. Off CUDA, and for MoE
+    models (their routing syncs with the host), fn runs as is. capture=False: the same padded buffers, run eagerly on any device
     (what a graph computes; for tests)."""
     if (fn, capture) not in _GRAPHED:
         _GRAPHED[fn, capture] = functools.partial(_graphed_call, fn, capture)
     return _GRAPHED[fn, capture]
 
 
+def captures(model, device) -> bool:
+    """Does graphed() capture CUDA graphs for this model on this device? (CUDA, and not a mixture of experts.)"""
+    return torch.device(device).type == "cuda" and not model.config.num_experts
+
+
 def _graphed_call(fn, capture: bool, model, x, rows, cache, *extra):
     args = (x, rows, cache, *extra)
-    if capture and (rows.pos.device.type != "cuda" or model.config.num_experts):
+    if capture and not captures(model, rows.pos.device):
         return fn(model, *args)
     spare = cache.k.shape[1] - 1
     # Padded shape: rows in all (buckets), rows per sequence (powers of two), keys (multiples of KEY_STEP).
@@ -142,7 +156,7 @@ def _graphed_call(fn, capture: bool, model, x, rows, cache, *extra):
              min(cache.max_len, -(-rows.kv_max // KEY_STEP) * KEY_STEP))
     # Every slot with the same rows and keys, and nothing padded: no attention mask, so SDPA's flash kernel runs.
     dense = rows.dense and len(rows.active) == spare and shape == (rows.num_rows, rows.q_max, rows.kv_max)
-    key = (fn, capture, dense, shape, tuple(a for a in extra if isinstance(a, int)),
+    key = (fn, capture, dense, shape, tuple(a for a in extra if not isinstance(a, torch.Tensor)),
            tuple((a.shape[1:], a.dtype) for a in args if isinstance(a, torch.Tensor)))
     store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {}})
     graph = store["graphs"].get(key)

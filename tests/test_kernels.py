@@ -193,3 +193,58 @@ def test_cuda_graphs_generate_the_plain_tokens(net, mode):
     again = generate_all(net, "cuda", compile=True, **mode)  # the graphs captured by the first run, replayed
     assert graphed == plain and again == plain
     assert any(store["graphs"] for store in kernels._STORES.values())
+
+
+def step_inputs(net, counts, num_slots, seed):
+    """A FOCUS step's rows (each sequence's whole block of 8, at 8 + 16 * slot), which of them are masked, and
+    per-slot targets, progress and last confidences."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = ragged_rows(counts, [8 + 16 * i for i in range(len(counts))], num_slots)
+    col = rows.pos % 8
+    is_mask = torch.rand(rows.num_rows, generator=gen) < 0.7
+    target = torch.randint(1, 4, (num_slots,), generator=gen)
+    progress = torch.randint(-1, 3, (num_slots,), generator=gen)
+    confidence = torch.rand(num_slots, 8, generator=gen)
+    ids = torch.randint(10, 300, (rows.num_rows,), generator=gen)
+    return rows, ids, col, is_mask, target, progress, confidence
+
+
+@pytest.mark.parametrize("rank_by", [r for r in focus.RANKINGS if r != "random"])
+def test_selection_on_the_graph_grid_equals_the_ragged_one(net, rank_by):
+    """The first graph of a FOCUS step holds layers 0-1 and the whole selection on static shapes
+    (focus.early_layers_and_selection, the mask sets on the graph's padded grid): the same kept rows, hidden
+    states and queries as select_step on the ragged grid, for every ranking a graph runs."""
+    num_slots = 5
+    for seed, counts in enumerate(([8, 3, 5, 8], [2, 7, 8, 1, 6], [8, 8, 8])):
+        rows, ids, col, is_mask, target, progress, confidence = step_inputs(net, counts, num_slots, seed)
+        plain_cache = filled_cache(net.config, num_slots, 96, seed=5)
+        padded_cache = clone(plain_cache)
+        with torch.no_grad():
+            want = focus.select_step(net, ids, rows, plain_cache, is_mask, col, progress, target, rank_by,
+                                     confidence=confidence)
+            conf_row = confidence[rows.seq, col]
+            x, q1, kept = kernels.graphed(focus.early_layers_and_selection, capture=False)(
+                net, net.embed_tokens(ids), rows, padded_cache, is_mask, col, target[rows.seq], progress[rows.seq],
+                conf_row, rank_by, False)
+        assert want.kept.any() and not want.kept.all()  # the step really evicts
+        assert kept.tolist() == want.kept.tolist(), (counts, kept.tolist(), want.kept.tolist())
+        torch.testing.assert_close(x, want.x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q1, want.q1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
+
+
+def test_fused_selection_equals_the_plain_one(net):
+    """The selection through torch.compile (what runs inside the graph on CUDA) keeps the same rows."""
+    rows, ids, col, is_mask, target, progress, confidence = step_inputs(net, [8, 3, 5, 8], 5, seed=0)
+    cache = filled_cache(net.config, 5, 96, seed=5)
+    conf_row = confidence[rows.seq, col]
+    with torch.no_grad():
+        x, q0, k0, q1, k1 = focus.early_layers(net, net.embed_tokens(ids), rows, cache)
+        args = (q0, k0, q1, k1, rows.line, rows.place, is_mask, col, target[rows.seq], progress[rows.seq], conf_row,
+                len(rows.active), rows.q_max, 0.25, 0.25, "delta")
+        want = focus.selection_on_rows(*args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = kernels.fused(focus.selection_on_rows)(*args)
+    assert not [c for c in caught if "plain version" in str(c.message)]  # it really ran compiled
+    assert got.tolist() == want.tolist() and not want.all()

@@ -46,12 +46,15 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from checkpoint import CheckpointError, load_state, resolve_device, save
     from model import SDAR, ModelConfig, num_params
 
-    # Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model; "2x64" is for smoke tests.
+    # Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model, and one larger (10x384: 17.3M
+    # parameters, 35 MB) for the study; "2x64" is for smoke tests.
     SHAPES = {
         "8x384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
                       num_key_value_heads=2, head_dim=64),
         "12x320": dict(hidden_size=320, intermediate_size=896, num_hidden_layers=12, num_attention_heads=5,
                        num_key_value_heads=1, head_dim=64),
+        "10x384": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=6,
+                       num_key_value_heads=2, head_dim=64),
         "2x64": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=32),
     }

@@ -1,5 +1,7 @@
 """replay.py: schedules recorded from one model, replayed on another of a different size, give back exactly
 the recorded steps (rows computed, rows kept, positions decoded) and lengths, in every mode."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -38,3 +40,26 @@ def test_replay_follows_the_recorded_schedule(loaded, mode):
         for t in range(len(sched.decoded)):
             got = [grid[slot].nonzero().squeeze(1).tolist() for grid in steps[t][:3]]
             assert got == [sched.computed[t], sched.kept[t], sched.decoded[t]], f"slot {slot} step {t}"
+
+
+def test_a_queue_longer_than_the_batch_refills_the_slots(loaded):
+    """Continuous batching: 8 sequences (the schedules twice) through 3 slots; each sequence, whichever slot it
+    lands in, takes its own schedule's steps (rows computed, kept and decoded per step) and length."""
+    net, tok = loaded
+    opts = Options(max_new_tokens=14, threshold=0.7, focus=True, alpha=1.0)
+    eos = [int(net(torch.tensor([PROMPTS[0]]), block_size=4)[0, -1].argmax())]
+    with torch.no_grad():
+        schedules = replay.record(net, PROMPTS, tok.mask_id, eos, opts)
+    assert len({len(s.decoded) for s in schedules}) > 1   # sequences end at different steps: slots refill unevenly
+    queue = schedules + schedules[::-1]
+    other = random_model(tiny_config(hidden_size=48, num_hidden_layers=3, mask_token_id=3), seed=9)
+    admitted = []
+    with torch.no_grad():
+        out = replay.replay(other, queue, 9, replace(opts, batch_size=3),
+                            step_hook=lambda dec: admitted.append(dec.admitted))
+    assert admitted[0] == 3 and admitted[-1] == len(queue)
+    for sched, (ids, stats) in zip(queue, out):
+        assert len(ids) == sched.tokens
+        assert stats["computed"] == [len(c) for c in sched.computed]
+        assert stats["computed_deep"] == [len(k) for k in sched.kept]
+        assert stats["decoded"] == [len(d) for d in sched.decoded]

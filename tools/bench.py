@@ -2,7 +2,8 @@
 
     python tools/bench.py                                   # shipped model, held-out problems, batch 32
     python tools/bench.py --batch-sizes 32,64 --num-prompts 128 --device cuda
-    python tools/bench.py --real-size --device cuda         # SDAR-1.7B-shaped random weights: compute only
+    python tools/bench.py --real-size --device cuda         # SDAR-1.7B-shaped random weights: compute, and serving
+    python tools/bench.py --real-size --real-size-config sdar-8b --device cuda --compile --parts replay  # the paper's model
     python tools/bench.py --real-size --real-size-config llada2-mini --device cuda --compile   # the MoE shape
     python tools/bench.py --plot results/cpu-2026-11-23.json  # PNGs from a results file (needs matplotlib)
 
@@ -42,7 +43,11 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
              "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0),
              # The paper's pairing (its public scripts): FOCUS at threshold 0.8 with the delayed cache, against
              # the full block at the run's threshold. Every other mode uses the run's threshold.
-             "paper-focus-1.5@0.8": dict(focus=True, alpha=1.5, threshold=0.8)}
+             "paper-focus-1.5@0.8": dict(focus=True, alpha=1.5, threshold=0.8),
+             # Beyond the paper: the step-penalty study's ranking (focus.ranking_score).
+             "focus-1.5-delta+position": dict(focus=True, alpha=1.5, focus_rank="delta+position")}
+    DEFAULT_MODES = ("full", "delayed", "focus-1.0", "focus-1.5", "focus-2.0", "paper-focus-1.5@0.8")
+    PARTS = ("probe", "random", "replay", "profile")
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -256,19 +261,20 @@ def step_probe(model, batch: int, context: int, device, graphs: bool = False) ->
 def bench_real_size(args, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = REAL_SIZE[args.real_size_config]
-    schedules = record_schedules(args, device, shape["block_size"]) if args.replay_problems else None
+    replaying = args.replay_problems and "replay" in args.parts
+    schedules = record_schedules(args, device, shape["block_size"]) if replaying else None
     model = random_model(shape, device, dtype)
     result = {"note": "random weights: every step decodes one token (nothing reaches the threshold), so this "
                       "measures compute per step, not decoding dynamics", "config": shape, "probe": [], "end_to_end": []}
     batches = [2] if args.real_size_config.startswith("tiny") else args.real_batches
-    for b in batches:
+    for b in batches if "probe" in args.parts else ():
         for ctx in args.contexts:
             with kernels.fast_paths(model, args.compile):
                 rows = step_probe(model, b, ctx, device, args.compile)
             result["probe"] += rows
             for r in rows:
                 print(f"  probe batch {b} context {ctx} Q {r['Q']}: {r['ms']:.1f} ms", file=sys.stderr)
-    for b in batches:
+    for b in batches if "random" in args.parts else ():
         for ctx in args.contexts:
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(10, shape["vocab_size"], (ctx,), generator=g).tolist() for _ in range(b)]
@@ -290,7 +296,46 @@ def bench_real_size(args, device) -> dict:
                       file=sys.stderr)
     if schedules:
         result["replayed"] = bench_replay(model, schedules, args, batches, device)
+    if "profile" in args.parts:
+        result["profile"] = [profile_mode(model, name, max(batches), args.contexts[-1], args, device)
+                             for name in ("full", "delayed", "focus-1.5")]
     return result
+
+
+def profile_mode(model, name: str, batch: int, context: int, args, device) -> dict:
+    """Where a decode step's time goes: 32 tokens of random-weight decoding of `batch` sequences under
+    torch.profiler, after a warm-up; per step: the wall time, the GPU's busy time (kernels, those inside CUDA
+    graphs too), kernel and graph launches and host syncs, and the operators with the most GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(10, vocab, (context,), generator=g).tolist() for _ in range(batch)]
+    opts = Options(max_new_tokens=32, batch_size=batch, compile=args.compile, **MODES[name])
+    generate_ids(model, prompts, model.config.mask_token_id, [-1], opts)   # warm-up: graphs captured
+    clock = {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        out = generate_ids(model, prompts, model.config.mask_token_id, [-1], opts, clock=clock)
+        sync(device)
+    steps = len(out[0][1]["decoded"])
+    events = prof.key_averages()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+
+    def calls(key):
+        return sum(e.count for e in events if e.key == key) / steps
+    top = sorted(events, key=device_us, reverse=True)[:8]
+    row = {"mode": name, "batch": batch, "context": context, "ms_per_step": clock["decode_s"] / steps * 1e3,
+           "gpu_busy_ms_per_step": sum(device_us(e) for e in events) / steps / 1e3,
+           "kernel_launches_per_step": calls("cudaLaunchKernel") + calls("cuLaunchKernel") + calls("cuLaunchKernelEx"),
+           "graph_launches_per_step": calls("cudaGraphLaunch"), "syncs_per_step": calls("cudaStreamSynchronize"),
+           "top_gpu_ms_per_step": {e.key[:60]: round(device_us(e) / steps / 1e3, 3) for e in top if device_us(e)}}
+    print(f"  profile {name} batch {batch} context {context}: {row['ms_per_step']:.1f} ms/step, GPU busy "
+          f"{row['gpu_busy_ms_per_step']:.1f} ms, {row['kernel_launches_per_step']:.0f} kernel and "
+          f"{row['graph_launches_per_step']:.0f} graph launches, {row['syncs_per_step']:.0f} syncs",
+          file=sys.stderr)
+    return row
 
 
 REPLAY_MODES = ("full", "delayed", "focus-1.5", "paper-focus-1.5@0.8")
@@ -307,40 +352,68 @@ def record_schedules(args, device, block_size: int) -> dict:
     prompts = encode_prompts(tok, w.prompts, chat=True)
     return {name: replay.record(ref, prompts, tok.mask_id, tok.eos_ids,
                                 replace(mode_options(name, args, len(prompts)), max_new_tokens=w.max_new_tokens))
-            for name in REPLAY_MODES}
+            for name in args.replay_modes}
 
 
 def bench_replay(model, schedules: dict, args, batches, device) -> list[dict]:
-    """The real-size model on schedules recorded from a decode of a trained model (replay.py): each mode's
-    own number of steps and tokens decoded per step, at real-size cost."""
+    """Serving: the real-size model decodes a queue of --queue-factor x batch sequences through `batch` slots
+    (continuous batching: a slot whose sequence ends takes the next, its prefill included), each sequence
+    following a schedule recorded from a trained model (replay.py: its steps, tokens decoded per step and
+    length, at real-size cost). Reported per mode: output tokens/s over the whole run (the paper's measure),
+    prefill and decode time apart, and the steady state: the rate while the queue still refills every slot."""
     rows = []
     for b in batches:
         for ctx in args.contexts:
             base = None
-            for name in REPLAY_MODES:
+            for name in args.replay_modes:
                 recorded = schedules[name]
-                scheds = [recorded[i % len(recorded)] for i in range(b)]
-                opts = replace(mode_options(name, args, b), max_new_tokens=max(s.tokens for s in scheds) + 1)
-                replay.replay(model, warm_up(scheds, opts), ctx, opts)
-                clock = {}
-                sync(device)
-                t0 = time.perf_counter()
-                out = replay.replay(model, scheds, ctx, opts, clock=clock)
-                sync(device)
-                seconds = time.perf_counter() - t0
-                tokens = sum(len(ids) for ids, _ in out)
-                steps = max(len(st["decoded"]) for _, st in out)
-                row = {"mode": name, "schedule": "replayed", "batch": b, "context": ctx, "threshold": opts.threshold,
-                       "tokens_per_s": tokens / seconds, "decode_tokens_per_s": tokens / clock["decode_s"],
-                       "steps": steps, "ms_per_step": clock["decode_s"] / steps * 1e3,
-                       "decoded_per_step": tokens / sum(len(st["decoded"]) for _, st in out),
-                       "computed_deep_per_step": float(np.mean([d for _, st in out for d in st["computed_deep"]]))}
+                queue = [recorded[i % len(recorded)] for i in range(args.queue_factor * b)]
+                opts = replace(mode_options(name, args, b), max_new_tokens=max(s.tokens for s in recorded) + 1)
+                # warm-up: one batch's worth (with --compile it captures the graphs the timed run replays)
+                replay.replay(model, queue[:b] if opts.compile else queue[:min(b, 4)], ctx, opts)
+                row = serve(model, queue, ctx, opts, device)
+                row.update(mode=name, schedule="replayed", batch=b, context=ctx, threshold=opts.threshold)
                 base = base or row
-                row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+                row["steady_speedup"] = row["steady_tokens_per_s"] / base["steady_tokens_per_s"]
                 rows.append(row)
-                print(f"  replayed {name} batch {b} context {ctx}: {row['ms_per_step']:.1f} ms/step, "
-                      f"{row['decode_tokens_per_s']:.0f} tokens/s x{row['decode_speedup']:.2f}", file=sys.stderr)
+                print(f"  served {name} concurrency {b} context {ctx}: {row['tokens_per_s']:.0f} tokens/s "
+                      f"x{row['speedup']:.2f} (steady {row['steady_tokens_per_s']:.0f} x{row['steady_speedup']:.2f}), "
+                      f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}", file=sys.stderr)
     return rows
+
+
+def serve(model, queue, context: int, opts: Options, device) -> dict:
+    """One timed serving run of `queue` (replay.replay), with a mark before every step: the time, and how many
+    sequences were admitted so far. The steady window runs from the first step to the step after the last
+    admission; its rate counts decoded positions, scaled to output tokens by the run's own ratio (the EOS
+    padding of each last block is decoded but not output)."""
+    clock, marks = {}, []
+
+    def mark(dec):
+        sync(device)
+        decoded = int(dec.last_step.decoded.sum()) if hasattr(dec, "last_step") else 0
+        marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
+
+    sync(device)
+    t0 = time.perf_counter()
+    out = replay.replay(model, queue, context, opts, clock=clock, step_hook=mark)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(ids) for ids, _ in out)
+    decoded = sum(sum(st["decoded"]) for _, st in out)
+    steps = len(marks)
+    last = next(i for i, m in enumerate(marks) if m[3] == len(queue))  # the first step after the last admission
+    end = max(last, 1)
+    window = marks[end][0] - marks[0][0]
+    window_decoded = sum(m[2] for m in marks[1:end + 1])
+    return {"queue": len(queue), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "prefill_s": clock["prefill_s"], "decode_s": clock["decode_s"],
+            "prefill_share": clock["prefill_s"] / seconds, "decode_tokens_per_s": tokens / clock["decode_s"],
+            "steps": steps, "ms_per_step": clock["decode_s"] / steps * 1e3,
+            "decoded_per_step": decoded / sum(len(st["decoded"]) for _, st in out),   # per sequence and step
+            "steady_steps": end, "steady_tokens_per_s": window_decoded * tokens / decoded / window,
+            "computed_deep_per_step": float(np.mean([d for _, st in out for d in st["computed_deep"]]))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,23 +437,34 @@ def _mb(x):
 
 
 def real_size_table(res: dict) -> str:
-    lines = ["| batch | context | Q | ms | TFLOP/s |", "|" + " --- |" * 5]
+    lines = []
+    if res["probe"]:
+        lines += ["| batch | context | Q | ms | TFLOP/s |", "|" + " --- |" * 5]
     for r in res["probe"]:
         lines.append(f"| {r['batch']} | {r['context']} | {r['Q']} | {r['ms']:.1f} | {r.get('tflops', float('nan')):.0f} |")
-    lines += ["", "| mode | batch | context | ms/step | decode tokens/s | x full | computed/step L2..L |", "|" + " --- |" * 7]
+    if res["end_to_end"]:
+        lines += ["", "| mode | batch | context | ms/step | decode tokens/s | x full | computed/step L2..L |",
+                  "|" + " --- |" * 7]
     for r in res["end_to_end"]:
         lines.append(f"| {r['mode']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} | "
                      f"{r['decode_tokens_per_s']:.0f} | {r['decode_speedup']:.2f} | {r['computed_deep_per_step']:.1f} |")
     if res.get("replayed"):
-        random = {(r["mode"], r["batch"], r["context"]): r for r in res["end_to_end"]}
-        lines += ["", "| mode | threshold | batch | context | replayed: steps | decoded/step | ms/step | decode tokens/s "
-                  "| x full | random schedule: decode tokens/s | x full |", "|" + " --- |" * 11]
+        lines += ["", "| mode | threshold | concurrency | context | sequences | tokens/s | x first mode | steady tokens/s "
+                  "| x first mode | prefill s / decode s | steps | decoded/step | ms/step | computed/step L2..L |",
+                  "|" + " --- |" * 14]
         for r in res["replayed"]:
-            rnd = random.get((r["mode"], r["batch"], r["context"]))
-            lines.append(f"| {r['mode']} | {r['threshold']} | {r['batch']} | {r['context']} | {r['steps']} "
-                         f"| {r['decoded_per_step']:.2f} | {r['ms_per_step']:.1f} | {r['decode_tokens_per_s']:.0f} "
-                         f"| {r['decode_speedup']:.2f} | " +
-                         (f"{rnd['decode_tokens_per_s']:.0f} | {rnd['decode_speedup']:.2f} |" if rnd else "- | - |"))
+            lines.append(f"| {r['mode']} | {r['threshold']} | {r['batch']} | {r['context']} | {r['queue']} "
+                         f"| {r['tokens_per_s']:.0f} | {r['speedup']:.2f} | {r['steady_tokens_per_s']:.0f} "
+                         f"| {r['steady_speedup']:.2f} | {r['prefill_s']:.1f} / {r['decode_s']:.1f} | {r['steps']} "
+                         f"| {r['decoded_per_step']:.2f} | {r['ms_per_step']:.1f} | {r['computed_deep_per_step']:.1f} |")
+    if res.get("profile"):
+        lines += ["", "| mode | batch | context | ms/step | GPU busy ms/step | kernel launches | graph launches | syncs "
+                  "| most GPU time (ms/step) |", "|" + " --- |" * 9]
+        for r in res["profile"]:
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(r["top_gpu_ms_per_step"].items())[:4])
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} "
+                         f"| {r['gpu_busy_ms_per_step']:.1f} | {r['kernel_launches_per_step']:.0f} "
+                         f"| {r['graph_launches_per_step']:.0f} | {r['syncs_per_step']:.0f} | {top} |")
     return "\n".join(lines)
 
 
@@ -407,7 +491,7 @@ def parse_args(argv=None):
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     add_options(p, ["threshold", "max_new_tokens", "compile"])
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {', '.join(MODES)}")
     p.add_argument("--no-analysis", dest="analysis", action="store_false")
     p.add_argument("--real-size", action="store_true", help="random weights of a real model's shape (GPU)")
     p.add_argument("--real-size-config", default="sdar-1.7b", choices=list(REAL_SIZE),
@@ -418,25 +502,36 @@ def parse_args(argv=None):
                         "--replay-workload (0: off)")
     p.add_argument("--replay-workload", default="long", choices=workloads.WORKLOADS,
                    help="--real-size: the workload whose schedules are replayed (workloads.py)")
-    p.add_argument("--real-batches", default="64,128,256")
+    p.add_argument("--replay-modes", default=",".join(REPLAY_MODES),
+                   help=f"--real-size: the modes served from recorded schedules (of {', '.join(MODES)})")
+    p.add_argument("--queue-factor", type=int, default=4,
+                   help="--real-size: each concurrency serves a queue of this many times as many sequences")
+    p.add_argument("--parts", default="probe,random,replay",
+                   help="--real-size: which measurements: probe (one forward per row count), random (every mode "
+                        "on random-weight dynamics, one token a step), replay (serving recorded schedules), "
+                        "profile (torch.profiler: where a step's time goes, per mode)")
+    p.add_argument("--real-batches", default="32,64,128,256", help="--real-size: batches (concurrency when serving)")
     p.add_argument("--contexts", default="256,512")
     p.add_argument("--out", default="results")
     p.add_argument("--plot", metavar="JSON", help="only draw the plots of a results file")
     args = p.parse_args(argv)
     for name in ("batch_sizes", "real_batches", "contexts"):
         setattr(args, name, positive_list(p, name, getattr(args, name)))
-    args.modes = args.modes.split(",")
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"--modes: unknown mode {m!r}; use some of {', '.join(MODES)}")
-    if len(set(args.modes)) < len(args.modes):
-        p.error(f"--modes names a mode twice: {','.join(args.modes)}")
+    for name, allowed in (("modes", MODES), ("replay_modes", MODES), ("parts", PARTS)):
+        flag = "--" + name.replace("_", "-")
+        values = getattr(args, name).split(",")
+        for m in values:
+            if m not in allowed:
+                p.error(f"{flag}: unknown {'part' if name == 'parts' else 'mode'} {m!r}; use some of {', '.join(allowed)}")
+        if len(set(values)) < len(values):
+            p.error(f"{flag} names one twice: {','.join(values)}")
+        setattr(args, name, values)
     for name in ("batch_sizes", "real_batches", "contexts"):
         if len(set(getattr(args, name))) < len(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} names a value twice")
     if args.replay_problems < 0:
         p.error(f"--replay-problems must be 0 (off) or positive, got {args.replay_problems}")
-    for name in ("num_prompts", "repeats"):
+    for name in ("num_prompts", "repeats", "queue_factor"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -8,7 +8,8 @@ kept), and every mode decodes several tokens in some steps. So bench.py --real-s
    2..L (`record`);
 2. replays those schedules on the real-size model (`replay`): the decoder runs as usual (its rows follow
    from the delayed-cache rules, FOCUS still computes importance and runs the selection, every step samples),
-   but which positions are decoded, which rows are kept and when a sequence ends come from the schedule.
+   but which positions are decoded, which rows are kept and when a sequence ends come from the schedule. A
+   queue of more schedules than slots is served as a server would: a slot whose sequence ends takes the next.
 A replayed sequence has a random prompt of the benchmark's context length, aligned in its block as the
 recorded prompt was, so its blocks hold the same masked positions.
 """
@@ -60,28 +61,43 @@ def record(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int],
 
 class ReplayDecoder(Decoder):
     """A Decoder whose decisions (positions decoded, rows kept, the end of a sequence) come from schedules
-    (the class attribute `schedules`, slot i following schedules[i]); the computation is the usual one. The
-    schedules sit on the device as (S, steps, block) grids, so a replayed step adds no host work."""
+    (the class attribute `schedules`); the computation is the usual one. The k-th sequence admitted follows
+    schedules[k], whichever slot it lands in (generate_ids admits prompts in order), so a queue longer than the
+    batch refills the slots as sequences end, as a server does. The schedules sit on the device as
+    (schedules, steps, block) grids, so a replayed step adds no host work."""
     schedules: list[Schedule] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        mine = self.schedules[:self.num_slots]
-        length = max(len(s.decoded) for s in mine)
-        self.decoded_at = torch.zeros(self.num_slots, length, self.block_size, dtype=torch.bool, device=self.device)
-        self.kept_at = torch.zeros_like(self.decoded_at)
-        for slot, sched in enumerate(mine):
+        distinct = list({id(s): s for s in self.schedules}.values())   # a queue may repeat a schedule
+        index = {id(s): i for i, s in enumerate(distinct)}
+        length = max(len(s.decoded) for s in distinct)
+        decoded_at = torch.zeros(len(distinct), length, self.block_size, dtype=torch.bool)
+        kept_at = torch.zeros_like(decoded_at)
+        for i, sched in enumerate(distinct):
             for t, (decoded, kept) in enumerate(zip(sched.decoded, sched.kept)):
-                self.decoded_at[slot, t, decoded] = True
-                self.kept_at[slot, t, kept] = True
-        self.length = torch.tensor([len(s.decoded) for s in mine], device=self.device)
-        self.tokens_out = torch.tensor([s.tokens for s in mine], device=self.device)
-        self.t = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # each slot's step
+                decoded_at[i, t, decoded] = True
+                kept_at[i, t, kept] = True
+        self.decoded_at, self.kept_at = decoded_at.to(self.device), kept_at.to(self.device)
+        self.length = torch.tensor([len(s.decoded) for s in distinct], device=self.device)
+        self.tokens_out = torch.tensor([s.tokens for s in distinct], device=self.device)
+        self.queue = [index[id(s)] for s in self.schedules]                  # admission order -> schedule
+        self.admitted = 0
+        self.which = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # each slot's schedule
+        self.t = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)      # and its step in it
+
+    def admit(self, slots: list[int], prompts: list[list[int]]):
+        super().admit(slots, prompts)
+        slots_t = torch.tensor(slots, device=self.device)
+        self.which[slots_t] = torch.tensor(self.queue[self.admitted:self.admitted + len(slots)], device=self.device)
+        self.t[slots_t] = 0
+        self.admitted += len(slots)
 
     def _now(self, grids):
         """(S, block): this step's row of each slot's schedule grid (nothing for ended sequences)."""
-        t = self.t.clamp(max=grids.shape[1] - 1)
-        return grids[torch.arange(self.num_slots, device=self.device), t] & (self.live & (self.t < self.length))[:, None]
+        length = self.length[self.which]
+        now = grids[self.which, self.t.clamp(max=grids.shape[1] - 1)]
+        return now & (self.live & (self.t < length))[:, None]
 
     def forward(self, ids, rows, is_mask_row, col, target):
         """FOCUS as the decoder runs it (the selection included, so a step costs the same), then the recorded
@@ -110,23 +126,24 @@ class ReplayDecoder(Decoder):
 
     def finish_blocks(self, committed) -> list[tuple[int, int, str]]:
         ended = super().finish_blocks(committed)
-        over = self.live & (self.t >= self.length)            # the recorded sequence ended here (at its EOS)
+        over = self.live & (self.t >= self.length[self.which])  # the recorded sequence ended here (at its EOS)
         self.live &= ~over
         slots = over.nonzero().squeeze(1)
-        ends = (self.prompt_len[slots] + self.tokens_out[slots]).tolist()
+        ends = (self.prompt_len[slots] + self.tokens_out[self.which[slots]]).tolist()
         return ended + [(s, e, "eos") for s, e in zip(slots.tolist(), ends)]
 
 
 def replay(model, schedules: list[Schedule], context: int, opts: Options, clock: dict | None = None,
-           step_hook=None, seed: int = 0):
-    """Run one batch of len(schedules) sequences on `model`, each with a random prompt of about `context`
-    tokens, following its schedule. Returns generate_ids' outputs (random tokens, real step structure)."""
+           step_hook=None, on_result=None, seed: int = 0):
+    """Run len(schedules) sequences on `model` through opts.batch_size slots (continuous batching: a slot
+    whose sequence ends takes the next one, its prefill included), each with a random prompt of about
+    `context` tokens, following its schedule. Returns generate_ids' outputs (random tokens, real step
+    structure)."""
     cfg = model.config
     bs = opts.block_size or cfg.block_size
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(10, cfg.vocab_size, (context // bs * bs + s.prompt_offset,), generator=g).tolist()
                for s in schedules]
     decoder = type("Replay", (ReplayDecoder,), {"schedules": schedules})
-    batch = replace(opts, batch_size=len(schedules))
-    return generate_ids(model, prompts, cfg.mask_token_id, [-1], batch, clock=clock, step_hook=step_hook,
-                        decoder=decoder)
+    return generate_ids(model, prompts, cfg.mask_token_id, [-1], opts, clock=clock, step_hook=step_hook,
+                        on_result=on_result, decoder=decoder)

@@ -152,10 +152,13 @@ def _graphed_call(fn, capture: bool, model, x, rows, cache, *extra):
         return fn(model, *args)
     spare = cache.k.shape[1] - 1
     # Padded shape: rows in all (buckets), rows per sequence (powers of two), keys (multiples of KEY_STEP).
-    shape = (_bucket(rows.num_rows), 1 << (rows.q_max - 1).bit_length(),
-             min(cache.max_len, -(-rows.kv_max // KEY_STEP) * KEY_STEP))
-    # Every slot with the same rows and keys, and nothing padded: no attention mask, so SDPA's flash kernel runs.
-    dense = rows.dense and len(rows.active) == spare and shape == (rows.num_rows, rows.q_max, rows.kv_max)
+    # Every slot with the same rows and keys, and no row padded (lockstep batches: probes, equal prompts):
+    # the exact key count, so no attention mask is needed and SDPA's flash kernel runs (one graph per
+    # context length).
+    padded_rows, per_seq = _bucket(rows.num_rows), 1 << (rows.q_max - 1).bit_length()
+    dense = rows.dense and len(rows.active) == spare and (padded_rows, per_seq) == (rows.num_rows, rows.q_max)
+    keys = rows.kv_max if dense else min(cache.max_len, -(-rows.kv_max // KEY_STEP) * KEY_STEP)
+    shape = (padded_rows, per_seq, keys)
     key = (fn, capture, dense, shape, tuple(a for a in extra if not isinstance(a, torch.Tensor)),
            tuple((a.shape[1:], a.dtype) for a in args if isinstance(a, torch.Tensor)))
     store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {}})

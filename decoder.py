@@ -50,7 +50,8 @@ class Options:
     delayed_cache: bool = option(True, "stop recomputing decoded tokens whose right neighbour is decoded")
     focus: bool = option(False, "FOCUS eviction after layer 1 (needs the delayed cache)")
     alpha: float = option(1.5, "FOCUS: keep about alpha x (average tokens decoded per step)")
-    focus_rank: str = option("delta", "FOCUS: ranking score, the delta or an ablation control", RANKINGS)
+    focus_rank: str = option("delta", "FOCUS: ranking score: the delta (the paper), an ablation control or, beyond "
+                                      "the paper, another predictor (focus.ranking_score)", RANKINGS)
     focus_target: str = option("reference", "FOCUS: how many to keep, the reference's alpha x average or, beyond "
                                             "the paper, raised to the tokens near the threshold", TARGETS)
     compile: bool = option(False, "fast paths (kernels.py): on CUDA each step's layers as CUDA graphs; "

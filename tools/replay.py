@@ -107,7 +107,7 @@ class ReplayDecoder(Decoder):
         if not o.focus or not focus.evicts(rows, is_mask_row, target):
             return super().forward(ids, rows, is_mask_row, col, target)
         selected = focus.select_step(self.model, ids, rows, self.cache, is_mask_row, col, self.progress, target,
-                                     o.focus_rank, self.generator, o.compile)
+                                     o.focus_rank, self.generator, o.compile, self.confidence)
         kept = self._now(self.kept_at)[rows.seq, col]
         out = focus.finish_step(self.model, selected, kept, rows, self.cache, is_mask_row, col, self.block_start,
                                 o.compile)

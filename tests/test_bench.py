@@ -32,10 +32,23 @@ def test_real_size_runs_every_mode(tmp_path, shape, capsys):
 
 
 def test_an_interrupt_is_one_line_and_leaves_no_empty_file(tmp_path, monkeypatch, capsys):
-    def interrupted(args, device):
+    def interrupted(args, device, save):
         raise KeyboardInterrupt
     monkeypatch.setattr(bench, "bench_real_size", interrupted)
     code = bench.main(["--real-size", "--real-size-config", "tiny", "--device", "cpu", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and err == ["interrupted; nothing had finished"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_size_run_stopped_part_way_keeps_what_finished(tmp_path, monkeypatch):
+    """Each measurement is saved as it finishes: a run killed after its probes (a time limit) leaves them in the
+    partial file."""
+    def killed_after_the_probes(model, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "run_mode", killed_after_the_probes)
+    code = bench.main(["--real-size", "--real-size-config", "tiny", "--contexts", "32", "--device", "cpu",
+                       "--replay-problems", "0", "--out", str(tmp_path)])
+    partial = json.loads(next(tmp_path.glob("*.partial")).read_text())
+    assert code == 130 and {p["Q"] for p in partial["real_size"]["probe"]} >= {32, 16, 8, 4}
+    assert partial["real_size"]["end_to_end"] == []

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
@@ -173,7 +174,7 @@ PROMPTS = [[random.Random(i).randint(10, 299) for _ in range(n)] for i, n in enu
 
 
 def generate_all(net, device, **opts):
-    net = net.to(device)
+    net = copy.deepcopy(net).to(device)  # a copy: the module's fixture stays on the CPU for the tests after this
     with torch.no_grad():
         out = generate.generate_ids(net, PROMPTS, 3, [2], generate.Options(max_new_tokens=20, batch_size=3, **opts))
     return [ids for ids, _ in out]

@@ -259,7 +259,8 @@ def step_probe(model, batch: int, context: int, device, graphs: bool = False) ->
     return out
 
 
-def bench_real_size(args, device) -> dict:
+def bench_real_size(args, device, save=lambda result: None) -> dict:
+    """save(result) after every measurement, so a run stopped part-way (a time limit) keeps what finished."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = REAL_SIZE[args.real_size_config]
     replaying = args.replay_problems and "replay" in args.parts
@@ -273,6 +274,7 @@ def bench_real_size(args, device) -> dict:
             with kernels.fast_paths(model, args.compile):
                 rows = step_probe(model, b, ctx, device, args.compile)
             result["probe"] += rows
+            save(result)
             for r in rows:
                 print(f"  probe batch {b} context {ctx} Q {r['Q']}: {r['ms']:.1f} ms", file=sys.stderr)
     for b in batches if "random" in args.parts else ():
@@ -293,13 +295,18 @@ def bench_real_size(args, device) -> dict:
                 base = base or row
                 row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                 result["end_to_end"].append(row)
+                save(result)
                 print(f"  e2e {name} batch {b} context {ctx}: {row['ms_per_step']:.1f} ms/step x{row['decode_speedup']:.2f}",
                       file=sys.stderr)
     if schedules:
-        result["replayed"] = bench_replay(model, schedules, args, batches, device)
+        result["replayed"] = []
+        bench_replay(model, schedules, args, batches, device, done=lambda row: (result["replayed"].append(row),
+                                                                                 save(result)))
     if "profile" in args.parts:
-        result["profile"] = [profile_mode(model, name, max(batches), args.contexts[-1], args, device)
-                             for name in ("full", "delayed", "focus-1.5")]
+        result["profile"] = []
+        for name in ("full", "delayed", "focus-1.5"):
+            result["profile"].append(profile_mode(model, name, max(batches), args.contexts[-1], args, device))
+            save(result)
     return result
 
 
@@ -356,12 +363,13 @@ def record_schedules(args, device, block_size: int) -> dict:
             for name in args.replay_modes}
 
 
-def bench_replay(model, schedules: dict, args, batches, device) -> list[dict]:
+def bench_replay(model, schedules: dict, args, batches, device, done=lambda row: None) -> list[dict]:
     """Serving: the real-size model decodes a queue of --queue-factor x batch sequences through `batch` slots
     (continuous batching: a slot whose sequence ends takes the next, its prefill included), each sequence
     following a schedule recorded from a trained model (replay.py: its steps, tokens decoded per step and
     length, at real-size cost). Reported per mode: output tokens/s over the whole run (the paper's measure),
-    prefill and decode time apart, and the steady state: the rate while the queue still refills every slot."""
+    prefill and decode time apart, and the steady state: the rate while the queue still refills every slot.
+    done(row) as each mode finishes."""
     rows = []
     for b in batches:
         for ctx in args.contexts:
@@ -378,6 +386,7 @@ def bench_replay(model, schedules: dict, args, batches, device) -> list[dict]:
                 row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
                 row["steady_speedup"] = row["steady_tokens_per_s"] / base["steady_tokens_per_s"]
                 rows.append(row)
+                done(row)
                 print(f"  served {name} concurrency {b} context {ctx}: {row['tokens_per_s']:.0f} tokens/s "
                       f"x{row['speedup']:.2f} (steady {row['steady_tokens_per_s']:.0f} x{row['steady_speedup']:.2f}), "
                       f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}", file=sys.stderr)
@@ -604,7 +613,7 @@ def main(argv=None) -> int:
 def run(args, device, res: dict, out: PartialJSON) -> int:
     """The benchmark itself, saving into `out` what finished as it goes."""
     if args.real_size:
-        res["real_size"] = bench_real_size(args, device)
+        res["real_size"] = bench_real_size(args, device, save=lambda result: out.save({**res, "real_size": result}))
         report = real_size_table(res["real_size"])
     else:
         model, tok = load(args.model, device=device, dtype=args.dtype)

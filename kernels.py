@@ -124,6 +124,11 @@ def reused_cache(model, make, *args):
     return last[1]
 
 
+def graph_count() -> int:
+    """CUDA graphs captured and alive (bench.py reports those captured inside a timed run)."""
+    return sum(sum(g.graph is not None for g in store["graphs"].values()) for store in _STORES.values())
+
+
 def release(model):
     """Free the KV cache kept for `model` (and the graphs captured on it)."""
     _CACHES.pop(model, None)

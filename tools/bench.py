@@ -389,7 +389,8 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 done(row)
                 print(f"  served {name} concurrency {b} context {ctx}: {row['tokens_per_s']:.0f} tokens/s "
                       f"x{row['speedup']:.2f} (steady {row['steady_tokens_per_s']:.0f} x{row['steady_speedup']:.2f}), "
-                      f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}", file=sys.stderr)
+                      f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}, "
+                      f"{row['graphs_captured_while_timed']} graphs captured while timed", file=sys.stderr)
     return rows
 
 
@@ -405,6 +406,7 @@ def serve(model, queue, context: int, opts: Options, device) -> dict:
         decoded = int(dec.last_step.decoded.sum()) if hasattr(dec, "last_step") else 0
         marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
 
+    graphs_before = kernels.graph_count()
     sync(device)
     t0 = time.perf_counter()
     out = replay.replay(model, queue, context, opts, clock=clock, step_hook=mark)
@@ -423,6 +425,7 @@ def serve(model, queue, context: int, opts: Options, device) -> dict:
             "steps": steps, "ms_per_step": clock["decode_s"] / steps * 1e3,
             "decoded_per_step": decoded / sum(len(st["decoded"]) for _, st in out),   # per sequence and step
             "steady_steps": end, "steady_tokens_per_s": window_decoded * tokens / decoded / window,
+            "graphs_captured_while_timed": kernels.graph_count() - graphs_before,   # shapes the warm-up missed
             "computed_deep_per_step": float(np.mean([d for _, st in out for d in st["computed_deep"]]))}
 
 

@@ -21,6 +21,13 @@ def test_real_size_runs_every_mode(tmp_path, shape, capsys):
     assert rows["focus-1.5"]["computed_deep_per_step"] < rows["delayed"]["computed_deep_per_step"] < 32
     assert rows["full"]["computed_deep_per_step"] == 32
     assert {p["Q"] for p in res["probe"]} >= {32, 16, 8, 4}
+    probe = {p["Q"]: p for p in res["probe"]}
+    focus_row = next(p for p in res["probe"] if "kept_per_seq" in p)   # FOCUS against its row-count prediction
+    layers = res["config"]["num_hidden_layers"]
+    per_layer = {q: probe[q]["ms"] / layers for q in (32, 16, 8, 4)}
+    lowest = 2 * per_layer[32] + (layers - 2) * min(per_layer.values()) + focus_row["logits_ms"]
+    assert focus_row["predicted_ms"] >= lowest * (1 - 1e-9)
+    assert focus_row["over_prediction"] == pytest.approx(focus_row["ms"] / focus_row["predicted_ms"])
     if replayed:  # the shipped model's schedules: FOCUS takes more steps than the delayed cache, and decodes less a step
         rows = {r["mode"]: r for r in res["replayed"]}
         assert list(rows) == ["full", "delayed", "focus-1.5", "paper-focus-1.5@0.8"]
@@ -52,3 +59,11 @@ def test_a_real_size_run_stopped_part_way_keeps_what_finished(tmp_path, monkeypa
     partial = json.loads(next(tmp_path.glob("*.partial")).read_text())
     assert code == 130 and {p["Q"] for p in partial["real_size"]["probe"]} >= {32, 16, 8, 4}
     assert partial["real_size"]["end_to_end"] == []
+
+
+def test_interpolate_is_piecewise_linear_and_clamped():
+    points = {4: 1.0, 8: 2.0, 16: 6.0, 32: 10.0}
+    assert bench.interpolate(points, 8) == 2.0
+    assert bench.interpolate(points, 12) == 4.0
+    assert bench.interpolate(points, 6) == 1.5
+    assert bench.interpolate(points, 2) == 1.0 and bench.interpolate(points, 40) == 10.0

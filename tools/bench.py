@@ -255,8 +255,24 @@ def step_probe(model, batch: int, context: int, device, graphs: bool = False) ->
     run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, graphs=graphs)
     ms = time_it(run, device) * 1e3
     kept = int(run().kept.sum()) / batch
-    out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept})
+    # What its row counts predict: 2 layers at 32 rows and L-2 at `kept` rows (per-layer times from the plain
+    # forwards above, interpolated in Q), plus the logits of the kept masked rows, which the plain forwards skip.
+    per_layer = {r["Q"]: r["ms"] / cfg.num_hidden_layers for r in out}
+    hidden = torch.randn(round(kept * batch), cfg.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
+    logits_ms = time_it(lambda: model.logits(hidden), device) * 1e3
+    predicted = (2 * per_layer[32] + (cfg.num_hidden_layers - 2) * interpolate(per_layer, kept)) + logits_ms
+    out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept,
+                "predicted_ms": predicted, "logits_ms": logits_ms, "over_prediction": ms / predicted})
     return out
+
+
+def interpolate(points: dict, q: float) -> float:
+    """Piecewise-linear value at q of {Q: value} (clamped to the ends)."""
+    qs = sorted(points)
+    q = min(max(q, qs[0]), qs[-1])
+    hi = next(x for x in qs if x >= q)
+    lo = max(x for x in qs if x <= q)
+    return points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (q - lo) / (hi - lo)
 
 
 def bench_real_size(args, device, save=lambda result: None) -> dict:
@@ -276,7 +292,9 @@ def bench_real_size(args, device, save=lambda result: None) -> dict:
             result["probe"] += rows
             save(result)
             for r in rows:
-                print(f"  probe batch {b} context {ctx} Q {r['Q']}: {r['ms']:.1f} ms", file=sys.stderr)
+                predicted = (f" (row counts and logits predict {r['predicted_ms']:.1f} ms: x{r['over_prediction']:.2f})"
+                             if "predicted_ms" in r else "")
+                print(f"  probe batch {b} context {ctx} Q {r['Q']}: {r['ms']:.1f} ms{predicted}", file=sys.stderr)
     for b in batches if "random" in args.parts else ():
         for ctx in args.contexts:
             g = torch.Generator().manual_seed(0)
@@ -452,9 +470,11 @@ def _mb(x):
 def real_size_table(res: dict) -> str:
     lines = []
     if res["probe"]:
-        lines += ["| batch | context | Q | ms | TFLOP/s |", "|" + " --- |" * 5]
+        lines += ["| batch | context | Q | ms | TFLOP/s | FOCUS: predicted by its row counts, ms (x) |", "|" + " --- |" * 6]
     for r in res["probe"]:
-        lines.append(f"| {r['batch']} | {r['context']} | {r['Q']} | {r['ms']:.1f} | {r.get('tflops', float('nan')):.0f} |")
+        predicted = f"{r['predicted_ms']:.1f} (x{r['over_prediction']:.2f})" if "predicted_ms" in r else "-"
+        lines.append(f"| {r['batch']} | {r['context']} | {r['Q']} | {r['ms']:.1f} | {r.get('tflops', float('nan')):.0f} "
+                     f"| {predicted} |")
     if res["end_to_end"]:
         lines += ["", "| mode | batch | context | ms/step | decode tokens/s | x full | computed/step L2..L |",
                   "|" + " --- |" * 7]

@@ -425,6 +425,8 @@ def serve(model, queue, context: int, opts: Options, device) -> dict:
         marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
 
     graphs_before = kernels.graph_count()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     sync(device)
     t0 = time.perf_counter()
     out = replay.replay(model, queue, context, opts, clock=clock, step_hook=mark)
@@ -444,6 +446,8 @@ def serve(model, queue, context: int, opts: Options, device) -> dict:
             "decoded_per_step": decoded / sum(len(st["decoded"]) for _, st in out),   # per sequence and step
             "steady_steps": end, "steady_tokens_per_s": window_decoded * tokens / decoded / window,
             "graphs_captured_while_timed": kernels.graph_count() - graphs_before,   # shapes the warm-up missed
+            "graphs": kernels.graph_count(),                                        # alive, every mode's so far
+            "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "computed_deep_per_step": float(np.mean([d for _, st in out for d in st["computed_deep"]]))}
 
 

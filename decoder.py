@@ -53,7 +53,8 @@ class Options:
     focus_rank: str = option("delta", "FOCUS: ranking score: the delta (the paper), an ablation control or, beyond "
                                       "the paper, another predictor (focus.ranking_score)", RANKINGS)
     focus_target: str = option("reference", "FOCUS: how many to keep, the reference's alpha x average or, beyond "
-                                            "the paper, raised to the tokens near the threshold", TARGETS)
+                                            "the paper, raised to the tokens near the threshold, or doubled after a "
+                                            "step that decoded all it kept", TARGETS)
     compile: bool = option(False, "fast paths (kernels.py): on CUDA each step's layers as CUDA graphs; "
                                   "RMSNorm, RoPE and SwiGLU through torch.compile; MoE experts as "
                                   "batched matrix products")
@@ -206,6 +207,8 @@ class Decoder:
         self.decoded_sum = torch.zeros(S, device=dev)                     # FOCUS avg tokens decoded per step
         self.decoded_steps = torch.zeros(S, device=dev)
         self.confidence = torch.zeros(S, bs, device=dev)                  # at the last step that computed it
+        self.last_target = torch.zeros(S, dtype=torch.long, device=dev)   # FOCUS's target at the last step
+        self.saturated = torch.zeros(S, dtype=torch.bool, device=dev)     # and whether it capped the decoding
         self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
 
     # -- admission and prefill ------------------------------------------------------------------------
@@ -246,6 +249,7 @@ class Decoder:
         self.decoded_sum[slots] = 0
         self.decoded_steps[slots] = 0
         self.confidence[slots] = 0
+        self.saturated[slots] = False
 
     # -- one step -------------------------------------------------------------------------------------
     def processing(self):
@@ -302,6 +306,10 @@ class Decoder:
         kept_grid[seq, col] = kept
         self.last_step = StepRecord(process, kept_grid, chosen, masked_in)
         n_decoded = chosen.sum(1)
+        if o.focus:  # the saturation target's inputs: the cap bound if every kept masked token was decoded
+            kept_masked = (kept_grid & masked_in).sum(1)
+            self.saturated = (kept_masked < masked_in.sum(1)) & (n_decoded >= kept_masked) & (n_decoded > 0)
+            self.last_target = target
         self.decoded_sum += n_decoded
         self.decoded_steps += n_decoded > 0                       # steps that decode nothing do not count
         computed = process.sum(1)
@@ -318,6 +326,9 @@ class Decoder:
         if self.opts.focus_target == "near-threshold":
             target = focus.near_threshold_target(target, self.confidence, self.masked & self.live[:, None],
                                                  self.opts.threshold)
+        elif self.opts.focus_target == "saturation":
+            target = focus.saturation_target(target, self.last_target, self.saturated & self.live,
+                                             self.masked.sum(1) * self.live)
         return target
 
     def choose(self, logits, seq, col):

@@ -99,7 +99,7 @@ def retain_target(avg_decoded, mask_count, alpha: float):
     return torch.where(mask_count > 0, torch.minimum(target, mask_count), 0)
 
 
-TARGETS = ("reference", "near-threshold")
+TARGETS = ("reference", "near-threshold", "saturation")
 NEAR = 0.3  # near-threshold: a token counts when its last confidence came within this of the threshold
 
 
@@ -109,6 +109,14 @@ def near_threshold_target(target, confidence, masked, threshold: float):
     target (S,); confidence, masked (S, block)."""
     near = ((confidence >= threshold - NEAR) & masked).sum(1)
     return torch.maximum(target, torch.minimum(near, masked.sum(1)))
+
+
+def saturation_target(target, last_target, saturated, mask_count):
+    """Beyond the paper: after a step that decoded every masked token it kept while it evicted others (the cap,
+    not the threshold, limited it), keep twice as many as that step's target, else the reference's target.
+    target, last_target, mask_count (S,); saturated (S,) bool, reset at each block's start."""
+    grown = torch.minimum(2 * last_target, mask_count)
+    return torch.where(saturated, torch.maximum(target, grown), target)
 
 
 def select_retained(score, valid, position, target, progress):

@@ -531,3 +531,31 @@ def test_the_decoder_raises_its_target_near_the_threshold(tiny, prompts):
     assert torch.equal(ref.confidence, near.confidence)
     want = focus.near_threshold_target(ref.retain_target(), ref.confidence, ref.masked & ref.live[:, None], 1.0)
     assert torch.equal(near.retain_target(), want) and not torch.equal(want, ref.retain_target())
+
+
+def test_saturation_target_literal():
+    """Doubled (from the last step's target, within the mask set) only after a saturated step, never lowered."""
+    target, last = torch.tensor([2, 2, 2, 3]), torch.tensor([3, 3, 5, 1])
+    saturated = torch.tensor([True, False, True, True])
+    mask_count = torch.tensor([10, 10, 7, 10])
+    assert focus.saturation_target(target, last, saturated, mask_count).tolist() == [6, 2, 7, 3]
+
+
+def test_the_decoder_marks_a_step_saturated_when_the_cap_bound(tiny, prompts):
+    """A step is saturated when it decoded every masked token it kept and evicted some; with --focus-target
+    saturation the next target is saturation_target of the reference's."""
+    from decoder import Decoder
+    opts = generate.Options(max_new_tokens=24, batch_size=3, focus=True, alpha=1.0, focus_target="saturation",
+                            threshold=1e-6)  # every computed masked token reaches the threshold
+    dec = Decoder(tiny, MASK, [], opts, num_slots=3, max_len=48)
+    with torch.no_grad():
+        dec.admit([0, 1, 2], prompts)
+        dec.finish_blocks(dec.step()["committing"])   # the block's first step
+        stats = dec.step()                             # a small target of many masked: all kept decode
+    kept_masked = (dec.last_step.kept & dec.last_step.masked_before).sum(1)
+    evicted = kept_masked < dec.last_step.masked_before.sum(1)
+    assert evicted.any() and torch.equal(dec.saturated, evicted & (stats["decoded"] >= kept_masked))
+    reference = focus.retain_target(dec.decoded_sum / dec.decoded_steps.clamp(min=1), dec.masked.sum(1) * dec.live,
+                                    opts.alpha)
+    want = focus.saturation_target(reference, stats["target"], dec.saturated & dec.live, dec.masked.sum(1) * dec.live)
+    assert torch.equal(dec.retain_target(), want) and not torch.equal(want, reference)

@@ -44,9 +44,11 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
              # The paper's pairing (its public scripts): FOCUS at threshold 0.8 with the delayed cache, against
              # the full block at the run's threshold. Every other mode uses the run's threshold.
              "paper-focus-1.5@0.8": dict(focus=True, alpha=1.5, threshold=0.8),
-             # Beyond the paper: the step-penalty study's best two rankings (focus.ranking_score).
+             # Beyond the paper: the step-penalty study's best rankings (focus.ranking_score) and target.
              "focus-1.5-delta+position": dict(focus=True, alpha=1.5, focus_rank="delta+position"),
-             "focus-1.5-delta+confidence": dict(focus=True, alpha=1.5, focus_rank="delta+confidence")}
+             "focus-1.5-delta+confidence": dict(focus=True, alpha=1.5, focus_rank="delta+confidence"),
+             "focus-1.5-delta+position-saturation": dict(focus=True, alpha=1.5, focus_rank="delta+position",
+                                                         focus_target="saturation")}
     DEFAULT_MODES = ("full", "delayed", "focus-1.0", "focus-1.5", "focus-2.0", "paper-focus-1.5@0.8")
     PARTS = ("probe", "random", "replay", "profile")
 except KeyboardInterrupt:

@@ -186,6 +186,9 @@ RANKING_STUDY = ([("delayed cache", {}, None)]
                  + [(f"FOCUS 1.5 by {r}, near-threshold target", dict(focus=True, alpha=1.5, focus_rank=r,
                                                                       focus_target="near-threshold"), None)
                     for r in ("delta", "delta+confidence")]
+                 + [(f"FOCUS 1.5 by {r}, saturation target", dict(focus=True, alpha=1.5, focus_rank=r,
+                                                                  focus_target="saturation"), None)
+                    for r in ("delta", "delta+position")]
                  + [("oracle ranking", dict(focus=True, alpha=1.5, focus_rank="confidence"), "ranking"),
                     ("oracle ranking and target", dict(focus=True, alpha=1.5, focus_rank="confidence"),
                      "ranking+target")])

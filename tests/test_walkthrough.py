@@ -138,7 +138,7 @@ def lookup(data, key: str):
         elif selector.isdigit():
             data = data[int(selector)]
         else:
-            tests = [s.split("=", 1) for s in selector.split(",")]
+            tests = [s.split("=", 1) for s in re.split(r",(?=[\w-]+(?:=|$))", selector)]  # a value may hold ", "
             hits = [d for d in data if all(t[0] in d and (len(t) == 1 or str(d[t[0]]) == t[1]) for t in tests)]
             assert len(hits) == 1, f"[{selector}] matches {len(hits)} items, not one"
             data = hits[0]

@@ -306,7 +306,7 @@ class Decoder:
         kept_grid[seq, col] = kept
         self.last_step = StepRecord(process, kept_grid, chosen, masked_in)
         n_decoded = chosen.sum(1)
-        if o.focus:  # the saturation target's inputs: the cap bound if every kept masked token was decoded
+        if o.focus_target == "saturation":  # its inputs: the cap bound if every kept masked token was decoded
             kept_masked = (kept_grid & masked_in).sum(1)
             self.saturated = (kept_masked < masked_in.sum(1)) & (n_decoded >= kept_masked) & (n_decoded > 0)
             self.last_target = target

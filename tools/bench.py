@@ -31,13 +31,14 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import kernels
     import plots
     import replay
+    import shapes
     import workloads
     from partial import PartialJSON
     from analysis import predictor_probe
     from decoder import Options
     from generate import DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids
     from checkpoint import CheckpointError, load, resolve_device
-    from model import SDAR, ModelConfig, Rows, flops_per_token
+    from model import ModelConfig, Rows, flops_per_token
 
     MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus-1.0": dict(focus=True, alpha=1.0),
              "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0),
@@ -171,46 +172,6 @@ def bench_modes(model, tok, problems, args) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # Real-size compute on random weights.
 
-SDAR_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                 block_size=32, mask_token_id=151669, max_position_embeddings=32768)
-# The paper's model: SDAR-8B-Chat (Qwen3-8B's shape).
-SDAR_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-               block_size=32, mask_token_id=151669, max_position_embeddings=32768)
-# The paper's second model (mixture of experts, 16B parameters, 1.4B active): LLaDA2.0-mini's config.json.
-LLADA2_MINI = dict(model_type="llada2_moe", vocab_size=157184, hidden_size=2048, intermediate_size=5120,
-                   num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
-                   rope_theta=600000.0, partial_rotary_factor=0.5, tie_word_embeddings=False, block_size=32,
-                   mask_token_id=156895, max_position_embeddings=16384, num_experts=256, num_experts_per_tok=8,
-                   moe_intermediate_size=512, num_shared_experts=1, first_k_dense_replace=1, n_group=8,
-                   topk_group=4, routed_scaling_factor=2.5, score_function="sigmoid",
-                   moe_router_enable_expert_bias=True, norm_topk_prob=True)
-TINY_REAL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, block_size=32, mask_token_id=3,
-                 max_position_embeddings=4096)
-TINY_MOE = {**LLADA2_MINI, **TINY_REAL, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-            "n_group": 4, "topk_group": 2}
-REAL_SIZE = {"sdar-1.7b": SDAR_1_7B, "sdar-8b": SDAR_8B, "llada2-mini": LLADA2_MINI, "tiny": TINY_REAL,
-             "tiny-moe": TINY_MOE}
-
-
-def random_model(shape: dict, device, dtype):
-    """Random weights of a real model's shape, made directly in `dtype` on `device` (no fp32 copy first)."""
-    cfg = ModelConfig(**shape)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = SDAR(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    for p in model.parameters():
-        if p.dim() >= 2:  # projections and stacked experts
-            torch.nn.init.normal_(p, std=0.02)
-    return model.eval()
-
-
 def time_it(fn, device, n=10):
     fn()
     sync(device)
@@ -280,10 +241,10 @@ def interpolate(points: dict, q: float) -> float:
 def bench_real_size(args, device, save=lambda result: None) -> dict:
     """save(result) after every measurement, so a run stopped part-way (a time limit) keeps what finished."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = REAL_SIZE[args.real_size_config]
+    shape = shapes.REAL_SIZE[args.real_size_config]
     replaying = args.replay_problems and "replay" in args.parts
     schedules = record_schedules(args, device, shape["block_size"]) if replaying else None
-    model = random_model(shape, device, dtype)
+    model = shapes.random_model(shape, device, dtype)
     result = {"note": "random weights: every step decodes one token (nothing reaches the threshold), so this "
                       "measures compute per step, not decoding dynamics", "config": shape, "probe": [], "end_to_end": []}
     batches = [2] if args.real_size_config.startswith("tiny") else args.real_batches
@@ -400,7 +361,7 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 opts = replace(mode_options(name, args, b), max_new_tokens=max(s.tokens for s in recorded) + 1)
                 # warm-up: one batch's worth (with --compile it captures the graphs the timed run replays)
                 replay.replay(model, queue[:b] if opts.compile else queue[:min(b, 4)], ctx, opts)
-                row = serve(model, queue, ctx, opts, device)
+                row = replay.serve(model, queue, ctx, opts)
                 row.update(mode=name, schedule="replayed", batch=b, context=ctx, threshold=opts.threshold)
                 base = base or row
                 row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
@@ -412,45 +373,6 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                       f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}, "
                       f"{row['graphs_captured_while_timed']} graphs captured while timed", file=sys.stderr)
     return rows
-
-
-def serve(model, queue, context: int, opts: Options, device) -> dict:
-    """One timed serving run of `queue` (replay.replay), with a mark before every step: the time, and how many
-    sequences were admitted so far. The steady window runs from the first step to the step after the last
-    admission; its rate counts decoded positions, scaled to output tokens by the run's own ratio (the EOS
-    padding of each last block is decoded but not output)."""
-    clock, marks = {}, []
-
-    def mark(dec):
-        sync(device)
-        decoded = int(dec.last_step.decoded.sum()) if hasattr(dec, "last_step") else 0
-        marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
-
-    graphs_before = kernels.graph_count()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    t0 = time.perf_counter()
-    out = replay.replay(model, queue, context, opts, clock=clock, step_hook=mark)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(ids) for ids, _ in out)
-    decoded = sum(sum(st["decoded"]) for _, st in out)
-    steps = len(marks)
-    last = next(i for i, m in enumerate(marks) if m[3] == len(queue))  # the first step after the last admission
-    end = max(last, 1)
-    window = marks[end][0] - marks[0][0]
-    window_decoded = sum(m[2] for m in marks[1:end + 1])
-    return {"queue": len(queue), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "prefill_s": clock["prefill_s"], "decode_s": clock["decode_s"],
-            "prefill_share": clock["prefill_s"] / seconds, "decode_tokens_per_s": tokens / clock["decode_s"],
-            "steps": steps, "ms_per_step": clock["decode_s"] / steps * 1e3,
-            "decoded_per_step": decoded / sum(len(st["decoded"]) for _, st in out),   # per sequence and step
-            "steady_steps": end, "steady_tokens_per_s": window_decoded * tokens / decoded / window,
-            "graphs_captured_while_timed": kernels.graph_count() - graphs_before,   # shapes the warm-up missed
-            "graphs": kernels.graph_count(),                                        # alive, every mode's so far
-            "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-            "computed_deep_per_step": float(np.mean([d for _, st in out for d in st["computed_deep"]]))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,7 +455,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {', '.join(MODES)}")
     p.add_argument("--no-analysis", dest="analysis", action="store_false")
     p.add_argument("--real-size", action="store_true", help="random weights of a real model's shape (GPU)")
-    p.add_argument("--real-size-config", default="sdar-1.7b", choices=list(REAL_SIZE),
+    p.add_argument("--real-size-config", default="sdar-1.7b", choices=list(shapes.REAL_SIZE),
                    help="the shape: SDAR-1.7B, SDAR-8B (the paper's model, 16 GB in bf16), LLaDA2.0-mini (MoE, "
                         "32 GB in bf16), or tiny ones for a quick check")
     p.add_argument("--replay-problems", type=int, default=64,

@@ -9,17 +9,20 @@ kept), and every mode decodes several tokens in some steps. So bench.py --real-s
 2. replays those schedules on the real-size model (`replay`): the decoder runs as usual (its rows follow
    from the delayed-cache rules, FOCUS still computes importance and runs the selection, every step samples),
    but which positions are decoded, which rows are kept and when a sequence ends come from the schedule. A
-   queue of more schedules than slots is served as a server would: a slot whose sequence ends takes the next.
+   queue of more schedules than slots is served as a server would: a slot whose sequence ends takes the next;
+   `serve` times such a run (bench.py's serving benchmark).
 A replayed sequence has a random prompt of the benchmark's context length, aligned in its block as the
 recorded prompt was, so its blocks hold the same masked positions.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import torch
 
 import focus
+import kernels
 from decoder import Decoder, Options
 from generate import generate_ids
 
@@ -147,3 +150,49 @@ def replay(model, schedules: list[Schedule], context: int, opts: Options, clock:
     decoder = type("Replay", (ReplayDecoder,), {"schedules": schedules})
     return generate_ids(model, prompts, cfg.mask_token_id, [-1], opts, clock=clock, step_hook=step_hook,
                         on_result=on_result, decoder=decoder)
+
+
+def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
+    """One timed serving run of `queue` (replay()), with a mark before every step: the time, and how many
+    sequences were admitted so far. The steady window runs from the first step to the step after the last
+    admission; its rate counts decoded positions, scaled to output tokens by the run's own ratio (the EOS
+    padding of each last block is decoded but not output)."""
+    device = model.embed_tokens.weight.device
+    clock, marks = {}, []
+
+    def mark(dec):
+        sync(device)
+        decoded = int(dec.last_step.decoded.sum()) if hasattr(dec, "last_step") else 0
+        marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
+
+    graphs_before = kernels.graph_count()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    out = replay(model, queue, context, opts, clock=clock, step_hook=mark)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(ids) for ids, _ in out)
+    decoded = sum(sum(st["decoded"]) for _, st in out)
+    steps = len(marks)
+    last = next(i for i, m in enumerate(marks) if m[3] == len(queue))  # the first step after the last admission
+    end = max(last, 1)
+    window = marks[end][0] - marks[0][0]
+    window_decoded = sum(m[2] for m in marks[1:end + 1])
+    return {"queue": len(queue), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "prefill_s": clock["prefill_s"], "decode_s": clock["decode_s"],
+            "prefill_share": clock["prefill_s"] / seconds, "decode_tokens_per_s": tokens / clock["decode_s"],
+            "steps": steps, "ms_per_step": clock["decode_s"] / steps * 1e3,
+            "decoded_per_step": decoded / sum(len(st["decoded"]) for _, st in out),   # per sequence and step
+            "steady_steps": end, "steady_tokens_per_s": window_decoded * tokens / decoded / window,
+            "graphs_captured_while_timed": kernels.graph_count() - graphs_before,   # shapes the warm-up missed
+            "graphs": kernels.graph_count(),                                        # alive, every mode's so far
+            "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            "computed_deep_per_step": sum(sum(st["computed_deep"]) for _, st in out)
+                                      / sum(len(st["computed_deep"]) for _, st in out)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()

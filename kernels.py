@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 import warnings
 import weakref
 
@@ -112,6 +113,7 @@ _GRAPHED = {}
 _STORES = weakref.WeakKeyDictionary()  # KV cache -> its graphs and their memory pool
 _CACHES = weakref.WeakKeyDictionary()  # model -> (arguments, the KV cache made with them)
 KEY_STEP = 256                         # keys per sequence are padded to a multiple of this
+_CAPTURE_SECONDS = [0.0]               # wall time spent capturing graphs (warm-up run, capture), all so far
 
 
 def reused_cache(model, make, *args):
@@ -127,6 +129,11 @@ def reused_cache(model, make, *args):
 def graph_count() -> int:
     """CUDA graphs captured and alive (bench.py reports those captured inside a timed run)."""
     return sum(sum(g.graph is not None for g in store["graphs"].values()) for store in _STORES.values())
+
+
+def capture_seconds() -> float:
+    """Seconds spent capturing CUDA graphs so far (bench.py reports the share of a timed run)."""
+    return _CAPTURE_SECONDS[0]
 
 
 def release(model):
@@ -200,6 +207,8 @@ class _Graph:
         self.fn, self.graph = fn, None
         if not capture:
             return
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         self.fill(args, rows)
         side = torch.cuda.Stream()  # warm-up outside the capture: compilation, library workspaces
         side.wait_stream(torch.cuda.current_stream())
@@ -211,6 +220,8 @@ class _Graph:
         with torch.cuda.graph(self.graph, pool=pool):
             out = fn(model, *self.args)
         self.out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        torch.cuda.synchronize()
+        _CAPTURE_SECONDS[0] += time.perf_counter() - t0
 
     def fill(self, args, rows):
         """Copy a step's rows and row tensors into the buffers; padding rows go to the spare slot, position 0,

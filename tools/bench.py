@@ -359,7 +359,8 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 recorded = schedules[name]
                 queue = [recorded[i % len(recorded)] for i in range(args.queue_factor * b)]
                 opts = replace(mode_options(name, args, b), max_new_tokens=max(s.tokens for s in recorded) + 1)
-                # warm-up: one batch's worth (with --compile it captures the graphs the timed run replays)
+                # warm-up: one batch's worth (with --compile it captures most graphs the timed run replays; those of
+                # shapes it did not meet are captured while timed, counted and timed in the row)
                 replay.replay(model, queue[:b] if opts.compile else queue[:min(b, 4)], ctx, opts)
                 row = replay.serve(model, queue, ctx, opts)
                 row.update(mode=name, schedule="replayed", batch=b, context=ctx, threshold=opts.threshold)
@@ -371,7 +372,8 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 print(f"  served {name} concurrency {b} context {ctx}: {row['tokens_per_s']:.0f} tokens/s "
                       f"x{row['speedup']:.2f} (steady {row['steady_tokens_per_s']:.0f} x{row['steady_speedup']:.2f}), "
                       f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}, "
-                      f"{row['graphs_captured_while_timed']} graphs captured while timed", file=sys.stderr)
+                      f"{row['graphs_captured_while_timed']} graphs captured while timed in {row['capture_s']:.1f} s",
+                      file=sys.stderr)
     return rows
 
 
@@ -411,12 +413,13 @@ def real_size_table(res: dict) -> str:
                      f"{r['decode_tokens_per_s']:.0f} | {r['decode_speedup']:.2f} | {r['computed_deep_per_step']:.1f} |")
     if res.get("replayed"):
         lines += ["", "| mode | threshold | concurrency | context | sequences | tokens/s | x first mode | steady tokens/s "
-                  "| x first mode | prefill s / decode s | steps | decoded/step | ms/step | computed/step L2..L |",
+                  "| x first mode | prefill s / decode s (graph capture s) | steps | decoded/step | ms/step | computed/step L2..L |",
                   "|" + " --- |" * 14]
         for r in res["replayed"]:
             lines.append(f"| {r['mode']} | {r['threshold']} | {r['batch']} | {r['context']} | {r['queue']} "
                          f"| {r['tokens_per_s']:.0f} | {r['speedup']:.2f} | {r['steady_tokens_per_s']:.0f} "
-                         f"| {r['steady_speedup']:.2f} | {r['prefill_s']:.1f} / {r['decode_s']:.1f} | {r['steps']} "
+                         f"| {r['steady_speedup']:.2f} | {r['prefill_s']:.1f} / {r['decode_s']:.1f} ({r.get('capture_s', 0):.1f}) "
+                         f"| {r['steps']} "
                          f"| {r['decoded_per_step']:.2f} | {r['ms_per_step']:.1f} | {r['computed_deep_per_step']:.1f} |")
     if res.get("profile"):
         lines += ["", "| mode | batch | context | ms/step | GPU busy ms/step | kernel launches | graph launches | syncs "

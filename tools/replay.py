@@ -165,7 +165,7 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
         decoded = int(dec.last_step.decoded.sum()) if hasattr(dec, "last_step") else 0
         marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
 
-    graphs_before = kernels.graph_count()
+    graphs_before, capture_before = kernels.graph_count(), kernels.capture_seconds()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -187,6 +187,7 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
             "decoded_per_step": decoded / sum(len(st["decoded"]) for _, st in out),   # per sequence and step
             "steady_steps": end, "steady_tokens_per_s": window_decoded * tokens / decoded / window,
             "graphs_captured_while_timed": kernels.graph_count() - graphs_before,   # shapes the warm-up missed
+            "capture_s": kernels.capture_seconds() - capture_before,               # their capture, inside decode_s
             "graphs": kernels.graph_count(),                                        # alive, every mode's so far
             "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "computed_deep_per_step": sum(sum(st["computed_deep"]) for _, st in out)

@@ -67,3 +67,19 @@ def test_interpolate_is_piecewise_linear_and_clamped():
     assert bench.interpolate(points, 12) == 4.0
     assert bench.interpolate(points, 6) == 1.5
     assert bench.interpolate(points, 2) == 1.0 and bench.interpolate(points, 40) == 10.0
+
+
+def test_the_profile_leaves_the_prefill_out(tmp_path, monkeypatch):
+    """--parts profile: one row per mode, and the profiler starts only after every prompt was prefilled."""
+    import torch.profiler
+    import decoder
+    events = []
+    admit = decoder.Decoder.admit
+    monkeypatch.setattr(decoder.Decoder, "admit", lambda self, *a: (events.append("prefill"), admit(self, *a))[1])
+    real_start = torch.profiler.profile.start
+    monkeypatch.setattr(torch.profiler.profile, "start", lambda self: (events.append("start"), real_start(self))[1])
+    assert bench.main(["--real-size", "--real-size-config", "tiny", "--contexts", "32", "--device", "cpu",
+                       "--parts", "profile", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]["profile"]
+    assert [r["mode"] for r in rows] == ["full", "delayed", "focus-1.5"] and all(r["ms_per_step"] > 0 for r in rows)
+    assert events == ["prefill", "prefill", "start"] * 3   # per mode: warm-up, profiled run, then the profiler

@@ -83,3 +83,22 @@ def test_the_profile_leaves_the_prefill_out(tmp_path, monkeypatch):
     rows = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]["profile"]
     assert [r["mode"] for r in rows] == ["full", "delayed", "focus-1.5"] and all(r["ms_per_step"] > 0 for r in rows)
     assert events == ["prefill", "prefill", "start"] * 3   # per mode: warm-up, profiled run, then the profiler
+
+
+@pytest.mark.parametrize("whole_queue", [False, True])
+def test_serving_warms_up_on_a_batch_or_on_the_whole_queue(tmp_path, monkeypatch, whole_queue):
+    """Serving: each mode warms up on one batch's worth of its queue (with --compile; 4 sequences at most
+    without), or with --warm-up-queue on the whole queue, then serves the whole queue once, timed."""
+    import replay
+    served = []
+    real = replay.replay
+    monkeypatch.setattr(replay, "replay", lambda model, queue, *a, **k: (served.append(len(queue)),
+                                                                          real(model, queue, *a, **k))[1])
+    assert bench.main(["--real-size", "--real-size-config", "tiny", "--contexts", "32", "--device", "cpu",
+                       "--parts", "replay", "--replay-problems", "2", "--replay-workload", "arith", "--replay-modes",
+                       "full,focus-1.5", "--queue-factor", "4", "--compile", "--out", str(tmp_path)]
+                      + ["--warm-up-queue"] * whole_queue) == 0
+    queue = 4 * 2                                            # --queue-factor x the tiny shape's batch of 2
+    assert served == [queue if whole_queue else 2, queue] * 2
+    rows = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]["replayed"]
+    assert all(r["capture_s"] == 0 and r["ms_per_step_without_capture"] == r["ms_per_step"] for r in rows)  # CPU

@@ -368,8 +368,9 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 queue = [recorded[i % len(recorded)] for i in range(args.queue_factor * b)]
                 opts = replace(mode_options(name, args, b), max_new_tokens=max(s.tokens for s in recorded) + 1)
                 # warm-up: one batch's worth (with --compile it captures most graphs the timed run replays; those of
-                # shapes it did not meet are captured while timed, counted and timed in the row)
-                replay.replay(model, queue[:b] if opts.compile else queue[:min(b, 4)], ctx, opts)
+                # shapes it did not meet are captured while timed, counted and timed in the row), or the whole queue
+                warm = queue if args.warm_up_queue else queue[:b] if opts.compile else queue[:min(b, 4)]
+                replay.replay(model, warm, ctx, opts)
                 row = replay.serve(model, queue, ctx, opts)
                 row.update(mode=name, schedule="replayed", batch=b, context=ctx, threshold=opts.threshold)
                 base = base or row
@@ -421,14 +422,16 @@ def real_size_table(res: dict) -> str:
                      f"{r['decode_tokens_per_s']:.0f} | {r['decode_speedup']:.2f} | {r['computed_deep_per_step']:.1f} |")
     if res.get("replayed"):
         lines += ["", "| mode | threshold | concurrency | context | sequences | tokens/s | x first mode | steady tokens/s "
-                  "| x first mode | prefill s / decode s (graph capture s) | steps | decoded/step | ms/step | computed/step L2..L |",
+                  "| x first mode | prefill s / decode s (graph capture s) | steps | decoded/step | ms/step (without capture) "
+                  "| computed/step L2..L |",
                   "|" + " --- |" * 14]
         for r in res["replayed"]:
             lines.append(f"| {r['mode']} | {r['threshold']} | {r['batch']} | {r['context']} | {r['queue']} "
                          f"| {r['tokens_per_s']:.0f} | {r['speedup']:.2f} | {r['steady_tokens_per_s']:.0f} "
-                         f"| {r['steady_speedup']:.2f} | {r['prefill_s']:.1f} / {r['decode_s']:.1f} ({r.get('capture_s', 0):.1f}) "
-                         f"| {r['steps']} "
-                         f"| {r['decoded_per_step']:.2f} | {r['ms_per_step']:.1f} | {r['computed_deep_per_step']:.1f} |")
+                         f"| {r['steady_speedup']:.2f} | {r['prefill_s']:.1f} / {r['decode_s']:.1f} "
+                         f"({r.get('capture_s', 0):.1f}) | {r['steps']} "
+                         f"| {r['decoded_per_step']:.2f} | {r['ms_per_step']:.1f} "
+                         f"({r.get('ms_per_step_without_capture', r['ms_per_step']):.1f}) | {r['computed_deep_per_step']:.1f} |")
     if res.get("profile"):
         lines += ["", "| mode | batch | context | ms/step | GPU busy ms/step | kernel launches | graph launches | syncs "
                   "| most GPU time (ms/step) |", "|" + " --- |" * 9]
@@ -478,6 +481,10 @@ def parse_args(argv=None):
                    help=f"--real-size: the modes served from recorded schedules (of {', '.join(MODES)})")
     p.add_argument("--queue-factor", type=int, default=4,
                    help="--real-size: each concurrency serves a queue of this many times as many sequences")
+    p.add_argument("--warm-up-queue", action="store_true",
+                   help="--real-size serving: warm up on the whole queue, not one batch's worth, so that every "
+                        "CUDA graph the timed run needs is captured before it (a server's start-up; the run takes "
+                        "about twice as long)")
     p.add_argument("--parts", default="probe,random,replay",
                    help="--real-size: which measurements: probe (one forward per row count), random (every mode "
                         "on random-weight dynamics, one token a step), replay (serving recorded schedules), "

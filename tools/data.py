@@ -428,8 +428,8 @@ def stories(n: int, seed: int) -> list[str]:
                  f"One day, {name} found {thing} near the path.",
                  rng.choice([f"{name} felt {feel} and ran to show {friend}.", f"{name} did not know what to do.",
                              f"{name} picked it up and smiled."]),
-                 rng.choice([f"{friend} said, \"Let us keep it safe together.\"", f"They played until the sun went down.",
-                             f"Together they took it back to its owner."]),
+                 rng.choice([f"{friend} said, \"Let us keep it safe together.\"", "They played until the sun went down.",
+                             "Together they took it back to its owner."]),
                  rng.choice([f"From that day on, {name} and {friend} were best friends.", "It was a good day.",
                              f"{name} went home {rng.choice(feelings)} and slept well."])]
         elif kind < 0.75:
@@ -445,8 +445,8 @@ def stories(n: int, seed: int) -> list[str]:
         else:
             s = [f"{name} wanted to {rng.choice(['bake a cake', 'build a kite', 'plant a garden', 'paint a picture', 'write a letter'])}.",
                  f"First, {name} {rng.choice(['found', 'bought', 'borrowed'])} {thing}.",
-                 rng.choice([f"Then {friend} came to help.", f"It took a long time.", f"The work was hard but fun."]),
-                 rng.choice([f"At last it was done, and {name} was {feel}.", f"In the end, everyone said it was beautiful."])]
+                 rng.choice([f"Then {friend} came to help.", "It took a long time.", "The work was hard but fun."]),
+                 rng.choice([f"At last it was done, and {name} was {feel}.", "In the end, everyone said it was beautiful."])]
         for _ in range(rng.randint(0, 2)):  # a few free sentences anywhere in the middle
             s.insert(rng.randint(1, len(s) - 1), rng.choice(EXTRA_SENTENCES).format(name=name, friend=friend))
         out.append(" ".join(s))

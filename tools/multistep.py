@@ -265,7 +265,7 @@ def _garden(rng, w: _Work, people) -> tuple[str, str, str]:
         w.facts.append(rng.choice([f"Later {lost} of the plants [dry|dried] up in the heat.",
                                    f"Rabbits [eat|ate] {lost} of the plants."]))
         total = w.step(total, "-", lost, "the number of plants left", "", f"{lost} plants are lost")
-        return (f"How many plants [are|were] left in the garden?", "how many plants are left",
+        return ("How many plants [are|were] left in the garden?", "how many plants are left",
                 f"{total} plants are left")
     return (f"How many plants [do|did] {name} and {friend} have in all?", f"how many plants {name} and {friend} have",
             f"{name} and {friend} have {total} plants")

@@ -49,7 +49,10 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
              "focus-1.5-delta+position": dict(focus=True, alpha=1.5, focus_rank="delta+position"),
              "focus-1.5-delta+confidence": dict(focus=True, alpha=1.5, focus_rank="delta+confidence"),
              "focus-1.5-delta+position-saturation": dict(focus=True, alpha=1.5, focus_rank="delta+position",
-                                                         focus_target="saturation")}
+                                                         focus_target="saturation"),
+             # LLaDA2.0's eos_early_stop (decoder.Options): the same tokens, the steps after the answer saved.
+             "delayed-eos-early-stop": dict(eos_early_stop=True),
+             "focus-1.5-eos-early-stop": dict(focus=True, alpha=1.5, eos_early_stop=True)}
     DEFAULT_MODES = ("full", "delayed", "focus-1.0", "focus-1.5", "focus-2.0", "paper-focus-1.5@0.8")
     PARTS = ("probe", "random", "replay", "profile")
 except KeyboardInterrupt:

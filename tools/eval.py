@@ -189,6 +189,11 @@ RANKING_STUDY = ([("delayed cache", {}, None)]
                  + [(f"FOCUS 1.5 by {r}, saturation target", dict(focus=True, alpha=1.5, focus_rank=r,
                                                                   focus_target="saturation"), None)
                     for r in ("delta", "delta+position")]
+                 # a larger alpha: more kept a step, fewer steps
+                 + [(f"FOCUS {a} by {r}" + (", saturation target" if t else ""),
+                     dict(focus=True, alpha=a, focus_rank=r, **t), None)
+                    for a in (3.0, 4.0) for r, t in (("delta", {}), ("delta+position", {}),
+                                                     ("delta+position", {"focus_target": "saturation"}))]
                  + [("oracle ranking", dict(focus=True, alpha=1.5, focus_rank="confidence"), "ranking"),
                     ("oracle ranking and target", dict(focus=True, alpha=1.5, focus_rank="confidence"),
                      "ranking+target")])

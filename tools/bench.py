@@ -50,6 +50,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
              "focus-1.5-delta+confidence": dict(focus=True, alpha=1.5, focus_rank="delta+confidence"),
              "focus-1.5-delta+position-saturation": dict(focus=True, alpha=1.5, focus_rank="delta+position",
                                                          focus_target="saturation"),
+             "focus-3.0-delta+position": dict(focus=True, alpha=3.0, focus_rank="delta+position"),
+             "focus-4.0-delta+position": dict(focus=True, alpha=4.0, focus_rank="delta+position"),
              # LLaDA2.0's eos_early_stop (decoder.Options): the same tokens, the steps after the answer saved.
              "delayed-eos-early-stop": dict(eos_early_stop=True),
              "focus-1.5-eos-early-stop": dict(focus=True, alpha=1.5, eos_early_stop=True)}

@@ -176,6 +176,9 @@ CASES = {
     "bench repeats 0": ("bench", ["--repeats", "0"], ["--repeats", "0"]),
     "bench mode twice": ("bench", ["--modes", "full,full"], ["--modes", "twice"]),
     "bench real size on a CPU": ("bench", ["--real-size", "--device", "cpu"], ["needs a GPU"]),
+    # eval.py's --only.
+    "eval only without oracle": ("eval", ["--only", "saturation"], ["--only goes with --oracle"]),
+    "eval only matching nothing": ("eval", ["--oracle", "arith", "--only", "zzz"], ["--only 'zzz'", "no entry"]),
 }
 if torch.cuda.is_available():
     del CASES["generate device tpu"]  # still runs; only the cuda case below needs a machine without a GPU

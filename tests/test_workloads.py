@@ -25,6 +25,12 @@ def test_long_alternates_problems_and_stories():
     assert w.max_new_tokens >= 400 > workloads.workload("arith", 1).max_new_tokens
 
 
+def test_a_long_workload_of_one_is_one_problem():
+    assert data.story_prompts("heldout", 0) == []
+    w = workloads.workload("long", 1)
+    assert w.prompts == [data.make_problems("heldout", 1, family="multistep")[0].question]
+
+
 def test_accuracy_counts_only_prompts_with_an_answer():
     w = workloads.Workload("t", ["a", "b", "c", "d"], ["3", None, "5", "7"], 8)
     texts = ["x\nThe answer is 3.", "a story", "The answer is 6.", "The answer is 7."]

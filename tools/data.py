@@ -513,6 +513,8 @@ def story_prompts(split: str, n: int) -> list[str]:
     "train" prompts may be."""
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}")
+    if n <= 0:
+        return []
     rng = random.Random(f"long-prompts-{split}")
     out, seen = [], set()
     for _ in range(100 * n + 1000):

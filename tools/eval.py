@@ -313,6 +313,12 @@ def main(argv=None) -> int:
                 raise ValueError(f"unknown workload {name!r}; use one of {', '.join(workloads.WORKLOADS)}")
         if args.output and not sweeping:
             raise ValueError("--output goes with --study, --frontier, --ablation, --workloads or --oracle")
+        if args.only is not None and not args.oracle:
+            raise ValueError("--only goes with --oracle")
+        entries = [e for e in RANKING_STUDY if e[0] == "delayed cache" or (args.only or "") in e[0]]
+        if len(entries) == 1:
+            raise ValueError(f"--only {args.only!r} matches no entry of the ranking study; give part of a name, "
+                             f"e.g. {RANKING_STUDY[1][0]!r} or 'saturation'")
         opts = options_from(args)
         command = "python tools/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"command": command.strip(), "device": device, "model": args.model}
@@ -334,7 +340,6 @@ def main(argv=None) -> int:
                                                   finished=finished("workloads"))}
                 report = workload_table(res["workloads"])
             elif args.oracle:
-                entries = [e for e in RANKING_STUDY if e[0] == "delayed cache" or (args.only or "") in e[0]]
                 res = {"oracle": run_oracle(model, tok, names, args.num_problems, opts, entries, budget,
                                             finished=finished("oracle"))}
                 report = oracle_table(res["oracle"])

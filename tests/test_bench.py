@@ -48,6 +48,19 @@ def test_an_interrupt_is_one_line_and_leaves_no_empty_file(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                                                  "allocate memory: you tried to allocate 40000000000 bytes"),
+                                     MemoryError()])
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, failure):
+    def too_big(args, device, save):
+        raise failure
+    monkeypatch.setattr(bench, "bench_real_size", too_big)
+    code = bench.main(["--real-size", "--real-size-config", "tiny", "--device", "cpu", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: out of memory") and "--contexts" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_real_size_run_stopped_part_way_keeps_what_finished(tmp_path, monkeypatch):
     """Each measurement is saved as it finishes: a run killed after its probes (a time limit) leaves them in the
     partial file."""

@@ -99,3 +99,24 @@ def test_eval_keeps_finished_rows_on_an_interrupt(tmp_path, make_checkpoint, mon
     assert not out.exists()
     rows = json.loads((tmp_path / "w.json.partial").read_text())["workloads"]
     assert [r["mode"] for r in rows] == ["full block"]
+
+
+def test_eval_out_of_memory_is_one_line_and_keeps_finished_rows(tmp_path, make_checkpoint, monkeypatch, capsys):
+    """An allocation that fails in the middle of a sweep: exit 2, one line that says so and names the partial file."""
+    import eval as evaluate
+    calls = []
+    real = evaluate.generate
+
+    def second_mode_too_big(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "generate", second_mode_too_big)
+    out = tmp_path / "w.json"
+    ckpt = make_checkpoint(max_position_embeddings=2048)
+    code = evaluate.main(["--model", str(ckpt.path), "--workloads", "arith", "-n", "2", "--max-new-tokens", "8",
+                          "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: out of memory") and "w.json.partial" in err[-1]
+    assert not out.exists() and (tmp_path / "w.json.partial").exists()

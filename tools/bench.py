@@ -36,7 +36,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from partial import PartialJSON
     from analysis import predictor_probe
     from decoder import Options
-    from generate import DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids
+    from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
+                          out_of_memory)
     from checkpoint import CheckpointError, load, resolve_device
     from model import ModelConfig, Rows, flops_per_token
 
@@ -574,6 +575,14 @@ def main(argv=None) -> int:
         return run(args, device, res, out)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        kept = "; " + out.abandon() if out else ""
+        print(f"error: out of memory ({reason}); lower --real-batches, --contexts or --batch-sizes{kept}", file=sys.stderr)
+        out = None
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; {out.abandon() if out else 'nothing was written'}", file=sys.stderr)

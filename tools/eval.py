@@ -36,7 +36,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import workloads
     from partial import PartialJSON
     from decoder import Options
-    from generate import DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from
+    from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
+                          out_of_memory)
     from checkpoint import CheckpointError, load, resolve_device
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -360,6 +361,14 @@ def main(argv=None) -> int:
         res, results = evaluate(model, tok, problems, show_progress=True, **asdict(opts))
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        kept = "; " + out.abandon() if out else ""
+        print(f"error: out of memory ({reason}); lower --batch-size or --num-problems{kept}", file=sys.stderr)
+        out = None
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; {out.abandon() if out else 'no --output was asked for'}", file=sys.stderr)

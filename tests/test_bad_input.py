@@ -167,6 +167,7 @@ CASES = {
     "eval device tpu": ("eval", ["--device", "tpu"], ["unknown device 'tpu'"]),
     "bench device tpu": ("bench", ["--device", "tpu"], ["unknown device 'tpu'"]),
     "train device tpu": ("train", ["--out", "{dir}/t", "--device", "tpu"], ["unknown device 'tpu'"]),
+    "train out not makeable": ("train", ["--out", "/proc/no-such-folder/t"], ["--out", "cannot make the folder"]),
     # bench.py's arguments.
     "bench plot missing": ("bench", ["--plot", "{dir}/missing.json"], ["missing.json", "no such file"]),
     "bench plot of another file": ("bench", ["--plot", "{dir}/good.jsonl"], ["--plot", "not a results file"]),

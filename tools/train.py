@@ -422,12 +422,16 @@ def main(argv=None) -> int:
     try:
         out = check_args(args)
         device = resolve_device(args.device)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot make the folder ({e.strerror or e}); choose one you can write")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         train(args, out, device)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:  # OSError: a full disk, a folder that went away
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -440,7 +444,7 @@ def main(argv=None) -> int:
 
 def train(args, out: Path, device: str):
     torch.manual_seed(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)   # main made it; train() can be called on its own too
     t0 = time.time()
     from tokenizers import Tokenizer as HFTokenizer
     if args.resume:

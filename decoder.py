@@ -83,7 +83,7 @@ class Options:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature and top-k must be >= 0 and top-p in (0, 1], got {self.temperature}, "
                              f"{self.top_k} and {self.top_p}")
-        if self.focus and not 1 <= self.alpha <= MAX_ALPHA:
+        if not 1 <= self.alpha <= MAX_ALPHA:  # checked with or without --focus: a wrong value is still wrong
             raise ValueError(f"alpha must be in [1, {MAX_ALPHA:g}] (from the block size on FOCUS keeps every token), "
                              f"got {self.alpha}")
         if self.focus and not self.delayed_cache:

@@ -85,6 +85,7 @@ CASES = {
     # Numbers.
     "alpha nan": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "nan"], ["alpha", "finite", "nan"]),
     "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),
+    "alpha -1 without focus": ("generate", ["--prompt", "Hi", "--alpha", "-1"], ["alpha must be in [1, 1e+06]"]),
     "focus-rank without --focus": ("generate", ["--prompt", "Hi", "--focus-rank", "random"], ["focus-rank", "--focus"]),
     "temperature nan": ("generate", ["--prompt", "Hi", "--temperature", "nan"], ["temperature", "finite"]),
     "threshold nan": ("generate", ["--prompt", "Hi", "--threshold", "nan"], ["threshold", "finite"]),

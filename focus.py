@@ -302,9 +302,10 @@ def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress,
     """Layers 0 and 1 up to the selection on every row, then Eq. (importance) at both layers, the delta, the
     ranking score and the selection rules on the mask sets (arguments as forward_focus). graphs: all of it
     inside the first CUDA graph, through the static-shape form below (select_in_graph)."""
-    if graphs and kernels.captures(model, rows.pos.device) and rank_by != "random":  # random draws from a
-        return select_in_graph(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by,   # generator:
-                               confidence)                                                                  # not in a graph
+    # (the random ranking draws from a generator, which a graph cannot replay: it runs plain)
+    if graphs and kernels.captures(model, rows.pos.device) and rank_by != "random":
+        return select_in_graph(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by,
+                               confidence)
     x, q0, k0, q1, k1 = early_layers(model, model.embed_tokens(input_ids), rows, cache)
     mask_rows = is_mask_row.nonzero().squeeze(1)                      # the mask sets, in set order
     g = grid(rows.seq[mask_rows])

@@ -354,8 +354,7 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        print(f"error: out of memory ({_first_line(e)}); lower --batch-size or --max-new-tokens, or use a "
-              "smaller --dtype", file=sys.stderr)
+        print(out_of_memory_message(e, "--batch-size or --max-new-tokens, or use a smaller --dtype"), file=sys.stderr)
         return 2
     finally:
         if results_file:
@@ -370,6 +369,11 @@ def out_of_memory(e: BaseException) -> bool:
     RuntimeError from DefaultCPUAllocator)."""
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
         "DefaultCPUAllocator" in str(e)
+
+
+def out_of_memory_message(e: BaseException, lower: str) -> str:
+    """The one line a command prints for a failed allocation: what failed, and which options to lower."""
+    return f"error: out of memory ({_first_line(e)}); lower {lower}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,6 +6,7 @@ import json
 import pytest
 
 import bench
+import shapes
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
@@ -76,10 +77,10 @@ def test_a_real_size_run_stopped_part_way_keeps_what_finished(tmp_path, monkeypa
 
 def test_interpolate_is_piecewise_linear_and_clamped():
     points = {4: 1.0, 8: 2.0, 16: 6.0, 32: 10.0}
-    assert bench.interpolate(points, 8) == 2.0
-    assert bench.interpolate(points, 12) == 4.0
-    assert bench.interpolate(points, 6) == 1.5
-    assert bench.interpolate(points, 2) == 1.0 and bench.interpolate(points, 40) == 10.0
+    assert shapes.interpolate(points, 8) == 2.0
+    assert shapes.interpolate(points, 12) == 4.0
+    assert shapes.interpolate(points, 6) == 1.5
+    assert shapes.interpolate(points, 2) == 1.0 and shapes.interpolate(points, 40) == 10.0
 
 
 def test_the_profile_leaves_the_prefill_out(tmp_path, monkeypatch):

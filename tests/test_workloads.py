@@ -75,48 +75,31 @@ def test_eval_reports_every_mode_on_every_workload(tmp_path, make_checkpoint):
     assert rows[3]["agreement"] == {"identical": 1.0, "shared_prefix": 1.0}   # the full block against itself
 
 
-def test_eval_keeps_finished_rows_on_an_interrupt(tmp_path, make_checkpoint, monkeypatch, capsys):
-    """Ctrl-C in the middle of a sweep: exit 130, one line naming the partial file, which holds every row that
-    finished; the output itself is not made."""
+@pytest.mark.parametrize("failure, code, line", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes"), 2,
+     "error: out of memory")])
+def test_eval_keeps_finished_rows_when_stopped(tmp_path, make_checkpoint, monkeypatch, capsys, failure, code, line):
+    """Ctrl-C, or an allocation that fails, in the middle of a sweep: the exit code, one line naming the partial
+    file, which holds every row that finished; the output itself is not made."""
     import json
 
     import eval as evaluate
     calls = []
     real = evaluate.generate
 
-    def second_mode_interrupted(*args, **kwargs):
+    def second_mode_stopped(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise failure
         return real(*args, **kwargs)
-    monkeypatch.setattr(evaluate, "generate", second_mode_interrupted)
+    monkeypatch.setattr(evaluate, "generate", second_mode_stopped)
     out = tmp_path / "w.json"
     ckpt = make_checkpoint(max_position_embeddings=2048)
-    code = evaluate.main(["--model", str(ckpt.path), "--workloads", "arith", "-n", "2", "--max-new-tokens", "8",
-                          "--output", str(out)])
+    got = evaluate.main(["--model", str(ckpt.path), "--workloads", "arith", "-n", "2", "--max-new-tokens", "8",
+                         "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 130 and err[-1].startswith("interrupted") and "w.json.partial" in err[-1]
+    assert got == code and err[-1].startswith(line) and "w.json.partial" in err[-1]
     assert not out.exists()
     rows = json.loads((tmp_path / "w.json.partial").read_text())["workloads"]
     assert [r["mode"] for r in rows] == ["full block"]
-
-
-def test_eval_out_of_memory_is_one_line_and_keeps_finished_rows(tmp_path, make_checkpoint, monkeypatch, capsys):
-    """An allocation that fails in the middle of a sweep: exit 2, one line that says so and names the partial file."""
-    import eval as evaluate
-    calls = []
-    real = evaluate.generate
-
-    def second_mode_too_big(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(evaluate, "generate", second_mode_too_big)
-    out = tmp_path / "w.json"
-    ckpt = make_checkpoint(max_position_embeddings=2048)
-    code = evaluate.main(["--model", str(ckpt.path), "--workloads", "arith", "-n", "2", "--max-new-tokens", "8",
-                          "--output", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: out of memory") and "w.json.partial" in err[-1]
-    assert not out.exists() and (tmp_path / "w.json.partial").exists()

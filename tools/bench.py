@@ -27,7 +27,6 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
     import data
-    import focus
     import kernels
     import plots
     import replay
@@ -37,9 +36,9 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from analysis import predictor_probe
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
-                          out_of_memory)
+                          out_of_memory, out_of_memory_message)
     from checkpoint import CheckpointError, load, resolve_device
-    from model import ModelConfig, Rows, flops_per_token
+    from model import ModelConfig, flops_per_token
 
     MODES = {"full": dict(delayed_cache=False), "delayed": dict(), "focus-1.0": dict(focus=True, alpha=1.0),
              "focus-1.5": dict(focus=True, alpha=1.5), "focus-2.0": dict(focus=True, alpha=2.0),
@@ -63,11 +62,6 @@ except KeyboardInterrupt:
         raise
     print("interrupted before any work began", file=sys.stderr)
     sys.exit(130)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,10 +92,10 @@ def timed_run(model, prompts, mask_id, eos_ids, opts: Options):
     clock = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sync(device)
+    shapes.sync(device)
     t0 = time.perf_counter()
     out = generate_ids(model, prompts, mask_id, eos_ids, opts, clock=clock)
-    sync(device)
+    shapes.sync(device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     return time.perf_counter() - t0, clock, out, peak
 
@@ -176,73 +170,7 @@ def bench_modes(model, tok, problems, args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Real-size compute on random weights.
-
-def time_it(fn, device, n=10):
-    fn()
-    sync(device)
-    times = []
-    for _ in range(n):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-@torch.inference_mode()
-def step_probe(model, batch: int, context: int, device, graphs: bool = False) -> list[dict]:
-    """One decode forward with Q rows per sequence after a context of `context` tokens, as compute-bound.md;
-    graphs: the layers as CUDA graphs, as the decoder's steps run with --compile."""
-    from model import KVCache
-    cfg, bs = model.config, model.config.block_size
-    cache = KVCache(cfg, batch + 1, context + bs, device, model.embed_tokens.weight.dtype)  # + the spare slot
-    seq = torch.arange(batch, device=device).repeat_interleave(context)
-    pos = torch.arange(context, device=device).repeat(batch)
-    for chunk in range(0, batch, 16):  # prefill in chunks to bound the attention grid
-        sel = (seq >= chunk) & (seq < chunk + 16)
-        model.forward_rows(torch.randint(10, cfg.vocab_size, (int(sel.sum()),), device=device),
-                           Rows.build(seq[sel], pos[sel], (pos[sel] // bs + 1) * bs, batch), cache, logits_for=pos[:0])
-    out = []
-    for q in (32, 16, 8, 4):
-        seq = torch.arange(batch, device=device).repeat_interleave(q)
-        pos = context + torch.arange(q, device=device).repeat(batch)
-        rows = Rows.build(seq, pos, torch.full_like(pos, context + q), batch)
-        ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
-        ms = time_it(lambda: model.forward_rows(ids, rows, cache, logits_for=pos[:0], graphs=graphs), device) * 1e3
-        flops = len(seq) * flops_per_token(cfg, context + q)
-        out.append({"batch": batch, "context": context, "Q": q, "ms": ms, "tflops": flops / ms / 1e9})
-    # A FOCUS step: 32 masked rows per sequence in layers 0-1, about 4 kept after layer 1.
-    seq = torch.arange(batch, device=device).repeat_interleave(bs)
-    col = torch.arange(bs, device=device).repeat(batch)
-    rows = Rows.build(seq, context + col, torch.full_like(col, context + bs), batch)
-    ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
-    start = torch.full((batch,), context, device=device)
-    progress, target = torch.full((batch,), bs - 1, device=device), torch.full((batch,), 4, device=device)
-    is_mask = torch.ones_like(col, dtype=torch.bool)
-    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, graphs=graphs)
-    ms = time_it(run, device) * 1e3
-    kept = int(run().kept.sum()) / batch
-    # What its row counts predict: 2 layers at 32 rows and L-2 at `kept` rows (per-layer times from the plain
-    # forwards above, interpolated in Q), plus the logits of the kept masked rows, which the plain forwards skip.
-    per_layer = {r["Q"]: r["ms"] / cfg.num_hidden_layers for r in out}
-    hidden = torch.randn(round(kept * batch), cfg.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
-    logits_ms = time_it(lambda: model.logits(hidden), device) * 1e3
-    predicted = (2 * per_layer[32] + (cfg.num_hidden_layers - 2) * interpolate(per_layer, kept)) + logits_ms
-    out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept,
-                "predicted_ms": predicted, "logits_ms": logits_ms, "over_prediction": ms / predicted})
-    return out
-
-
-def interpolate(points: dict, q: float) -> float:
-    """Piecewise-linear value at q of {Q: value} (clamped to the ends)."""
-    qs = sorted(points)
-    q = min(max(q, qs[0]), qs[-1])
-    hi = next(x for x in qs if x >= q)
-    lo = max(x for x in qs if x <= q)
-    return points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (q - lo) / (hi - lo)
-
+# Real-size compute on random weights (the probe: shapes.step_probe).
 
 def bench_real_size(args, device, save=lambda result: None) -> dict:
     """save(result) after every measurement, so a run stopped part-way (a time limit) keeps what finished."""
@@ -257,7 +185,7 @@ def bench_real_size(args, device, save=lambda result: None) -> dict:
     for b in batches if "probe" in args.parts else ():
         for ctx in args.contexts:
             with kernels.fast_paths(model, args.compile):
-                rows = step_probe(model, b, ctx, device, args.compile)
+                rows = shapes.step_probe(model, b, ctx, device, args.compile)
             result["probe"] += rows
             save(result)
             for r in rows:
@@ -314,11 +242,11 @@ def profile_mode(model, name: str, batch: int, context: int, args, device) -> di
 
     def start(dec):  # before each decode step: the first one starts the profiler
         if not started:
-            sync(device)
+            shapes.sync(device)
             prof.start()
             started.append(True)
     out = generate_ids(model, prompts, model.config.mask_token_id, [-1], opts, clock=clock, step_hook=start)
-    sync(device)
+    shapes.sync(device)
     prof.stop()
     steps = len(out[0][1]["decoded"])
     events = prof.key_averages()
@@ -579,9 +507,8 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
         kept = "; " + out.abandon() if out else ""
-        print(f"error: out of memory ({reason}); lower --real-batches, --contexts or --batch-sizes{kept}", file=sys.stderr)
+        print(out_of_memory_message(e, "--real-batches, --contexts or --batch-sizes") + kept, file=sys.stderr)
         out = None
         return 2
     except KeyboardInterrupt:

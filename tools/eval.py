@@ -37,7 +37,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from partial import PartialJSON
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
-                          out_of_memory)
+                          out_of_memory, out_of_memory_message)
     from checkpoint import CheckpointError, load, resolve_device
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -365,9 +365,8 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
         kept = "; " + out.abandon() if out else ""
-        print(f"error: out of memory ({reason}); lower --batch-size or --num-problems{kept}", file=sys.stderr)
+        print(out_of_memory_message(e, "--batch-size or --num-problems") + kept, file=sys.stderr)
         out = None
         return 2
     except KeyboardInterrupt:

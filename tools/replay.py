@@ -25,6 +25,7 @@ import focus
 import kernels
 from decoder import Decoder, Options
 from generate import generate_ids
+from shapes import sync
 
 
 @dataclass
@@ -194,8 +195,3 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
             "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "computed_deep_per_step": sum(sum(st["computed_deep"]) for _, st in out)
                                       / sum(len(st["computed_deep"]) for _, st in out)}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()

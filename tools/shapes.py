@@ -1,15 +1,18 @@
 """Real models' shapes (config.json fields), for timing at real size with random weights (tools/bench.py
 --real-size): SDAR-1.7B, SDAR-8B (the paper's model), LLaDA2.0-mini (the paper's mixture-of-experts model),
-and tiny versions for quick checks."""
+and tiny versions for quick checks; and the probe that times one decode forward at such a shape."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
-from model import SDAR, ModelConfig
+import focus
+from model import SDAR, KVCache, ModelConfig, Rows, flops_per_token
 
 SDAR_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
@@ -49,3 +52,76 @@ def random_model(shape: dict, device, dtype):
         if p.dim() >= 2:  # projections and stacked experts
             torch.nn.init.normal_(p, std=0.02)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One decode forward at real size, timed (bench.py --parts probe).
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn, device, n=10):
+    fn()
+    sync(device)
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+@torch.inference_mode()
+def step_probe(model, batch: int, context: int, device, graphs: bool = False) -> list[dict]:
+    """One decode forward with Q rows per sequence after a context of `context` tokens, as compute-bound.md;
+    graphs: the layers as CUDA graphs, as the decoder's steps run with --compile."""
+    cfg, bs = model.config, model.config.block_size
+    cache = KVCache(cfg, batch + 1, context + bs, device, model.embed_tokens.weight.dtype)  # + the spare slot
+    seq = torch.arange(batch, device=device).repeat_interleave(context)
+    pos = torch.arange(context, device=device).repeat(batch)
+    for chunk in range(0, batch, 16):  # prefill in chunks to bound the attention grid
+        sel = (seq >= chunk) & (seq < chunk + 16)
+        model.forward_rows(torch.randint(10, cfg.vocab_size, (int(sel.sum()),), device=device),
+                           Rows.build(seq[sel], pos[sel], (pos[sel] // bs + 1) * bs, batch), cache, logits_for=pos[:0])
+    out = []
+    for q in (32, 16, 8, 4):
+        seq = torch.arange(batch, device=device).repeat_interleave(q)
+        pos = context + torch.arange(q, device=device).repeat(batch)
+        rows = Rows.build(seq, pos, torch.full_like(pos, context + q), batch)
+        ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
+        ms = time_it(lambda: model.forward_rows(ids, rows, cache, logits_for=pos[:0], graphs=graphs), device) * 1e3
+        flops = len(seq) * flops_per_token(cfg, context + q)
+        out.append({"batch": batch, "context": context, "Q": q, "ms": ms, "tflops": flops / ms / 1e9})
+    # A FOCUS step: 32 masked rows per sequence in layers 0-1, about 4 kept after layer 1.
+    seq = torch.arange(batch, device=device).repeat_interleave(bs)
+    col = torch.arange(bs, device=device).repeat(batch)
+    rows = Rows.build(seq, context + col, torch.full_like(col, context + bs), batch)
+    ids = torch.randint(10, cfg.vocab_size, (len(seq),), device=device)
+    start = torch.full((batch,), context, device=device)
+    progress, target = torch.full((batch,), bs - 1, device=device), torch.full((batch,), 4, device=device)
+    is_mask = torch.ones_like(col, dtype=torch.bool)
+    run = lambda: focus.forward_focus(model, ids, rows, cache, is_mask, col, start, progress, target, graphs=graphs)
+    ms = time_it(run, device) * 1e3
+    kept = int(run().kept.sum()) / batch
+    # What its row counts predict: 2 layers at 32 rows and L-2 at `kept` rows (per-layer times from the plain
+    # forwards above, interpolated in Q), plus the logits of the kept masked rows, which the plain forwards skip.
+    per_layer = {r["Q"]: r["ms"] / cfg.num_hidden_layers for r in out}
+    hidden = torch.randn(round(kept * batch), cfg.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
+    logits_ms = time_it(lambda: model.logits(hidden), device) * 1e3
+    predicted = (2 * per_layer[32] + (cfg.num_hidden_layers - 2) * interpolate(per_layer, kept)) + logits_ms
+    out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept,
+                "predicted_ms": predicted, "logits_ms": logits_ms, "over_prediction": ms / predicted})
+    return out
+
+
+def interpolate(points: dict, q: float) -> float:
+    """Piecewise-linear value at q of {Q: value} (clamped to the ends)."""
+    qs = sorted(points)
+    q = min(max(q, qs[0]), qs[-1])
+    hi = next(x for x in qs if x >= q)
+    lo = max(x for x in qs if x <= q)
+    return points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (q - lo) / (hi - lo)

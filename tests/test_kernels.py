@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import random
 import warnings
 
@@ -105,7 +106,6 @@ def test_padded_focus_layers_equal_the_plain_ones(net):
 
 def test_a_dropped_cache_frees_its_graphs(net):
     """The graphs live in a store keyed weakly by their cache; they must not keep it (and its memory) alive."""
-    import gc
     import weakref
     cache = filled_cache(net.config, 4, 64, seed=7)
     rows = ragged_rows([3, 2, 5, 1], [8, 16, 24, 32], 4)
@@ -126,7 +126,6 @@ def test_buckets_waste_at_most_an_eighth():
 
 
 def test_reused_cache_is_handed_back_for_equal_arguments_and_released():
-    import gc
     import weakref
 
     class Made:
@@ -174,7 +173,10 @@ PROMPTS = [[random.Random(i).randint(10, 299) for _ in range(n)] for i, n in enu
 
 
 def generate_all(net, device, **opts):
-    net = copy.deepcopy(net).to(device)  # a copy: the module's fixture stays on the CPU for the tests after this
+    return decode(copy.deepcopy(net).to(device), **opts)  # a copy: the fixture stays on the CPU for later tests
+
+
+def decode(net, **opts):
     with torch.no_grad():
         out = generate.generate_ids(net, PROMPTS, 3, [2], generate.Options(max_new_tokens=20, batch_size=3, **opts))
     return [ids for ids, _ in out]
@@ -188,14 +190,19 @@ def test_compile_generates_the_plain_tokens_on_cpu(net, mode):
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("mode", [dict(delayed_cache=False), dict(), dict(focus=True, alpha=1.0)])
 def test_cuda_graphs_generate_the_plain_tokens(net, mode):
-    """On CUDA, --compile runs the steps' layers as CUDA graphs; greedy tokens equal the plain CUDA path's."""
-    plain = generate_all(net, "cuda", **mode)
-    graphed = generate_all(net, "cuda", compile=True, **mode)
+    """On CUDA, --compile runs the steps' layers as CUDA graphs; greedy tokens equal the plain CUDA path's. The
+    graphs live with the model's reused cache, so a second run on the same model captures nothing."""
+    gc.collect()  # earlier tests' caches (and their graphs) go now, not in the middle of the count
+    on_gpu = copy.deepcopy(net).to("cuda")
+    plain = decode(on_gpu, **mode)
+    before = kernels.capture_seconds()
+    graphed = decode(on_gpu, compile=True, **mode)
     captured, capture_s = kernels.graph_count(), kernels.capture_seconds()
-    again = generate_all(net, "cuda", compile=True, **mode)  # the graphs captured by the first run, replayed
+    again = decode(on_gpu, compile=True, **mode)  # the graphs captured by the first run, replayed
     assert graphed == plain and again == plain
-    assert captured > 0 and capture_s > 0
+    assert captured > 0 and capture_s > before
     assert (kernels.graph_count(), kernels.capture_seconds()) == (captured, capture_s)  # replays capture nothing
+    kernels.release(on_gpu)
 
 
 def step_inputs(net, counts, num_slots, seed):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from model import Rows, cached_attention, ragged_layout
+from model import Rows, ragged_layout
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,7 +414,7 @@ def early_layers(model, x, rows: Rows, cache):
     layer0, layer1 = model.layers[0], model.layers[1]
     q0, k0, v0 = layer0.qkv(x, cos, sin)
     cache.write(0, rows, k0, v0)
-    x = layer0.finish(x, cached_attention(q0, 0, rows, cache, layer0.self_attn.scale))
+    x = layer0.finish(x, layer0.attend(q0, 0, rows, cache))
     q1, k1, v1 = layer1.qkv(x, cos, sin)
     cache.write(1, rows, k1, v1)
     return x, q0, k0, q1, k1
@@ -424,7 +424,7 @@ def late_layers(model, x, rows: Rows, cache, q1):
     """After the selection, on the kept rows (compacted): layer 1's attention, then layers 2..L.
     x (K, hidden), q1 (K, heads, head_dim) -> x (K, hidden). RoPE comes from the kept rows' positions."""
     layer1 = model.layers[1]
-    x = layer1.finish(x, cached_attention(q1, 1, rows, cache, layer1.self_attn.scale))
+    x = layer1.finish(x, layer1.attend(q1, 1, rows, cache))
     return model.decode_layers(x, rows, cache, 2, len(model.layers))
 
 

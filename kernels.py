@@ -42,7 +42,7 @@ import torch
 # ---------------------------------------------------------------------------------------------------
 # Fused small functions.
 
-SWAPPABLE = ("norm", "apply_rope", "act", "run_experts")  # the module attributes that hold a plain function
+SWAPPABLE = ("norm", "apply_rope", "act", "run_experts", "attend")  # module attributes holding a plain function
 _FAST_OF, _PLAIN_OF = {}, {}                              # plain function <-> its fast version
 _FUSED = {}                                               # fused(fn): fn compiled
 
@@ -71,7 +71,8 @@ def fast_paths(model, on: bool = True):
 
 def _fast_version(name: str, plain):
     if plain not in _FAST_OF:
-        fast = batched_experts if name == "run_experts" else compiled(plain)
+        fast = (batched_experts if name == "run_experts" else functools.partial(ragged_attention, plain)
+                if name == "attend" else compiled(plain))
         _FAST_OF[plain], _PLAIN_OF[fast] = fast, plain
     return _FAST_OF[plain]
 
@@ -104,6 +105,46 @@ def compiled(fn):
             state["fn"] = fn
             return fn(*args)
     return call
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention of ragged rows.
+
+def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
+    """model.cached_attention (`plain`), with FlexAttention for ragged rows on CUDA. There the plain path gives
+    SDPA an (A, queries, keys) mask, which sends it to a masked kernel that, for a FOCUS step's few kept rows,
+    costs more than the full block's unmasked attention; here each row's key range is applied to the scores
+    inside one generated kernel (flex_rows, compiled). Dense rows (no mask needed) and other devices: plain."""
+    if rows.dense or q.device.type != "cuda" or _FLEX[0] is None:
+        return plain(q, layer, rows, cache, scale)
+    keys, values = cache.read(layer, rows)
+    try:
+        return _FLEX[0](q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, scale)
+    except Exception as e:  # no FlexAttention in this torch, or it does not compile here
+        warnings.warn(f"FlexAttention unavailable ({type(e).__name__}: {e}); using SDPA with a mask")
+        _FLEX[0] = None
+        return plain(q, layer, rows, cache, scale)
+
+
+def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float):
+    """cached_attention's result by FlexAttention. q (T, heads, head_dim) at (line, place) of an (A, q_max) query
+    grid; keys, values (A, kv_heads, kv_max, head_dim); row r reads the keys at positions < key_end[r]."""
+    grid = q.new_zeros(keys.shape[0], q_max, *q.shape[1:])           # (A, q_max, heads, head_dim)
+    grid[line, place] = q
+    ends = torch.ones(keys.shape[0], q_max, dtype=key_end.dtype, device=q.device)  # padding places: key 0
+    ends[line, place] = key_end
+
+    def within_key_end(score, seq, head, query, key):
+        return torch.where(key < ends[seq, query], score, -float("inf"))
+    out = flex_attention(grid.transpose(1, 2), keys, values, score_mod=within_key_end, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)[line, place]
+
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention
+    _FLEX = [torch.compile(flex_rows, dynamic=True)]  # compiled on first use; flex_attention alone is unfused
+except Exception:  # torch without FlexAttention or torch.compile
+    _FLEX = [None]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, before RoPE (Qwen3)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.apply_rope = apply_rope  # kernels.fast_paths swaps in a fused version
+        self.attend = cached_attention  # kernels.fast_paths swaps in FlexAttention for ragged rows on CUDA
 
     def qkv(self, x, cos, sin):
         """x: (..., hidden) -> q (..., heads, head_dim), k and v (..., kv_heads, head_dim); q, k post-norm, post-RoPE."""
@@ -277,6 +278,10 @@ class Block(nn.Module):
     def qkv(self, x, cos, sin):
         return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
 
+    def attend(self, q, layer: int, rows: "Rows", cache: "KVCache"):
+        """The rows' queries q (T, heads, head_dim) over the cache of layer `layer` (cached_attention)."""
+        return self.self_attn.attend(q, layer, rows, cache, self.self_attn.scale)
+
     def finish(self, x, attn):
         """x: residual stream (..., hidden); attn: attention output (..., heads, head_dim)."""
         x = x + self.self_attn.o_proj(attn.flatten(-2))
@@ -310,6 +315,12 @@ class KVCache:
         """k, v: (T, kv_heads, head_dim) for the T rows."""
         self.k[layer, rows.seq, :, rows.pos] = k
         self.v[layer, rows.seq, :, rows.pos] = v
+
+    def read(self, layer: int, rows: "Rows"):
+        """The keys and values the rows' sequences may read: (A, kv_heads, kv_max, head_dim) each."""
+        if rows.all_slots:  # the active sequences are slots 0..A-1: a view, no copy
+            return self.k[layer, :len(rows.active), :, :rows.kv_max], self.v[layer, :len(rows.active), :, :rows.kv_max]
+        return self.k[layer, rows.active, :, :rows.kv_max], self.v[layer, rows.active, :, :rows.kv_max]
 
 
 @dataclass
@@ -379,11 +390,7 @@ def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):
     along the query axis, so each kv head is read once, as is, by whichever SDPA kernel runs."""
     n_active, kv_heads = len(rows.active), cache.k.shape[2]
     heads_per_kv = q.shape[1] // kv_heads                    # query heads per kv head (GQA)
-    if rows.all_slots:  # the active sequences are slots 0..A-1: a view, no copy
-        keys, values = cache.k[layer, :n_active, :, :rows.kv_max], cache.v[layer, :n_active, :, :rows.kv_max]
-    else:
-        keys, values = cache.k[layer, rows.active, :, :rows.kv_max], cache.v[layer, rows.active, :, :rows.kv_max]
-    # keys, values: (A, kv_heads, kv_max, head_dim)
+    keys, values = cache.read(layer, rows)                   # (A, kv_heads, kv_max, head_dim) each
     grid = q.new_zeros(n_active, rows.q_max, *q.shape[1:])   # (A, q_max, heads, head_dim)
     grid[rows.line, rows.place] = q
     grid = grid.view(n_active, rows.q_max, kv_heads, heads_per_kv, -1).permute(0, 2, 3, 1, 4)
@@ -452,7 +459,7 @@ class SDAR(nn.Module):
         layer = self.layers[i]
         q, k, v = layer.qkv(x, cos, sin)
         cache.write(i, rows, k, v)
-        return layer.finish(x, cached_attention(q, i, rows, cache, layer.self_attn.scale))
+        return layer.finish(x, layer.attend(q, i, rows, cache))
 
     def logits(self, x, index=None):
         if index is not None:

@@ -22,6 +22,7 @@ import generate
 import kernels
 import model
 from conftest import random_model, tiny_config
+from test_model import naive_cached_attention
 
 CUDA = torch.cuda.is_available()
 
@@ -157,7 +158,7 @@ def test_reused_cache_is_handed_back_for_equal_arguments_and_released():
 def test_fast_paths_swap_in_fused_functions_and_put_them_back(net):
     ids = torch.randint(10, 300, (2, 16), generator=torch.Generator().manual_seed(6))
     plain_fns = {(m, name): m.__dict__[name] for m in net.modules() for name in kernels.SWAPPABLE if name in m.__dict__}
-    assert {fn for fn in plain_fns.values()} == {model.rms_norm, model.apply_rope, model.swiglu}
+    assert {fn for fn in plain_fns.values()} == {model.rms_norm, model.apply_rope, model.swiglu, model.cached_attention}
     with torch.no_grad():
         want = net(ids, block_size=8)
         with warnings.catch_warnings(record=True) as caught, kernels.fast_paths(net):
@@ -258,3 +259,45 @@ def test_fused_selection_equals_the_plain_one(net):
             got = kernels.fused(focus.selection_on_rows)(*args)
     assert not [c for c in caught if "plain version" in str(c.message)]  # it really ran compiled
     assert got.tolist() == want.tolist() and not want.all()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3), (4, 1), (2, 2)])
+def test_flex_attention_of_ragged_rows_matches_the_naive_one(heads, kv_heads):
+    """kernels.flex_rows (FlexAttention; unfused here on the CPU, compiled inside the CUDA graphs) gives
+    cached_attention's result: each row reads its own sequence's keys, up to its own key end."""
+    cfg = tiny_config(num_attention_heads=heads, num_key_value_heads=kv_heads)
+    cache = filled_cache(cfg, 4, 16, seed=2)
+    rows = model.Rows.build(torch.tensor([0, 0, 0, 2, 3, 3]), torch.tensor([4, 6, 7, 3, 9, 11]),
+                            torch.tensor([8, 8, 7, 4, 12, 12]), num_slots=4)
+    q = torch.randn(6, heads, cfg.head_dim, generator=torch.Generator().manual_seed(3))
+    keys, values = cache.read(0, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()": the point here
+        got = kernels.flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, 0.3)
+    torch.testing.assert_close(got, naive_cached_attention(q, 0, rows, cache, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_attention_is_the_plain_one_off_cuda(net):
+    rows = model.Rows.build(torch.tensor([0, 0, 1]), torch.tensor([4, 5, 4]), torch.tensor([6, 6, 5]), num_slots=2)
+    cache = filled_cache(net.config, 2, 8, seed=4)
+    q = torch.randn(3, net.config.num_attention_heads, net.config.head_dim)
+    with kernels.fast_paths(net):
+        attend = net.layers[0].self_attn.attend
+        assert attend is not model.cached_attention  # swapped in...
+        got = attend(q, 0, rows, cache, 0.5)
+    assert torch.equal(got, model.cached_attention(q, 0, rows, cache, 0.5))  # ...and plain on the CPU
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net):
+    rows = model.Rows.build(torch.tensor([0, 0, 0, 2, 3, 3]), torch.tensor([4, 6, 7, 3, 9, 11]),
+                            torch.tensor([8, 8, 7, 4, 12, 12]), num_slots=4)
+    rows = model.Rows.build(rows.seq.cuda(), rows.pos.cuda(), rows.key_end.cuda(), num_slots=4)
+    cache = filled_cache(net.config, 4, 16, seed=5)
+    cache.k, cache.v = cache.k.cuda(), cache.v.cuda()
+    q = torch.randn(6, net.config.num_attention_heads, net.config.head_dim, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = kernels.ragged_attention(model.cached_attention, q, 0, rows, cache, 0.3)
+    assert not [c for c in caught if "FlexAttention unavailable" in str(c.message)]
+    torch.testing.assert_close(got, model.cached_attention(q, 0, rows, cache, 0.3), atol=1e-4, rtol=1e-4)

@@ -17,7 +17,6 @@ import torch
 import focus
 from decoder import Options, unmask
 from generate import encode_prompts, generate_ids
-from model import cached_attention
 
 
 
@@ -61,7 +60,7 @@ def probe_forward(model, dec, seq, col, rows, mask_rows, g):
         if i < 2:
             qg, kg = focus.to_grid(q[mask_rows], g), focus.to_grid(k[mask_rows], g)
             importance.append(focus.token_importance(qg, kg, g.valid, layer.self_attn.scale).to(q.dtype))
-        x = layer.finish(x, cached_attention(q, i, rows, dec.cache, layer.self_attn.scale))
+        x = layer.finish(x, layer.attend(q, i, rows, dec.cache))
     logits = model.logits(x, mask_rows).float()
     logits[:, dec.mask_id] = float("-inf")
     return importance, torch.softmax(logits, -1).amax(-1)

@@ -189,8 +189,11 @@ def bench_real_size(args, device, save=lambda result: None) -> dict:
             result["probe"] += rows
             save(result)
             for r in rows:
-                predicted = (f" (row counts and logits predict {r['predicted_ms']:.1f} ms: x{r['over_prediction']:.2f})"
-                             if "predicted_ms" in r else "")
+                predicted = (f" (row counts and logits predict {r['predicted_ms']:.1f} ms: x{r['over_prediction']:.2f}; "
+                             f"layers 0-1 and selection {r['early_ms']:.1f} against {r['early_predicted_ms']:.1f}, "
+                             f"the rest {r['late_ms']:.1f} against {r['late_predicted_ms']:.1f}, of which its graph "
+                             f"{r['late_layers_ms']:.1f} against {r['late_layers_predicted_ms']:.1f} at "
+                             f"{r['late_keys']} keys)" if "predicted_ms" in r else "")
                 print(f"  probe batch {b} context {ctx} Q {r['Q']}: {r['ms']:.1f} ms{predicted}", file=sys.stderr)
     for b in batches if "random" in args.parts else ():
         for ctx in args.contexts:

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
 import focus
+import kernels
 from model import SDAR, KVCache, ModelConfig, Rows, flops_per_token
 
 SDAR_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -112,9 +113,26 @@ def step_probe(model, batch: int, context: int, device, graphs: bool = False) ->
     per_layer = {r["Q"]: r["ms"] / cfg.num_hidden_layers for r in out}
     hidden = torch.randn(round(kept * batch), cfg.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
     logits_ms = time_it(lambda: model.logits(hidden), device) * 1e3
-    predicted = (2 * per_layer[32] + (cfg.num_hidden_layers - 2) * interpolate(per_layer, kept)) + logits_ms
+    early_predicted = 2 * per_layer[32]
+    late_predicted = (cfg.num_hidden_layers - 2) * interpolate(per_layer, kept) + logits_ms
+    predicted = early_predicted + late_predicted
+    # Its parts, timed apart: layers 0-1 with the selection (the first graph); the rest (compaction, the kept
+    # rows' layout, the second graph, the logits); and the second graph alone, on inputs laid out once.
+    select = lambda: focus.select_step(model, ids, rows, cache, is_mask, col, progress, target, graphs=graphs)
+    early_ms = time_it(select, device) * 1e3
+    selected = select()
+    late_ms = time_it(lambda: focus.finish_step(model, selected, selected.kept, rows, cache, is_mask, col, start,
+                                                graphs), device) * 1e3
+    keep = selected.kept.nonzero().squeeze(1)
+    key_end = (start + focus.rightmost(rows, col, selected.kept, batch) + 1)[rows.seq[keep]]
+    late_rows, (x, q1) = rows.take(keep, key_end, batch), focus.compact(keep, selected.x, selected.q1)
+    late = kernels.graphed(focus.late_layers) if graphs else focus.late_layers
+    graph_ms = time_it(lambda: late(model, x, late_rows, cache, q1), device) * 1e3
     out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept,
-                "predicted_ms": predicted, "logits_ms": logits_ms, "over_prediction": ms / predicted})
+                "predicted_ms": predicted, "logits_ms": logits_ms, "over_prediction": ms / predicted,
+                "early_ms": early_ms, "early_predicted_ms": early_predicted, "late_ms": late_ms,
+                "late_predicted_ms": late_predicted, "late_layers_ms": graph_ms,
+                "late_layers_predicted_ms": late_predicted - logits_ms, "late_keys": late_rows.kv_max})
     return out
 
 

@@ -111,24 +111,27 @@ def compiled(fn):
 # Attention of ragged rows.
 
 def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
-    """model.cached_attention (`plain`), with FlexAttention for ragged rows on CUDA. There the plain path gives
-    SDPA an (A, queries, keys) mask, which sends it to a masked kernel that, for a FOCUS step's few kept rows,
-    costs more than the full block's unmasked attention; here each row's key range is applied to the scores
-    inside one generated kernel (flex_rows, compiled). Dense rows (no mask needed) and other devices: plain."""
-    if rows.dense or q.device.type != "cuda" or _FLEX[0] is None:
+    """model.cached_attention (`plain`), with FlexAttention for ragged rows in half precision on CUDA. There the
+    plain path gives SDPA an (A, queries, keys) mask, which sends it to a masked kernel that, for a FOCUS step's
+    few kept rows, costs more than the full block's unmasked attention; here each row's key range is applied to
+    the scores inside one generated kernel. Dense rows (no mask needed), fp32 (FlexAttention's fp32 kernel is
+    slower than SDPA's) and other devices: plain."""
+    if rows.dense or q.device.type != "cuda" or q.dtype == torch.float32 or _FLEX[0] is None:
         return plain(q, layer, rows, cache, scale)
     keys, values = cache.read(layer, rows)
     try:
-        return _FLEX[0](q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, scale)
+        return flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, scale, _FLEX[0])
     except Exception as e:  # no FlexAttention in this torch, or it does not compile here
         warnings.warn(f"FlexAttention unavailable ({type(e).__name__}: {e}); using SDPA with a mask")
         _FLEX[0] = None
         return plain(q, layer, rows, cache, scale)
 
 
-def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float):
-    """cached_attention's result by FlexAttention. q (T, heads, head_dim) at (line, place) of an (A, q_max) query
-    grid; keys, values (A, kv_heads, kv_max, head_dim); row r reads the keys at positions < key_end[r]."""
+def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float, attend=None):
+    """cached_attention's result by FlexAttention (`attend`: flex_attention, compiled or not). q (T, heads,
+    head_dim) at (line, place) of an (A, q_max) query grid; keys, values (A, kv_heads, kv_max, head_dim); row r
+    reads the keys at positions < key_end[r]. (Only flex_attention is compiled: with the grid's scatter inside
+    the compiled function, torch 2.11's result was wrong.)"""
     grid = q.new_zeros(keys.shape[0], q_max, *q.shape[1:])           # (A, q_max, heads, head_dim)
     grid[line, place] = q
     ends = torch.ones(keys.shape[0], q_max, dtype=key_end.dtype, device=q.device)  # padding places: key 0
@@ -136,13 +139,17 @@ def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float):
 
     def within_key_end(score, seq, head, query, key):
         return torch.where(key < ends[seq, query], score, -float("inf"))
-    out = flex_attention(grid.transpose(1, 2), keys, values, score_mod=within_key_end, scale=scale, enable_gqa=True)
+    out = (attend or flex_attention)(grid.transpose(1, 2), keys, values, score_mod=within_key_end, scale=scale,
+                                     enable_gqa=True)
     return out.transpose(1, 2)[line, place]
 
 
 try:
     from torch.nn.attention.flex_attention import flex_attention
-    _FLEX = [torch.compile(flex_rows, dynamic=True)]  # compiled on first use; flex_attention alone is unfused
+    # Static shapes (dynamic shapes ran 2-4x slower): one compilation per shape the graphs meet (their buckets
+    # bound these to a few dozen), so dynamo's default limit of 8 recompilations is raised.
+    _FLEX = [torch.compile(flex_attention, dynamic=False)]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 except Exception:  # torch without FlexAttention or torch.compile
     _FLEX = [None]
 

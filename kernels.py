@@ -6,8 +6,8 @@ option `compile`:
 - fast_paths(model): inside the block, the model's small functions run fused. Modules call them through an
   attribute (RMSNorm.norm, Attention.apply_rope, MLP.act, Experts.act: model.py's plain functions), which is
   swapped for the function compiled by `torch.compile` (Inductor fuses its element-wise steps into one kernel;
-  on CPU it emits C++), and MoE.run_experts for batched_experts. Where compilation is not available the plain
-  function runs, with a warning.
+  on CPU it emits C++), MoE.run_experts for batched_experts and Attention.attend for ragged_attention. Where
+  compilation is not available the plain function runs, with a warning.
 
 - graphed(fn): the layers of a decode step as CUDA graphs (CUDA only; elsewhere fn runs as it is), asked for
   by `graphs=True` of model.forward_rows and focus.forward_focus. A step's rows are ragged (each sequence
@@ -18,7 +18,8 @@ option `compile`:
   selection (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid,
   fused by torch.compile: fused(fn)), then, after the compaction, layer 1's attention and layers 2..L on the
   kept rows, as the reference implementation splits it. The logits are computed outside, for the masked
-  rows only.
+  rows only. Inside a graph, ragged rows attend through FlexAttention (ragged_attention: each row's key range
+  applied to the scores in one generated kernel) instead of SDPA with a mask.
 
 - reused_cache(model, make, *args): the decoder's KV cache, made once and handed to the next decoder of the same
   shape, so that the graphs captured on it (which hold its addresses) serve later runs too; release(model)
@@ -114,9 +115,9 @@ def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
     """model.cached_attention (`plain`), with FlexAttention for ragged rows in half precision on CUDA. There the
     plain path gives SDPA an (A, queries, keys) mask, which sends it to a masked kernel that, for a FOCUS step's
     few kept rows, costs more than the full block's unmasked attention; here each row's key range is applied to
-    the scores inside one generated kernel. Dense rows (no mask needed), fp32 (FlexAttention's fp32 kernel is
-    slower than SDPA's) and other devices: plain."""
-    if rows.dense or q.device.type != "cuda" or q.dtype == torch.float32 or _FLEX[0] is None:
+    the scores inside one generated kernel, compiled once per shape: so only inside a CUDA graph, whose shapes
+    come from a few buckets (the prefill's shapes, outside the graphs, would compile again and again)."""
+    if not flex_wanted(rows, q.device.type, q.dtype):
         return plain(q, layer, rows, cache, scale)
     keys, values = cache.read(layer, rows)
     try:
@@ -125,6 +126,26 @@ def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
         warnings.warn(f"FlexAttention unavailable ({type(e).__name__}: {e}); using SDPA with a mask")
         _FLEX[0] = None
         return plain(q, layer, rows, cache, scale)
+
+
+def flex_wanted(rows, device_type: str, dtype) -> bool:
+    """FlexAttention for these rows? Ragged rows (dense ones need no mask), inside a graph's function, on CUDA, in
+    half precision (in fp32 FlexAttention ran slower than SDPA)."""
+    return (not rows.dense and _IN_GRAPH[0] > 0 and device_type == "cuda" and dtype != torch.float32
+            and _FLEX[0] is not None)
+
+
+@contextlib.contextmanager
+def graph_shapes():
+    """Inside: a graph's function runs (its warm-up, its capture, or capture=False), on its bucketed shapes."""
+    _IN_GRAPH[0] += 1
+    try:
+        yield
+    finally:
+        _IN_GRAPH[0] -= 1
+
+
+_IN_GRAPH = [0]
 
 
 def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float, attend=None):
@@ -260,12 +281,12 @@ class _Graph:
         self.fill(args, rows)
         side = torch.cuda.Stream()  # warm-up outside the capture: compilation, library workspaces
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), graph_shapes():
             fn(model, *self.args)
         torch.cuda.current_stream().wait_stream(side)
         self.rows._masks.clear()  # the attention mask is made from the buffers inside the graph, not kept
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool), graph_shapes():
             out = fn(model, *self.args)
         self.out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         torch.cuda.synchronize()
@@ -290,7 +311,8 @@ class _Graph:
             out = self.out
         else:  # capture=False: the padded computation, eagerly
             self.rows._masks.clear()
-            out = self.fn(self.model(), *self.args)
+            with graph_shapes():
+                out = self.fn(self.model(), *self.args)
             out = (out,) if isinstance(out, torch.Tensor) else out
         out = tuple(o[:rows.num_rows] for o in out)
         return out[0] if len(out) == 1 else out

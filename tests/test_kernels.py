@@ -289,6 +289,18 @@ def test_ragged_attention_is_the_plain_one_off_cuda(net):
     assert torch.equal(got, model.cached_attention(q, 0, rows, cache, 0.5))  # ...and plain on the CPU
 
 
+def test_flex_attention_only_for_ragged_half_precision_rows_inside_a_graph_on_cuda():
+    ragged = model.Rows.build(torch.tensor([0, 0, 1]), torch.tensor([4, 5, 4]), torch.tensor([6, 6, 5]), num_slots=2)
+    dense = model.Rows.build(torch.tensor([0, 0, 1, 1]), torch.tensor([4, 5, 4, 5]), torch.tensor([6] * 4), num_slots=2)
+    assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)          # outside a graph (the prefill)
+    with kernels.graph_shapes():
+        assert kernels.flex_wanted(ragged, "cuda", torch.bfloat16) == (kernels._FLEX[0] is not None)
+        assert not kernels.flex_wanted(dense, "cuda", torch.bfloat16)       # no mask: SDPA's flash kernel
+        assert not kernels.flex_wanted(ragged, "cpu", torch.bfloat16)
+        assert not kernels.flex_wanted(ragged, "cuda", torch.float32)
+    assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net):
     rows = model.Rows.build(torch.tensor([0, 0, 0, 2, 3, 3]), torch.tensor([4, 6, 7, 3, 9, 11]),
@@ -299,7 +311,9 @@ def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net):
     q = torch.randn(6, net.config.num_attention_heads, net.config.head_dim, device="cuda", dtype=torch.bfloat16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = kernels.ragged_attention(model.cached_attention, q, 0, rows, cache, 0.3)
+        with kernels.graph_shapes():
+            assert kernels.flex_wanted(rows, "cuda", q.dtype)
+            got = kernels.ragged_attention(model.cached_attention, q, 0, rows, cache, 0.3)
     assert not [c for c in caught if "FlexAttention unavailable" in str(c.message)]
     want = naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}), 0.3)
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)

@@ -121,10 +121,10 @@ def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
         return plain(q, layer, rows, cache, scale)
     keys, values = cache.read(layer, rows)
     try:
-        return flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, scale, _FLEX[0])
-    except Exception as e:  # no FlexAttention in this torch, or it does not compile here
+        return flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, scale, compiled_flex())
+    except Exception as e:  # FlexAttention does not compile here
         warnings.warn(f"FlexAttention unavailable ({type(e).__name__}: {e}); using SDPA with a mask")
-        _FLEX[0] = None
+        _FLEX["fn"] = None
         return plain(q, layer, rows, cache, scale)
 
 
@@ -132,7 +132,7 @@ def flex_wanted(rows, device_type: str, dtype) -> bool:
     """FlexAttention for these rows? Ragged rows (dense ones need no mask), inside a graph's function, on CUDA, in
     half precision (in fp32 FlexAttention ran slower than SDPA)."""
     return (not rows.dense and _IN_GRAPH[0] > 0 and device_type == "cuda" and dtype != torch.float32
-            and _FLEX[0] is not None)
+            and compiled_flex() is not None)
 
 
 @contextlib.contextmanager
@@ -148,7 +148,7 @@ def graph_shapes():
 _IN_GRAPH = [0]
 
 
-def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float, attend=None):
+def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float, attend):
     """cached_attention's result by FlexAttention (`attend`: flex_attention, compiled or not). q (T, heads,
     head_dim) at (line, place) of an (A, q_max) query grid; keys, values (A, kv_heads, kv_max, head_dim); row r
     reads the keys at positions < key_end[r]. (Only flex_attention is compiled: with the grid's scatter inside
@@ -160,19 +160,26 @@ def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float, a
 
     def within_key_end(score, seq, head, query, key):
         return torch.where(key < ends[seq, query], score, -float("inf"))
-    out = (attend or flex_attention)(grid.transpose(1, 2), keys, values, score_mod=within_key_end, scale=scale,
-                                     enable_gqa=True)
+    out = attend(grid.transpose(1, 2), keys, values, score_mod=within_key_end, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)[line, place]
 
 
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-    # Static shapes (dynamic shapes ran 2-4x slower): one compilation per shape the graphs meet (their buckets
-    # bound these to a few dozen), so dynamo's default limit of 8 recompilations is raised.
-    _FLEX = [torch.compile(flex_attention, dynamic=False)]
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-except Exception:  # torch without FlexAttention or torch.compile
-    _FLEX = [None]
+def compiled_flex():
+    """flex_attention compiled, made on first use (importing torch.compile's machinery takes seconds); None where
+    this torch has no FlexAttention or no torch.compile. Static shapes (dynamic shapes ran 2-4x slower): one
+    compilation per shape the graphs meet, which their buckets bound to a few dozen, so dynamo's default limit
+    of 8 recompilations is raised."""
+    if "fn" not in _FLEX:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        except Exception:
+            _FLEX["fn"] = None
+    return _FLEX["fn"]
+
+
+_FLEX = {}
 
 
 # ---------------------------------------------------------------------------------------------------

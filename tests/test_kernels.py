@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 import focus
 import generate
@@ -273,8 +274,7 @@ def test_flex_attention_of_ragged_rows_matches_the_naive_one(heads, kv_heads):
     keys, values = cache.read(0, rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()": the point here
-        got = kernels.flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, 0.3,
-                                torch.nn.attention.flex_attention.flex_attention)
+        got = kernels.flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, 0.3, flex_attention)
     torch.testing.assert_close(got, naive_cached_attention(q, 0, rows, cache, 0.3), atol=1e-5, rtol=1e-5)
 
 
@@ -294,7 +294,7 @@ def test_flex_attention_only_for_ragged_half_precision_rows_inside_a_graph_on_cu
     dense = model.Rows.build(torch.tensor([0, 0, 1, 1]), torch.tensor([4, 5, 4, 5]), torch.tensor([6] * 4), num_slots=2)
     assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)          # outside a graph (the prefill)
     with kernels.graph_shapes():
-        assert kernels.flex_wanted(ragged, "cuda", torch.bfloat16) == (kernels._FLEX[0] is not None)
+        assert kernels.flex_wanted(ragged, "cuda", torch.bfloat16) == (kernels.compiled_flex() is not None)
         assert not kernels.flex_wanted(dense, "cuda", torch.bfloat16)       # no mask: SDPA's flash kernel
         assert not kernels.flex_wanted(ragged, "cpu", torch.bfloat16)
         assert not kernels.flex_wanted(ragged, "cuda", torch.float32)

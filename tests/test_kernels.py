@@ -16,7 +16,6 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 import focus
 import generate
@@ -274,6 +273,7 @@ def test_flex_attention_of_ragged_rows_matches_the_naive_one(heads, kv_heads):
     keys, values = cache.read(0, rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()": the point here
+        from torch.nn.attention.flex_attention import flex_attention
         got = kernels.flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, 0.3, flex_attention)
     torch.testing.assert_close(got, naive_cached_attention(q, 0, rows, cache, 0.3), atol=1e-5, rtol=1e-5)
 

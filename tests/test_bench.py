@@ -29,6 +29,12 @@ def test_real_size_runs_every_mode(tmp_path, shape, capsys):
     lowest = 2 * per_layer[32] + (layers - 2) * min(per_layer.values()) + focus_row["logits_ms"]
     assert focus_row["predicted_ms"] >= lowest * (1 - 1e-9)
     assert focus_row["over_prediction"] == pytest.approx(focus_row["ms"] / focus_row["predicted_ms"])
+    # its parts: layers 0-1 (two layers at 32 rows) and the rest, whose graph is predicted without the logits
+    assert focus_row["early_predicted_ms"] == pytest.approx(2 * per_layer[32])
+    assert focus_row["early_predicted_ms"] + focus_row["late_predicted_ms"] == pytest.approx(focus_row["predicted_ms"])
+    assert focus_row["late_layers_predicted_ms"] == pytest.approx(focus_row["late_predicted_ms"] - focus_row["logits_ms"])
+    assert all(focus_row[k] > 0 for k in ("early_ms", "late_ms", "late_layers_ms"))
+    assert 32 < focus_row["late_keys"] <= 32 + 32                        # context 32, up to the block's last kept row
     if replayed:  # the shipped model's schedules: FOCUS takes more steps than the delayed cache, and decodes less a step
         rows = {r["mode"]: r for r in res["replayed"]}
         assert list(rows) == ["full", "delayed", "focus-1.5", "paper-focus-1.5@0.8"]

@@ -395,15 +395,23 @@ def finish_step(model, selected: Selected, kept, rows: Rows, cache, is_mask_row,
     """Compaction and the rest of the step on the kept rows, kept (T,) bool (the selection's, or a recorded
     one when tools/replay.py replays a schedule): layer 1's attention and layers 2..L, then the logits of the
     kept masked rows."""
+    keep, kept_rows, x, q1, last_kept = compact_step(selected, kept, rows, col, block_start)
+    late = kernels.graphed(late_layers) if graphs else late_layers
+    x = late(model, x, kept_rows, cache, q1)
+    logit_rows = is_mask_row[keep].nonzero().squeeze(1)                  # kept masked rows, compacted index
+    return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, last_kept)
+
+
+def compact_step(selected: Selected, kept, rows: Rows, col, block_start):
+    """The compaction, kept (T,) bool -> the kept rows' indices (K,), their Rows (each attends up to its
+    sequence's rightmost kept position: the reference's kv_len after eviction), their hidden states and layer-1
+    queries (K, ...), and each sequence's rightmost kept block position (S,)."""
     num_slots = block_start.shape[0]
     keep = kept.nonzero().squeeze(1)
     last_kept = rightmost(rows, col, kept, num_slots)
     key_end = (block_start + last_kept + 1)[rows.seq[keep]]
     x, q1 = compact(keep, selected.x, selected.q1)
-    late = kernels.graphed(late_layers) if graphs else late_layers
-    x = late(model, x, rows.take(keep, key_end, num_slots), cache, q1)
-    logit_rows = is_mask_row[keep].nonzero().squeeze(1)                  # kept masked rows, compacted index
-    return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, last_kept)
+    return keep, rows.take(keep, key_end, num_slots), x, q1, last_kept
 
 
 def early_layers(model, x, rows: Rows, cache):

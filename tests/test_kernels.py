@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import random
 import warnings
@@ -303,9 +304,9 @@ def test_flex_attention_only_for_ragged_half_precision_rows_inside_a_graph_on_cu
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net):
-    rows = model.Rows.build(torch.tensor([0, 0, 0, 2, 3, 3]), torch.tensor([4, 6, 7, 3, 9, 11]),
-                            torch.tensor([8, 8, 7, 4, 12, 12]), num_slots=4)
-    rows = model.Rows.build(rows.seq.cuda(), rows.pos.cuda(), rows.key_end.cuda(), num_slots=4)
+    on_gpu = functools.partial(torch.tensor, device="cuda")
+    rows = model.Rows.build(on_gpu([0, 0, 0, 2, 3, 3]), on_gpu([4, 6, 7, 3, 9, 11]), on_gpu([8, 8, 7, 4, 12, 12]),
+                            num_slots=4)
     cache = filled_cache(net.config, 4, 16, seed=5)
     cache.k, cache.v = cache.k.cuda().bfloat16(), cache.v.cuda().bfloat16()
     q = torch.randn(6, net.config.num_attention_heads, net.config.head_dim, device="cuda", dtype=torch.bfloat16)

@@ -129,10 +129,10 @@ def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
 
 
 def flex_wanted(rows, device_type: str, dtype) -> bool:
-    """FlexAttention for these rows? Ragged rows (dense ones need no mask), inside a graph's function, on CUDA, in
+    """FlexAttention for these rows? Switched on (use_flex), ragged rows (dense ones need no mask), inside a graph's function, on CUDA, in
     half precision (in fp32 FlexAttention ran slower than SDPA)."""
-    return (not rows.dense and _IN_GRAPH[0] > 0 and device_type == "cuda" and dtype != torch.float32
-            and compiled_flex() is not None)
+    return (_FLEX["on"] and not rows.dense and _IN_GRAPH[0] > 0 and device_type == "cuda"
+            and dtype != torch.float32 and compiled_flex() is not None)
 
 
 @contextlib.contextmanager
@@ -179,7 +179,14 @@ def compiled_flex():
     return _FLEX["fn"]
 
 
-_FLEX = {}
+_FLEX = {"on": False}
+
+
+def use_flex(on: bool):
+    """FlexAttention for ragged rows inside the graphs (on) or SDPA with a mask (off, the default: FlexAttention
+    compiles once per graph shape, and serving SDAR-8B's queue met enough shapes that its runs took minutes longer
+    than SDPA's; results/README.md)."""
+    _FLEX["on"] = on
 
 
 # ---------------------------------------------------------------------------------------------------

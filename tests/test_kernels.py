@@ -290,9 +290,13 @@ def test_ragged_attention_is_the_plain_one_off_cuda(net):
     assert torch.equal(got, model.cached_attention(q, 0, rows, cache, 0.5))  # ...and plain on the CPU
 
 
-def test_flex_attention_only_for_ragged_half_precision_rows_inside_a_graph_on_cuda():
+def test_flex_attention_only_when_on_for_ragged_half_precision_rows_inside_a_graph_on_cuda(request):
     ragged = model.Rows.build(torch.tensor([0, 0, 1]), torch.tensor([4, 5, 4]), torch.tensor([6, 6, 5]), num_slots=2)
     dense = model.Rows.build(torch.tensor([0, 0, 1, 1]), torch.tensor([4, 5, 4, 5]), torch.tensor([6] * 4), num_slots=2)
+    with kernels.graph_shapes():
+        assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)      # off unless switched on
+    kernels.use_flex(True)
+    request.addfinalizer(lambda: kernels.use_flex(False))
     assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)          # outside a graph (the prefill)
     with kernels.graph_shapes():
         assert kernels.flex_wanted(ragged, "cuda", torch.bfloat16) == (kernels.compiled_flex() is not None)
@@ -303,13 +307,15 @@ def test_flex_attention_only_for_ragged_half_precision_rows_inside_a_graph_on_cu
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
-def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net):
+def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net, request):
     on_gpu = functools.partial(torch.tensor, device="cuda")
     rows = model.Rows.build(on_gpu([0, 0, 0, 2, 3, 3]), on_gpu([4, 6, 7, 3, 9, 11]), on_gpu([8, 8, 7, 4, 12, 12]),
                             num_slots=4)
     cache = filled_cache(net.config, 4, 16, seed=5)
     cache.k, cache.v = cache.k.cuda().bfloat16(), cache.v.cuda().bfloat16()
     q = torch.randn(6, net.config.num_attention_heads, net.config.head_dim, device="cuda", dtype=torch.bfloat16)
+    kernels.use_flex(True)
+    request.addfinalizer(lambda: kernels.use_flex(False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with kernels.graph_shapes():

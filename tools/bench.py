@@ -422,6 +422,9 @@ def parse_args(argv=None):
                    help="--real-size serving: warm up on the whole queue, not one batch's worth, so that every "
                         "CUDA graph the timed run needs is captured before it (a server's start-up; the run takes "
                         "about twice as long)")
+    p.add_argument("--flex", action="store_true",
+                   help="--compile on CUDA: ragged rows' attention inside the graphs by FlexAttention, compiled once "
+                        "per graph shape (faster FOCUS steps; minutes of compilation when serving meets many shapes)")
     p.add_argument("--parts", default="probe,random,replay",
                    help="--real-size: which measurements: probe (one forward per row count), random (every mode "
                         "on random-weight dynamics, one token a step), replay (serving recorded schedules), "
@@ -493,6 +496,7 @@ def main(argv=None) -> int:
         return 2
     if args.plot:
         return plots.plot_command(args.plot, plots.plot_bench)
+    kernels.use_flex(args.flex)
     torch.manual_seed(0)
     res = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),

@@ -112,7 +112,8 @@ def compiled(fn):
 # Attention of ragged rows.
 
 def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
-    """model.cached_attention (`plain`), with FlexAttention for ragged rows in half precision on CUDA. There the
+    """model.cached_attention (`plain`), with FlexAttention for ragged rows in half precision on CUDA once
+    use_flex(True) is called. There the
     plain path gives SDPA an (A, queries, keys) mask, which sends it to a masked kernel that, for a FOCUS step's
     few kept rows, costs more than the full block's unmasked attention; here each row's key range is applied to
     the scores inside one generated kernel, compiled once per shape: so only inside a CUDA graph, whose shapes

@@ -18,8 +18,9 @@ option `compile`:
   selection (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid,
   fused by torch.compile: fused(fn)), then, after the compaction, layer 1's attention and layers 2..L on the
   kept rows, as the reference implementation splits it. The logits are computed outside, for the masked
-  rows only. Inside a graph, ragged rows attend through FlexAttention (ragged_attention: each row's key range
-  applied to the scores in one generated kernel) instead of SDPA with a mask.
+  rows only. With use_flex(True) (bench.py --flex), ragged rows inside a graph attend through FlexAttention
+  (ragged_attention: each row's key range applied to the scores in one generated kernel) instead of SDPA with
+  a mask.
 
 - reused_cache(model, make, *args): the decoder's KV cache, made once and handed to the next decoder of the same
   shape, so that the graphs captured on it (which hold its addresses) serve later runs too; release(model)
@@ -113,11 +114,11 @@ def compiled(fn):
 
 def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
     """model.cached_attention (`plain`), with FlexAttention for ragged rows in half precision on CUDA once
-    use_flex(True) is called. There the
-    plain path gives SDPA an (A, queries, keys) mask, which sends it to a masked kernel that, for a FOCUS step's
-    few kept rows, costs more than the full block's unmasked attention; here each row's key range is applied to
-    the scores inside one generated kernel, compiled once per shape: so only inside a CUDA graph, whose shapes
-    come from a few buckets (the prefill's shapes, outside the graphs, would compile again and again)."""
+    use_flex(True) is called. There the plain path gives SDPA an (A, queries, keys) mask, which sends it to a
+    masked kernel that, for a FOCUS step's few kept rows, costs more than the full block's unmasked attention;
+    here each row's key range is applied to the scores inside one generated kernel, compiled once per shape: so
+    only inside a CUDA graph, whose shapes come from a few buckets (the prefill's shapes, outside the graphs,
+    would compile again and again)."""
     if not flex_wanted(rows, q.device.type, q.dtype):
         return plain(q, layer, rows, cache, scale)
     keys, values = cache.read(layer, rows)
@@ -130,8 +131,8 @@ def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
 
 
 def flex_wanted(rows, device_type: str, dtype) -> bool:
-    """FlexAttention for these rows? Switched on (use_flex), ragged rows (dense ones need no mask), inside a graph's function, on CUDA, in
-    half precision (in fp32 FlexAttention ran slower than SDPA)."""
+    """FlexAttention for these rows? Switched on (use_flex), ragged rows (dense ones need no mask), inside a
+    graph's function, on CUDA, in half precision (in fp32 FlexAttention ran slower than SDPA)."""
     return (_FLEX["on"] and not rows.dense and _IN_GRAPH[0] > 0 and device_type == "cuda"
             and dtype != torch.float32 and compiled_flex() is not None)
 

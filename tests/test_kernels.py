@@ -324,3 +324,11 @@ def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net, reque
     assert not [c for c in caught if "FlexAttention unavailable" in str(c.message)]
     want = naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}), 0.3)
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_flex_uses_its_general_kernel_where_the_short_query_one_stacks_128_rows():
+    """flex decoding stacks heads_per_kv x q_max query rows per kv head; from 128 on it is the slow case."""
+    assert kernels.flex_kernel_options(2, 32) is None                      # SDAR-1.7B, full block: 64 rows
+    assert kernels.flex_kernel_options(4, 16) is None                      # SDAR-8B, kept rows: 64
+    assert kernels.flex_kernel_options(4, 32) == {"FORCE_USE_FLEX_ATTENTION": True}   # SDAR-8B, full block
+    assert kernels.flex_kernel_options(2, 64) == {"FORCE_USE_FLEX_ATTENTION": True}

@@ -194,9 +194,8 @@ _FLEX = {"on": False}
 
 
 def use_flex(on: bool):
-    """FlexAttention for ragged rows inside the graphs (on) or SDPA with a mask (off, the default: FlexAttention
-    compiles once per graph shape, and serving SDAR-8B's queue met enough shapes that its runs took minutes longer
-    than SDPA's; results/README.md)."""
+    """FlexAttention for ragged rows inside the graphs (on) or SDPA with a mask (off, the default: serving SDAR-8B,
+    every mode's steps took 19-48% longer with FlexAttention than with SDPA; results/README.md)."""
     _FLEX["on"] = on
 
 

@@ -83,6 +83,9 @@ class Options:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature and top-k must be >= 0 and top-p in (0, 1], got {self.temperature}, "
                              f"{self.top_k} and {self.top_p}")
+        if self.strategy == "threshold" and self.tokens_per_step != 1:
+            raise ValueError(f"tokens-per-step {self.tokens_per_step} needs --strategy static or sequential (the "
+                             "threshold rule decodes by confidence)")
         if not 1 <= self.alpha <= MAX_ALPHA:  # checked with or without --focus: a wrong value is still wrong
             raise ValueError(f"alpha must be in [1, {MAX_ALPHA:g}] (from the block size on FOCUS keeps every token), "
                              f"got {self.alpha}")

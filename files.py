@@ -1,7 +1,7 @@
 """The command line's files: the prompts file read in, the results file written out. Nothing the user has is
 lost or overwritten: --output is checked before any work and never replaces an input (the prompts file under
-any name, a file of --model, the project's results/) or anything but a regular file; results go to
-OUTPUT.partial as each prompt finishes, whole lines only, and OUTPUT receives them all at the end.
+any name, a file of --model, the project's results/ and shipped checkpoints/) or anything but a regular file;
+results go to OUTPUT.partial as each prompt finishes, whole lines only, and OUTPUT receives them all at the end.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ except ImportError:
     fcntl = None
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the project's published measurements
+SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"  # the shipped models, whichever --model is used
 MAX_PROMPTS_BYTES = 256 << 20
 
 
@@ -60,6 +61,8 @@ def read_prompts(path: str) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        except ValueError:  # Python reads integers of at most 4300 digits
+            raise ValueError(f"{path}, line {n}: not valid JSON (a number too long to read)") from None
         except RecursionError:
             raise ValueError(f"{path}, line {n}: JSON nested too deeply") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
@@ -254,16 +257,18 @@ def _inside(path: Path, folder: Path) -> bool:
 def check_output(output: str, prompts_file: str | None, overwrite: bool, model: str | None = None) -> Path:
     """Refuse, before any work, an --output that could not be written or would destroy a file: --overwrite
     replaces only a regular file, and never an input (the prompts file under any name, a file of --model, the
-    project's results/), nor the output of a run still going. Returns the path to write (a link's target)."""
+    project's results/ and checkpoints/), nor the output of a run still going. Returns the path to write (a
+    link's target)."""
     if not output:
         raise ValueError("--output is empty; name a file")
     try:
         path = Path(output).resolve()  # through links: the file they name is what gets replaced
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"--output {output}: {e}") from None
-    if path.is_dir():
+        is_dir, parent_is_dir = path.is_dir(), path.parent.is_dir()
+    except (OSError, RuntimeError) as e:  # a link loop, a name too long
+        raise ValueError(f"--output {output}: {getattr(e, 'strerror', None) or e}") from None
+    if is_dir:
         raise ValueError(f"--output {output} is a folder; name a file in it")
-    if not path.parent.is_dir():
+    if not parent_is_dir:
         raise ValueError(f"--output {output}: the folder {path.parent} does not exist; create it first")
     partial = path.with_name(path.name + ".partial")
     for target, what in ((path, f"--output {output}"), (partial, f"--output {output}: its partial file {partial}")):
@@ -278,6 +283,9 @@ def check_output(output: str, prompts_file: str | None, overwrite: bool, model: 
         if _inside(target, RESULTS_DIR):
             raise ValueError(f"{what} would replace a file in results/, the project's published results; name a "
                              "new file")
+        if _inside(target, SHIPPED_DIR):
+            raise ValueError(f"{what} would replace a file of the shipped checkpoints in checkpoints/; name a new "
+                             "file")
     if path.exists() and not stat.S_ISREG(path.stat().st_mode):
         raise ValueError(f"--output {output} is not a regular file (a device, fifo or socket); name a file")
     if os.path.lexists(partial) and not stat.S_ISREG(partial.lstat().st_mode):

@@ -247,6 +247,11 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
                          + (": wrap a single prompt in a list" if isinstance(prompts, str) else ""))
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt")
+    for name, value in (("chat", chat), ("show", show), ("show_progress", show_progress)):
+        if not isinstance(value, bool):  # chat="no" would be true
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if on_result is not None and not callable(on_result):
+        raise ValueError(f"on_result must be a function of (index, result), got a {type(on_result).__name__}")
     unknown = set(options) - set(Options.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see decoder.Options")
@@ -323,6 +328,9 @@ def main(argv=None) -> int:
         prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         total = len(prompts)
         opts = options_from(args)
+        if opts.temperature == 0 and (opts.top_k or opts.top_p < 1):  # greedy would ignore them without a word
+            raise ValueError(f"--top-k and --top-p need a --temperature above 0 (at 0 decoding is greedy), got "
+                             f"--top-k {opts.top_k} and --top-p {opts.top_p}")
         device = resolve_device(args.device)
         if args.output is not None:
             path = check_output(args.output, args.prompts_file, args.overwrite, args.model)

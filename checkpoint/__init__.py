@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -151,6 +152,8 @@ def load_state(model: SDAR, folder: Path, device, dtype):
 
 def _resolve_dtype(dtype, cfg: ModelConfig, device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # int8, float8: no model
+            raise ValueError(f"dtype must be a float type (torch.float32, bfloat16, float16 or float64), got {dtype}")
         return dtype
     if dtype in (None, "auto"):
         # bf16 matrix products are slow on most CPUs: compute in fp32 there.
@@ -185,8 +188,10 @@ def load(path, device="cpu", dtype=None):
     if not isinstance(device, (str, torch.device)):
         raise ValueError(f"device must be a string such as \"cpu\" or \"cuda\", got {device!r}")
     device = resolve_device(str(device), "device=")  # cuda without a GPU: a ValueError here, not deep in torch
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a checkpoint folder (a str or Path), got a {type(path).__name__}")
     folder = Path(path)
-    if not folder.is_dir():
+    if not os.path.isdir(folder):  # Path.is_dir raises for a name too long
         raise CheckpointError(f"checkpoint folder {folder} does not exist; pass --model DIR with a folder holding "
                               "config.json, *.safetensors and tokenizer.json")
     folder = folder.resolve()

@@ -129,6 +129,10 @@ def check_config(cfg: ModelConfig, source: str = "config.json"):
         v = getattr(cfg, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
             raise bad(name, "a positive number")
+    if cfg.rms_norm_eps >= 1:  # as large as the activations it flattens every norm (past float32's range to 0)
+        raise bad("rms_norm_eps", "a small positive number (below 1)")
+    if cfg.rope_theta <= 1:  # a base below 1 makes the rotary frequencies huge (past float32's range, NaN logits)
+        raise bad("rope_theta", "a RoPE base above 1")
     if not isinstance(cfg.torch_dtype, str):
         raise bad("torch_dtype", "a string such as \"bfloat16\"")
     for name in ("tie_word_embeddings", "attention_bias"):
@@ -137,7 +141,7 @@ def check_config(cfg: ModelConfig, source: str = "config.json"):
     if cfg.mask_token_id is not None and not (is_int(cfg.mask_token_id) and 0 <= cfg.mask_token_id < cfg.vocab_size):
         raise bad("mask_token_id", f"a token id below vocab_size {cfg.vocab_size}")
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-    if cfg.eos_token_id is not None and not all(is_int(e) and 0 <= e < cfg.vocab_size for e in eos):
+    if cfg.eos_token_id is not None and not (eos and all(is_int(e) and 0 <= e < cfg.vocab_size for e in eos)):
         raise bad("eos_token_id", f"a token id (or a list of them) below vocab_size {cfg.vocab_size}")
     if cfg.eos_token_id is not None and cfg.mask_token_id in eos:
         raise bad("eos_token_id", f"other than the mask token {cfg.mask_token_id}")

@@ -77,7 +77,7 @@ def read_json(folder: Path, name: str, required: bool = True) -> dict:
         return {}
     try:
         d = json.loads(read_bytes(path, MAX_JSON_BYTES).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON or UTF-8, a number of more than 4300 digits
         raise CheckpointError(f"{folder / name} is not valid JSON ({first_line(e)})") from None
     except RecursionError:
         raise CheckpointError(f"{folder / name} is nested too deeply to be a checkpoint file") from None

@@ -1,6 +1,6 @@
 """A checkpoint's chat template is code from the checkpoint: it renders in jinja2's immutable sandbox, with
-bounds on what it may build and on its time, so that no template can hang, exhaust memory or end in a
-traceback (the tokenizer turns every failure into one line naming the template's file)."""
+bounds on what it may build, on its memory and on its time, so that no template can hang, exhaust memory or end
+in a traceback (the tokenizer turns every failure into one line naming the template's file)."""
 from __future__ import annotations
 
 import functools
@@ -19,6 +19,7 @@ MAX_TEMPLATE_NUMBER = 100_000   # the largest number a template may pass to a ca
 MAX_TEMPLATE_RANGE = 10_000     # the longest range() (jinja2's own sandbox allows 100,000)
 MAX_TEMPLATE_BITS = 4096        # the largest integer it may build with * or **
 TEMPLATE_SECONDS = 5.0          # a chat template renders in milliseconds
+TEMPLATE_MEMORY = 1 << 30       # bytes of address space rendering may add (it needs a few MB)
 
 
 class TemplateLimit(Exception):
@@ -146,6 +147,29 @@ def _time_limit(seconds: float):
             signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - t0), 1e-3), old_interval)
 
 
+@contextmanager
+def _memory_limit(extra: int):
+    """Allocations past `extra` more bytes of the process's address space fail in the with-block (MemoryError),
+    so that a value built from small ones in one call (a join, an indent, ~ in a loop) cannot fill the machine's
+    memory before the size bounds see it. Linux only (the size from /proc); the earlier limit is put back."""
+    try:
+        import resource
+        with open("/proc/self/statm") as f:
+            limit = int(f.read().split()[0]) * resource.getpagesize() + extra
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    if soft != resource.RLIM_INFINITY and soft <= limit or hard != resource.RLIM_INFINITY and hard < limit:
+        yield  # already bounded more tightly
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(source: str):
     return _sandbox().from_string(source)
@@ -154,11 +178,14 @@ def _compiled(source: str):
 def render_template(source: str, **variables) -> str:
     """A chat template rendered in the bounded sandbox; raises TemplateLimit past a bound, or whatever the
     template raises."""
-    with _time_limit(TEMPLATE_SECONDS):
+    with _time_limit(TEMPLATE_SECONDS), _memory_limit(TEMPLATE_MEMORY):
         out, size = [], 0
-        for chunk in _compiled(source).generate(**variables):
-            out.append(chunk)
-            size += len(chunk)
-            if size > MAX_TEMPLATE_CHARS:
-                raise TemplateLimit(f"the output passed {MAX_TEMPLATE_CHARS:,} characters")
+        try:
+            for chunk in _compiled(source).generate(**variables):
+                out.append(chunk)
+                size += len(chunk)
+                if size > MAX_TEMPLATE_CHARS:
+                    raise TemplateLimit(f"the output passed {MAX_TEMPLATE_CHARS:,} characters")
+        except MemoryError:
+            raise TemplateLimit(f"the template needed more than {TEMPLATE_MEMORY >> 20:,} MB of memory") from None
         return "".join(out)

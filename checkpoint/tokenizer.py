@@ -32,7 +32,7 @@ def _text_only(tok):
 def _token_ids(value, where: str, vocab_size: int, mask_id: int | None = None) -> list[int]:
     """An id field (one id or a list of them) checked against the vocabulary and the mask token."""
     ids = value if isinstance(value, list) else [value]
-    if not all(is_int(i) and 0 <= i < vocab_size for i in ids):
+    if not ids or not all(is_int(i) and 0 <= i < vocab_size for i in ids):  # []: no sequence would ever end
         raise CheckpointError(f"{where} must be a token id (or a list of them) below vocab_size {vocab_size}, "
                               f"got {value!r}; fix the file")
     if mask_id is not None and mask_id in ids:

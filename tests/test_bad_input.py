@@ -32,6 +32,7 @@ from conftest import ROOT, assert_one_line_error, random_model, recording_opens,
 MAINS = {"generate": generate.main, "eval": evaluate.main, "bench": bench.main, "train": train.main}
 NO_MODEL = "{dir}/no-model"  # checks that must come before the model is loaded name a folder that is not there
 RESULTS_FILE = ROOT / "results" / "cpu-2026-11-30.json"  # a published result that --overwrite must not reach
+SHIPPED_CARD = ROOT / "checkpoints" / "sdar-tiny" / "README.md"  # nor a file of a shipped checkpoint
 
 
 def hi(folder):
@@ -66,17 +67,27 @@ CASES = {
                          ["not a regular file"]),
     "output is being written by another run": ("generate", ["--prompt", "Hi", "--output", "{dir}/busy.jsonl",
                                                             "--overwrite"], ["another run is writing", "busy.jsonl"]),
+    "output of a shipped checkpoint": ("generate", ["--prompt", "Hi", "--output", str(SHIPPED_CARD), "--overwrite"],
+                                       ["checkpoints/"]),
     "output empty": ("generate", ["--prompt", "Hi", "--output", ""], ["--output is empty"]),
+    "output name too long": ("generate", ["--prompt", "Hi", "--output", "{dir}/" + "a" * 300], ["File name too long"]),
     "output exists": ("generate", ["--prompt", "Hi", "--output", "{dir}/good.jsonl"], ["exists", "--overwrite"]),
     "output's partial file exists": ("generate", ["--prompt", "Hi", "--output", "{dir}/left.jsonl"],
                                      ["left.jsonl.partial exists"]),
     "eval output exists": ("eval", ["--study", "--output", "{dir}/good.jsonl"], ["exists"]),
     "eval plot of another file": ("eval", ["--plot", "{dir}/good.jsonl"], ["--plot", "not a results file"]),
+    "eval model card a link out of the folder": ("eval", ["--model", "{dir}/card-link", "--update-card", "-n", "1",
+                                                          "--max-new-tokens", "4"], ["README.md", "leads outside"]),
     # The output path, checked before the model is loaded.
     "output folder missing": ("generate", ["--prompt", "Hi", "--output", "{dir}/nodir/x.jsonl"], ["nodir", "does not exist"]),
     "output is a folder": ("generate", ["--prompt", "Hi", "--output", "{dir}"], ["is a folder"]),
     "eval output folder missing": ("eval", ["--study", "--output", "{dir}/nodir/x.json"], ["nodir", "does not exist"]),
     "eval output without a sweep": ("eval", ["--output", "{dir}/x.json"], ["--output goes with"]),
+    "eval output empty": ("eval", ["--study", "--output", ""], ["--output is empty"]),
+    "eval workloads empty": ("eval", ["--workloads", ""], ["--workloads is empty"]),
+    "eval plot empty": ("eval", ["--plot", ""], ["--plot", "no such file"]),
+    "eval workload twice": ("eval", ["--workloads", "arith,long,arith"], ["--workloads", "twice"]),
+    "eval update-card with a sweep": ("eval", ["--study", "--update-card"], ["--update-card", "plain evaluation"]),
     "eval output's partial file exists": ("eval", ["--workloads", "long", "--output", "{dir}/left.jsonl"],
                                           ["left.jsonl.partial exists"]),
     "eval num-problems 10^9": ("eval", ["-n", "1000000000"], ["num-problems", "1..10,000"]),
@@ -87,6 +98,10 @@ CASES = {
     "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),
     "alpha -1 without focus": ("generate", ["--prompt", "Hi", "--alpha", "-1"], ["alpha must be in [1, 1e+06]"]),
     "focus-rank without --focus": ("generate", ["--prompt", "Hi", "--focus-rank", "random"], ["focus-rank", "--focus"]),
+    "top-p without a temperature": ("generate", ["--prompt", "Hi", "--top-p", "0.5"],
+                                    ["--top-p", "--temperature above 0"]),
+    "tokens-per-step with the threshold rule": ("generate", ["--prompt", "Hi", "--tokens-per-step", "4"],
+                                                ["tokens-per-step 4", "--strategy static or sequential"]),
     "temperature nan": ("generate", ["--prompt", "Hi", "--temperature", "nan"], ["temperature", "finite"]),
     "threshold nan": ("generate", ["--prompt", "Hi", "--threshold", "nan"], ["threshold", "finite"]),
     "top-p inf": ("generate", ["--prompt", "Hi", "--top-p", "inf"], ["top-p", "finite"]),
@@ -109,6 +124,8 @@ CASES = {
     "prompts file /dev/zero": ("generate", ["--prompts-file", "/dev/zero"], ["/dev/zero", "larger than"]),
     "prompts file a folder": ("generate", ["--prompts-file", "{dir}"], ["cannot read prompts file"]),
     "prompts line nested too deeply": ("generate", ["--prompts-file", "{dir}/nested.jsonl"], ["line 2", "nested"]),
+    "prompts line with a 5001-digit number": ("generate", ["--prompts-file", "{dir}/long-number.jsonl"],
+                                              ["line 2", "not valid JSON"]),
     # config.json.
     "num_key_value_heads 0": ("generate", hi("kv0"), ["num_key_value_heads", "0"]),
     "config is a list": ("generate", hi("list"), ["config.json", "object", "list"]),
@@ -117,12 +134,16 @@ CASES = {
     "mask_token_id true": ("generate", hi("mask-true"), ["config.json", "mask_token_id", "True"]),
     "config nested too deeply": ("generate", hi("nested-config"), ["config.json", "nested too deeply"]),
     "config is a folder": ("generate", hi("config-folder"), ["config.json", "is a folder"]),
+    "config with a 5001-digit number": ("generate", hi("long-number"), ["config.json", "not valid JSON"]),
+    "model name too long": ("generate", ["--model", "{dir}/" + "a" * 300, "--prompt", "Hi"], ["does not exist"]),
     "rope_scaling a string": ("generate", hi("rope-string"), ["config.json", "rope_scaling", "'yarn'"]),
     "rope_theta and rope_parameters disagree": ("generate", hi("rope-conflict"), ["rope_theta", "rope_parameters",
                                                                                    "disagree"]),
     "hidden_size 10^9": ("generate", hi("hidden-1e9"), ["config.json", "parameters", "memory", "hidden_size"]),
     "num_hidden_layers 10^5": ("generate", hi("layers-1e5"), ["config.json", "parameters", "num_hidden_layers"]),
     "block_size 10^6": ("generate", hi("block-1e6"), ["config.json", "block_size", "1..256", "1000000"]),
+    "rope_theta 1e-300": ("generate", hi("rope-tiny"), ["config.json", "rope_theta", "above 1"]),
+    "rms_norm_eps 1e308": ("generate", hi("eps-huge"), ["config.json", "rms_norm_eps", "below 1"]),
     # generation_config.json, tokenizer_config.json, tokenizer.json.
     "generation_config a list": ("generate", hi("gen-list"), ["generation_config.json", "object", "list"]),
     "tokenizer_config a list": ("generate", hi("tok-list"), ["tokenizer_config.json", "object", "list"]),
@@ -132,6 +153,7 @@ CASES = {
                                                                   "mask token"]),
     "eos_token_id a float": ("generate", hi("eos-float"), ["generation_config.json", "eos_token_id", "1.5"]),
     "eos_token_id a string": ("generate", hi("eos-string"), ["generation_config.json", "eos_token_id", "'2'"]),
+    "eos_token_id an empty list": ("generate", hi("eos-empty"), ["generation_config.json", "eos_token_id", "[]"]),
     "config eos_token_id the mask token": ("generate", hi("config-eos-mask"), ["config.json", "eos_token_id",
                                                                                 "mask token"]),
     "generation mask_token_id true": ("generate", hi("gen-mask-true"), ["generation_config.json", "mask_token_id",
@@ -161,6 +183,7 @@ CASES = {
     "template doubling": ("generate", hi("t-doubling"), ["chat_template.jinja", "built a value"]),
     "template huge range": ("generate", hi("t-range"), ["chat_template.jinja", "range of 50,000 items"]),
     "template output bomb": ("generate", hi("t-output"), ["chat_template.jinja", "output passed"]),
+    "template join bomb": ("generate", hi("t-join"), ["chat_template.jinja", "memory"]),
     "template that never ends": ("generate", hi("t-loops"), ["chat_template.jinja", "took more than"]),
     "template not a string": ("generate", hi("t-number"), ["tokenizer_config.json", "chat_template", "string"]),
     # The device, one check for every entry point.
@@ -169,6 +192,11 @@ CASES = {
     "bench device tpu": ("bench", ["--device", "tpu"], ["unknown device 'tpu'"]),
     "train device tpu": ("train", ["--out", "{dir}/t", "--device", "tpu"], ["unknown device 'tpu'"]),
     "train out not makeable": ("train", ["--out", "/proc/no-such-folder/t"], ["--out", "cannot make the folder"]),
+    "train out name too long": ("train", ["--out", "{dir}/" + "a" * 300], ["File name too long"]),
+    "train usage error": ("train", ["--out", "{dir}/t", "--steps", "ten"], ["--steps", "'ten'"]),
+    "train seed 10^23": ("train", ["--out", "{dir}/t", "--seed", str(10**23)], ["--seed", "2^63"]),
+    "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
+                                             ["--resume", "tokenizer.json", "cannot be read"]),
     # bench.py's arguments.
     "bench plot missing": ("bench", ["--plot", "{dir}/missing.json"], ["missing.json", "no such file"]),
     "bench plot of another file": ("bench", ["--plot", "{dir}/good.jsonl"], ["--plot", "not a results file"]),
@@ -178,6 +206,10 @@ CASES = {
     "bench repeats 0": ("bench", ["--repeats", "0"], ["--repeats", "0"]),
     "bench mode twice": ("bench", ["--modes", "full,full"], ["--modes", "twice"]),
     "bench real size on a CPU": ("bench", ["--real-size", "--device", "cpu"], ["needs a GPU"]),
+    "bench plot empty": ("bench", ["--plot", ""], ["--plot is empty"]),
+    "bench out empty": ("bench", ["--out", ""], ["--out is empty"]),
+    "bench out name too long": ("bench", ["--out", "{dir}/" + "o" * 300], ["--out", "File name too long"]),
+    "bench prompts past the bound": ("bench", ["--num-prompts", "1000000000"], ["--num-prompts", "at most"]),
     # eval.py's --only.
     "eval only without oracle": ("eval", ["--only", "saturation"], ["--only goes with --oracle"]),
     "eval only matching nothing": ("eval", ["--oracle", "arith", "--only", "zzz"], ["--only 'zzz'", "no entry"]),
@@ -255,12 +287,17 @@ BROKEN = {
     "hidden-1e9": edit_json("config.json", hidden_size=10**9),
     "layers-1e5": edit_json("config.json", num_hidden_layers=10**5),
     "block-1e6": edit_json("config.json", block_size=10**6),
+    "long-number": lambda f, r: (f / "config.json").write_text(
+        (f / "config.json").read_text().replace('"vocab_size": 300', '"vocab_size": 1' + "0" * 5000)),
+    "rope-tiny": edit_json("config.json", rope_theta=1e-300),
+    "eps-huge": edit_json("config.json", rms_norm_eps=1e308),
     "gen-list": write_file("generation_config.json", "[2, 0]"),
     "tok-list": write_file("tokenizer_config.json", "[]"),
     "eos-9999": edit_json("generation_config.json", eos_token_id=9999),
     "eos-mask": edit_json("generation_config.json", eos_token_id=[2, 3]),
     "eos-float": edit_json("generation_config.json", eos_token_id=1.5),
     "eos-string": edit_json("generation_config.json", eos_token_id="2"),
+    "eos-empty": edit_json("generation_config.json", eos_token_id=[]),
     "config-eos-mask": edit_json("config.json", eos_token_id=3),
     "gen-mask-true": edit_json("generation_config.json", mask_token_id=True),
     "vocab-256": vocab_256,
@@ -284,9 +321,12 @@ BROKEN = {
                                                     "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}"),
     "t-range": write_file("chat_template.jinja", "{% for i in range(50000) %}{% endfor %}"),
     "t-output": write_file("chat_template.jinja", "{% for i in range(10000) %}{{ 'x' * 1000 }}{% endfor %}"),
+    "t-join": write_file("chat_template.jinja", "{% set x = 'a' * 99999 %}{{ ([x] * 20000) | join }}"),
     "t-loops": write_file("chat_template.jinja", "{% for i in range(10000) %}{% for j in range(10000) %}"
                                                  "{% endfor %}{% endfor %}"),
     "t-number": edit_json("tokenizer_config.json", chat_template=5),
+    "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
+    "resume-tok": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").write_text("{")),
 }
 
 
@@ -303,6 +343,7 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "fine"}\n{"prompt": "café"}\n'.encode("latin-1"))
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n{"prompt": " "}\n')
     (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
+    (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
     (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")
@@ -334,7 +375,7 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
     busy = os.open(workspace / "busy.jsonl.partial", os.O_WRONLY | os.O_CREAT)  # a run that is still going
     files.fcntl.flock(busy, files.fcntl.LOCK_EX)
     before = snapshot(workspace, checkpoint.path)
-    published = RESULTS_FILE.read_bytes()
+    published, card = RESULTS_FILE.read_bytes(), SHIPPED_CARD.read_bytes()
     try:
         with recording_opens(monkeypatch) as opened:
             code = MAINS[entry](argv)
@@ -342,7 +383,7 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
         os.close(busy)
     assert_one_line_error(code, capsys.readouterr().err, words)
     assert snapshot(workspace, checkpoint.path) == before
-    assert RESULTS_FILE.read_bytes() == published
+    assert RESULTS_FILE.read_bytes() == published and SHIPPED_CARD.read_bytes() == card
     assert stat.S_ISFIFO((workspace / "fifo").stat().st_mode)
     assert not [p for p in opened if p.startswith(str(workspace / "outside"))]  # the checkpoint stayed inside
 
@@ -500,17 +541,35 @@ def test_a_file_size_limit_keeps_whole_lines(checkpoint, tmp_path):
     assert not out.exists()
 
 
-def test_a_closed_pipe_ends_quietly(checkpoint):
+def test_eval_output_past_a_file_size_limit_keeps_what_finished(checkpoint, tmp_path):
+    """eval.py --output past RLIMIT_FSIZE: one error line after the progress lines, and the partial file holds the
+    pieces that finished, whole."""
+    import resource
+    out = tmp_path / "w.json"
+    proc = run_script([str(ROOT / "tools" / "eval.py"), "--model", str(checkpoint.path), "--workloads", "arith,long",
+                       "-n", "1", "--max-new-tokens", "4", "--output", str(out), "--device", "cpu"],
+                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: cannot write {out}.partial: File too large; what "
+                                                    "finished before is kept in it")
+    assert 1 <= len(json.loads((tmp_path / "w.json.partial").read_text())["workloads"]) < 6
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script,args", [("generate.py", ["--prompt", "Hi", "--prompt", "The lazy dog"]),
+                                         ("tools/eval.py", ["-n", "2"])])
+def test_a_closed_pipe_ends_quietly(checkpoint, script, args):
     """`generate.py ... | head -n 0`: the reader is gone before anything is printed; no traceback, exit 0."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--model", str(checkpoint.path), "--prompt",
-                             "Hi", "--prompt", "The lazy dog", "--max-new-tokens", "4", "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--model", str(checkpoint.path), *args,
+                             "--max-new-tokens", "4", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     proc.stdout.close()
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("2 sequences")
+    if script == "generate.py":
+        assert stderr.strip().splitlines()[-1].startswith("2 sequences")
 
 
 @pytest.mark.parametrize("script,args,line", [("generate.py", ["--prompt", "Hi"], "interrupted before generation began"),
@@ -608,6 +667,8 @@ def test_stop_repeats_past_the_blocks_there_can_be_is_off(loaded):
     (["Hi"], {"block_size": 257}, "block-size must be in 1..256"),
     (["Hi"], {"focus_rank": "best"}, "unknown focus-rank 'best'"),
     (["Hi"], {"max_tokens": 5}, "unknown option"),
+    (["Hi"], {"chat": "no"}, "chat must be True or False, got 'no'"),
+    (["Hi"], {"on_result": "print"}, "on_result must be a function"),
 ], ids=lambda v: repr(v)[:40])
 def test_generate_api_checks_its_arguments(loaded, prompts, options, words):
     net, tok = loaded
@@ -651,6 +712,8 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     api_error(lambda: generate.generate_ids(net, [[5, 300]], tok.mask_id, tok.eos_ids, generate.Options()),
               "prompt 1", "token ids below the vocabulary size 300")
     api_error(lambda: generate.generate_ids(net, [[5]], True, tok.eos_ids, generate.Options()), "mask_id")
+    api_error(lambda: load(None), "path must be a checkpoint folder", "NoneType")
+    api_error(lambda: load(checkpoint.path, dtype=torch.int8), "dtype must be", "torch.int8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")

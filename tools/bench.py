@@ -14,6 +14,7 @@ device, torch version and commit, and a Markdown table.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -453,7 +454,15 @@ def parse_args(argv=None):
     for name in ("num_prompts", "repeats", "queue_factor"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
+    if args.num_prompts > data.MAX_PROBLEMS:
+        p.error(f"--num-prompts must be at most {data.MAX_PROBLEMS:,}, got {args.num_prompts}")
+    if args.plot == "" or not args.out:
+        p.error(f"--{'plot' if args.plot == '' else 'out'} is empty; name a {'results file' if args.plot == '' else 'folder'}")
+    try:
+        out_is_file = os.path.exists(args.out) and not os.path.isdir(args.out)   # os.path: no error for a long name
+    except ValueError:  # a NUL in the name
+        p.error(f"--out {args.out!r} is not a folder name")
+    if out_is_file:
         p.error(f"--out {args.out} is a file; name a folder for the results")
     Options(threshold=args.threshold, max_new_tokens=args.max_new_tokens)  # the shared checks, before any work
     return args
@@ -494,7 +503,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.plot:
+    if args.plot is not None:
         return plots.plot_command(args.plot, plots.plot_bench)
     kernels.use_flex(args.flex)
     torch.manual_seed(0)
@@ -504,7 +513,10 @@ def main(argv=None) -> int:
     out = None
     try:
         folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {args.out}: cannot make the folder ({e.strerror or e}); name one you can write")
         kind = "cuda" if device.type == "cuda" else "cpu"
         out = PartialJSON(new_results_path(folder, f"{kind}{'-real-size' if args.real_size else ''}-{res['date']}"))
         return run(args, device, res, out)
@@ -548,7 +560,10 @@ def run(args, device, res: dict, out: PartialJSON) -> int:
                  f"{v['precision_top_k']:.3f}, most confident token kept {v['top1_kept']:.3f}"
                  for n, v in res["predictors"].items() if isinstance(v, dict)])
     path = out.commit(res)
-    print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")
+    try:
+        print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}", flush=True)
+    except BrokenPipeError:  # a reader that went away (`| head`): the results file is written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if res.get("modes") or res.get("predictors"):  # a real-size run has no plots
         plots.plot_bench(path)
     return 0

@@ -332,6 +332,9 @@ def multistep_problem(rng: random.Random, phrasing: str | None = None) -> Proble
     return Problem(question, solution, str(value), "multistep", phrasing)
 
 
+MAX_PROBLEMS = 10_000  # the held-out sets are a tenth of the question space: more would take minutes to build
+
+
 def make_problems(split: str, n: int, family: str | None = None) -> list[Problem]:
     """n problems of the split, seeded. "train" and "heldout" mix the families by their weights, in the training
     phrasings, and split them by is_heldout; "heldout-phrasing" is word problems in HELDOUT_PHRASING only.

@@ -21,6 +21,7 @@ and `computed_deep` rows in layers 2..L, so a step costs 2 x computed + (L - 2) 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -38,7 +39,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
                           out_of_memory, out_of_memory_message)
-    from checkpoint import CheckpointError, load, resolve_device
+    from checkpoint import CheckpointError, inside_file, load, resolve_device
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -129,7 +130,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MAX_PROBLEMS = 10_000  # the held-out sets are a tenth of the question space: more would take minutes to build
 WORKLOAD_MODES = STUDY_MODES[:3]  # full block (first: the stories' reference), delayed cache, FOCUS 1.5
 
 
@@ -247,6 +247,14 @@ def oracle_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def show(text: str):
+    """text on stdout; a reader that went away (`| head -n 1`) ends the printing quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+
+
 def predictor_table(probe: dict) -> str:
     lines = ["| score | AUC per step | precision of top-k | most confident token kept | decoded tokens kept |",
              "|" + " --- |" * 5]
@@ -294,16 +302,19 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code
-    if args.plot:
+    if args.plot is not None:
         return plots.plot_command(args.plot, plots.plot_frontier)
     sweeping = args.study or args.frontier or args.ablation or args.workloads or args.oracle
-    out = None
+    out = card = None
     try:
+        for name in ("output", "workloads", "oracle"):
+            if getattr(args, name) == "":  # not a silent run of something else
+                raise ValueError(f"--{name} is empty; give {'a file name' if name == 'output' else 'workload names'}")
         device = resolve_device(args.device)
         if args.num_problems is None:
             args.num_problems = 64 if args.workloads or args.oracle or args.fit_probe else 500
-        if not 0 < args.num_problems <= MAX_PROBLEMS:
-            raise ValueError(f"--num-problems must be in 1..{MAX_PROBLEMS:,}, got {args.num_problems}")
+        if not 0 < args.num_problems <= data.MAX_PROBLEMS:
+            raise ValueError(f"--num-problems must be in 1..{data.MAX_PROBLEMS:,}, got {args.num_problems}")
         for name in ("probe_problems", "show_failures"):
             if getattr(args, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
@@ -312,6 +323,12 @@ def main(argv=None) -> int:
         for name in names:
             if name not in workloads.WORKLOADS:
                 raise ValueError(f"unknown workload {name!r}; use one of {', '.join(workloads.WORKLOADS)}")
+        if len(set(names)) < len(names):
+            raise ValueError(f"--{'workloads' if args.workloads else 'oracle'} names a workload twice: "
+                             f"{','.join(names)}")
+        if (args.update_card or args.show_failures) and (sweeping or args.fit_probe):
+            raise ValueError("--update-card and --show-failures go with the plain evaluation (no --study, --frontier, "
+                             "--ablation, --workloads, --oracle or --fit-probe)")
         if args.output and not sweeping:
             raise ValueError("--output goes with --study, --frontier, --ablation, --workloads or --oracle")
         if args.only is not None and not args.oracle:
@@ -324,11 +341,14 @@ def main(argv=None) -> int:
         command = "python tools/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"command": command.strip(), "device": device, "model": args.model}
         out = PartialJSON(args.output) if args.output else None  # before the model: a bad --output fails at once
+        if args.update_card:  # a file of the checkpoint folder: no link out of it, no folder, checked before any work
+            folder = Path(args.model).resolve()
+            card = inside_file(folder, "README.md", required=False) or folder / "README.md"
         model, tok = load(args.model, device=device, dtype=args.dtype)
         if args.fit_probe:
             probe_opts = Options(**(asdict(opts) | {"max_new_tokens": budget or 512}))
             weights, bias, n = analysis.fit_probe(model, tok, analysis.probe_prompts(args.num_problems), probe_opts)
-            print(f"PROBE_WEIGHTS = {tuple(weights)}\nPROBE_BIAS = {bias}  # {n:,} masked tokens: {command}")
+            show(f"PROBE_WEIGHTS = {tuple(weights)}\nPROBE_BIAS = {bias}  # {n:,} masked tokens: {command}")
             return 0
         if sweeping:
             def finished(key):
@@ -355,7 +375,7 @@ def main(argv=None) -> int:
                 out = None
                 if args.frontier:
                     plots.plot_frontier(Path(args.output))
-            print(report)
+            show(report)
             return 0
         problems = data.make_problems(args.split, args.num_problems)
         res, results = evaluate(model, tok, problems, show_progress=True, **asdict(opts))
@@ -377,21 +397,25 @@ def main(argv=None) -> int:
             out.abandon()
     for r, pr in zip(results, problems):
         if args.show_failures and data.extract_answer(r.text) != pr.answer:
-            print(f"--- {pr.question}\nexpected {pr.answer}, got:\n{r.text}\n")
+            show(f"--- {pr.question}\nexpected {pr.answer}, got:\n{r.text}\n")
             args.show_failures -= 1
     res.update({"command": command.strip(), "device": device})
-    print(json.dumps(res, indent=2))
-    if args.update_card:
-        card = Path(args.model) / "README.md"
-        with open(card, "a") as f:
-            f.write(f"\n### `{res['command']}` ({device})\n\n"
-                    f"- exact-match accuracy: {res['accuracy']:.1%} on {res['n']} {args.split} problems "
-                    f"({', '.join(f'{k} {v:.1%}' for k, v in res['by_family'].items())})\n"
-                    f"- tokens decoded per step: mean {res['decoded_mean']:.2f}, sd {res['decoded_std']:.2f}, "
-                    f"median {res['decoded_median']:.0f} (paper, SDAR-8B: 2.24 / 3.34 / 1)\n"
-                    f"- tokens computed per step: {res['computed_per_step']:.1f} in layers 0-1, "
-                    f"{res['computed_deep_per_step']:.1f} in layers 2..L (block of 32); "
-                    f"{res['row_layers_per_token']:.1f} row-layers per generated token\n")
+    show(json.dumps(res, indent=2))
+    if card:
+        try:
+            with open(card, "a") as f:
+                f.write(f"\n### `{res['command']}` ({device})\n\n"
+                        f"- exact-match accuracy: {res['accuracy']:.1%} on {res['n']} {args.split} problems "
+                        f"({', '.join(f'{k} {v:.1%}' for k, v in res['by_family'].items())})\n"
+                        f"- tokens decoded per step: mean {res['decoded_mean']:.2f}, sd {res['decoded_std']:.2f}, "
+                        f"median {res['decoded_median']:.0f} (paper, SDAR-8B: 2.24 / 3.34 / 1)\n"
+                        f"- tokens computed per step: {res['computed_per_step']:.1f} in layers 0-1, "
+                        f"{res['computed_deep_per_step']:.1f} in layers 2..L (block of 32); "
+                        f"{res['row_layers_per_token']:.1f} row-layers per generated token\n")
+        except OSError as e:
+            print(f"error: cannot write the model card {card}: {e.strerror or e}; the results are above",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

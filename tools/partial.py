@@ -29,15 +29,19 @@ class PartialJSON:
 
     def save(self, res: dict):
         """The results so far, replacing the partial file's content at once (never half written)."""
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(res, indent=1) + "\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.partial)
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(res, indent=1) + "\n")
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, self.partial)
+            finally:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+        except OSError as e:  # a full disk, a file-size limit: the partial file keeps what it held
+            kept = "; what finished before is kept in it" if self.pieces else ""
+            raise ValueError(f"cannot write {self.partial}: {e.strerror or e}{kept}") from None
         self.pieces += 1
 
     def commit(self, res: dict) -> Path:

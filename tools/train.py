@@ -28,7 +28,6 @@ and the step, so --resume continues wherever the run stopped.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -43,7 +42,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
     import data
-    from checkpoint import CheckpointError, load_state, resolve_device, save
+    from checkpoint import CheckpointError, first_line, load_state, resolve_device, save
+    from generate import ArgumentParser
     from model import SDAR, ModelConfig, num_params
 
     # Shapes within the 32 MB (16M parameters in bf16) budget of the shipped model, and one larger (10x384: 17.3M
@@ -332,7 +332,7 @@ def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a small SDAR-layout model: autoregressive, then block diffusion.")
+    p = ArgumentParser(description="Train a small SDAR-layout model: autoregressive, then block diffusion.")
     p.add_argument("--out", required=True, help="checkpoint folder to write (a new one, unless --resume or --overwrite)")
     p.add_argument("--shape", default="8x384", choices=SHAPES, help="layers x hidden size")
     p.add_argument("--ar-steps", type=int, default=100_000, help="phase 1 (autoregressive): at most this many steps")
@@ -369,6 +369,8 @@ def check_args(args) -> Path:
     for name in ("batch_size", "seq_len", "problems", "vocab_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:  # torch's seed is 64 bits
+        raise ValueError(f"--seed must be in 0..2^63-1, got {args.seed}")
     for name in ("ar_minutes", "minutes", "ar_lr", "lr", "shard_mb"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
@@ -417,8 +419,20 @@ def read_state(path: Path, device: str):
                               "new folder") from None
 
 
+def read_tokenizer(path: Path, flag: str):
+    """The tokenizer.json of --resume's or --init-from's folder; one that cannot be read is a CheckpointError."""
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers package's own errors, a folder, bad UTF-8
+        raise CheckpointError(f"{flag}: {path} cannot be read as a tokenizer ({first_line(e)})") from None
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code
     try:
         out = check_args(args)
         device = resolve_device(args.device)
@@ -426,7 +440,7 @@ def main(argv=None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {out}: cannot make the folder ({e.strerror or e}); choose one you can write")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a name too long for the file system
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -446,11 +460,10 @@ def train(args, out: Path, device: str):
     torch.manual_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)   # main made it; train() can be called on its own too
     t0 = time.time()
-    from tokenizers import Tokenizer as HFTokenizer
     if args.resume:
-        tok = HFTokenizer.from_file(str(out / "tokenizer.json"))
+        tok = read_tokenizer(out / "tokenizer.json", "--resume")
     elif args.init_from:  # continue from a checkpoint's weights and tokenizer, with a fresh optimizer
-        tok = HFTokenizer.from_file(str(Path(args.init_from) / "tokenizer.json"))
+        tok = read_tokenizer(Path(args.init_from) / "tokenizer.json", "--init-from")
     else:
         texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
         texts += data.natural_text() + data.stories(5000, args.seed)

@@ -36,7 +36,10 @@ class Grid:
 
 def grid(seq_of_row: torch.Tensor) -> Grid:
     """Layout of M masked rows, grouped by sequence in set order, on an (A, m) grid."""
-    active, counts, line, place = ragged_layout(seq_of_row)
+    num_slots = int(seq_of_row.max()) + 1 if len(seq_of_row) else 0
+    counts, line, place = ragged_layout(seq_of_row, num_slots)
+    active = counts.nonzero().squeeze(1)
+    counts = counts[active]                                                # (A,) the mask sets' sizes
     width = int(counts.max()) if len(counts) else 0
     valid = torch.arange(width, device=seq_of_row.device) < counts[:, None]
     return Grid(active, line, place, valid)
@@ -395,23 +398,25 @@ def finish_step(model, selected: Selected, kept, rows: Rows, cache, is_mask_row,
     """Compaction and the rest of the step on the kept rows, kept (T,) bool (the selection's, or a recorded
     one when tools/replay.py replays a schedule): layer 1's attention and layers 2..L, then the logits of the
     kept masked rows."""
-    keep, kept_rows, x, q1, last_kept = compact_step(selected, kept, rows, col, block_start)
+    keep, kept_rows, x, q1, last_kept, logit_rows = compact_step(selected, kept, rows, is_mask_row, col, block_start)
     late = kernels.graphed(late_layers) if graphs else late_layers
     x = late(model, x, kept_rows, cache, q1)
-    logit_rows = is_mask_row[keep].nonzero().squeeze(1)                  # kept masked rows, compacted index
     return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, last_kept)
 
 
-def compact_step(selected: Selected, kept, rows: Rows, col, block_start):
+def compact_step(selected: Selected, kept, rows: Rows, is_mask_row, col, block_start):
     """The compaction, kept (T,) bool -> the kept rows' indices (K,), their Rows (each attends up to its
     sequence's rightmost kept position: the reference's kv_len after eviction), their hidden states and layer-1
-    queries (K, ...), and each sequence's rightmost kept block position (S,)."""
+    queries (K, ...), each sequence's rightmost kept block position (S,), and the kept masked rows' indices
+    among the kept ones (R,), whose logits the step needs. Two host syncs: the sizes, the kept rows' layout."""
     num_slots = block_start.shape[0]
-    keep = kept.nonzero().squeeze(1)
+    num_kept, num_logits = torch.stack([kept.sum(), (kept & is_mask_row).sum()]).tolist()
+    keep = torch.nonzero_static(kept, size=num_kept).squeeze(1)
+    logit_rows = torch.nonzero_static(is_mask_row[keep], size=num_logits).squeeze(1)
     last_kept = rightmost(rows, col, kept, num_slots)
     key_end = (block_start + last_kept + 1)[rows.seq[keep]]
     x, q1 = compact(keep, selected.x, selected.q1)
-    return keep, rows.take(keep, key_end, num_slots), x, q1, last_kept
+    return keep, rows.take(keep, key_end, num_slots), x, q1, last_kept, logit_rows
 
 
 def early_layers(model, x, rows: Rows, cache):

@@ -348,11 +348,18 @@ class Rows:
 
     @staticmethod
     def build(seq, pos, key_end, num_slots: int) -> "Rows":
-        """seq, pos, key_end: (T,) with rows grouped by sequence (seq ascending). Syncs once with the host."""
-        active, counts, line, place = ragged_layout(seq)
-        q_max, kv_max, k_min, c_min = torch.stack([counts.max(), key_end.max(), key_end.min(), counts.min()]).tolist()
+        """seq, pos, key_end: (T,) with rows grouped by sequence (seq ascending), T >= 1. Syncs once with the host,
+        for the layout's sizes."""
+        if len(seq) == 0:
+            raise ValueError("Rows.build: no rows (a step computes at least one row of each live sequence)")
+        counts, line, place = ragged_layout(seq, num_slots)
+        present = counts > 0
+        n_active, q_max, c_min, kv_max, k_min = torch.stack([
+            present.sum(), counts.max(), counts.masked_fill(~present, len(seq)).min(),
+            key_end.max(), key_end.min()]).tolist()
+        active = torch.nonzero_static(present, size=n_active).squeeze(1)   # size known: no second sync
         return Rows(seq, pos, line, place, key_end, active, q_max, kv_max,
-                    all_slots=len(active) == num_slots, dense=(q_max == c_min and kv_max == k_min))
+                    all_slots=n_active == num_slots, dense=(q_max == c_min and kv_max == k_min))
 
     def attention_mask(self, heads_per_kv: int):
         """(A, 1, heads_per_kv * q_max, kv_max) bool, True where a query may read a key; None when dense. Built
@@ -371,16 +378,15 @@ class Rows:
         return Rows.build(self.seq[keep], self.pos[keep], key_end, num_slots)
 
 
-def ragged_layout(seq: torch.Tensor):
-    """For rows grouped by sequence, seq (T,) ascending -> the sequences present (A,), their row counts (A,),
-    and each row's cell in a padded (A, max count) grid: its line (T,) and its place in the line (T,)."""
-    active, counts = torch.unique_consecutive(seq, return_counts=True)   # one host sync (the output's size)
-    starts = torch.cumsum(counts, 0) - counts
-    first = torch.ones_like(seq, dtype=torch.bool)
-    first[1:] = seq[1:] != seq[:-1]                                         # a row that starts its sequence
-    line = first.cumsum(0) - 1
-    place = torch.arange(len(seq), device=seq.device) - starts[line]
-    return active, counts, line, place
+def ragged_layout(seq: torch.Tensor, num_slots: int):
+    """For rows grouped by sequence, seq (T,) ascending over cache slots 0..num_slots-1 -> each slot's row count
+    (S,), and each row's cell in a padded (slots with rows x most rows) grid: its line (T,), its slot's index
+    among the slots with rows, and its place in the line (T,). No host sync."""
+    counts = torch.zeros(num_slots, dtype=torch.long, device=seq.device).index_add_(0, seq, torch.ones_like(seq))
+    line = ((counts > 0).cumsum(0) - 1)[seq]
+    starts = counts.cumsum(0) - counts                                      # each slot's first row
+    place = torch.arange(len(seq), device=seq.device) - starts[seq]
+    return counts, line, place
 
 
 def cached_attention(q, layer: int, rows: Rows, cache: KVCache, scale: float):

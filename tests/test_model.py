@@ -340,3 +340,9 @@ def test_block_causal_mask():
                          [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask, want)
 
+
+
+def test_rows_build_refuses_no_rows():
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="no rows"):
+        model.Rows.build(empty, empty, empty, num_slots=2)

@@ -123,7 +123,7 @@ def step_probe(model, batch: int, context: int, device, graphs: bool = False) ->
     selected = select()
     late_ms = time_it(lambda: focus.finish_step(model, selected, selected.kept, rows, cache, is_mask, col, start,
                                                 graphs), device) * 1e3
-    _, late_rows, x, q1, _ = focus.compact_step(selected, selected.kept, rows, col, start)
+    _, late_rows, x, q1, _, _ = focus.compact_step(selected, selected.kept, rows, is_mask, col, start)
     late = kernels.graphed(focus.late_layers) if graphs else focus.late_layers
     graph_ms = time_it(lambda: late(model, x, late_rows, cache, q1), device) * 1e3
     out.append({"batch": batch, "context": context, "Q": f"focus 32->{kept:.1f}", "ms": ms, "kept_per_seq": kept,

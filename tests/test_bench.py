@@ -122,3 +122,25 @@ def test_serving_warms_up_on_a_batch_or_on_the_whole_queue(tmp_path, monkeypatch
     assert served == [queue if whole_queue else 2, queue] * 2
     rows = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]["replayed"]
     assert all(r["capture_s"] == 0 and r["ms_per_step_without_capture"] == r["ms_per_step"] for r in rows)  # CPU
+
+
+def test_a_failing_serving_mode_keeps_its_traceback_and_the_next_mode_runs(tmp_path, monkeypatch, capsys):
+    """A mode that raises leaves a row with its traceback in the results; the modes after it still run, and the
+    command exits 1 naming it."""
+    import replay
+    real = replay.serve
+
+    def serve(model, queue, context, opts):
+        if opts.focus:
+            raise RuntimeError("a failure of this mode")
+        return real(model, queue, context, opts)
+    monkeypatch.setattr(replay, "serve", serve)
+    assert bench.main(["--real-size", "--real-size-config", "tiny", "--contexts", "32", "--device", "cpu",
+                       "--parts", "replay", "--replay-problems", "2", "--replay-workload", "arith", "--replay-modes",
+                       "full,focus-1.5,delayed", "--out", str(tmp_path)]) == 1
+    rows = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]["replayed"]
+    assert [r["mode"] for r in rows] == ["full", "focus-1.5", "delayed"]
+    assert "a failure of this mode" in rows[1]["error"] and "Traceback" in rows[1]["error"]
+    assert "error" not in rows[0] and rows[2]["tokens_per_s"] > 0
+    err = capsys.readouterr().err
+    assert "focus-1.5 concurrency 2 context 32 FAILED" in err and "error: focus-1.5 failed" in err

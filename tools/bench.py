@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -296,7 +297,8 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
     following a schedule recorded from a trained model (replay.py: its steps, tokens decoded per step and
     length, at real-size cost). Reported per mode: output tokens/s over the whole run (the paper's measure),
     prefill and decode time apart, and the steady state: the rate while the queue still refills every slot.
-    done(row) as each mode finishes."""
+    done(row) as each mode finishes. A mode that fails with an error of its own (not out of memory) leaves a row
+    with its traceback, and the next mode runs."""
     rows = []
     for b in batches:
         for ctx in args.contexts:
@@ -308,8 +310,17 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 # warm-up: one batch's worth (with --compile it captures most graphs the timed run replays; those of
                 # shapes it did not meet are captured while timed, counted and timed in the row), or the whole queue
                 warm = queue if args.warm_up_queue else queue[:b] if opts.compile else queue[:min(b, 4)]
-                replay.replay(model, warm, ctx, opts)
-                row = replay.serve(model, queue, ctx, opts)
+                try:
+                    replay.replay(model, warm, ctx, opts)
+                    row = replay.serve(model, queue, ctx, opts)
+                except (RuntimeError, ValueError, IndexError) as e:
+                    if out_of_memory(e):
+                        raise
+                    rows.append({"mode": name, "batch": b, "context": ctx, "error": traceback.format_exc()})
+                    done(rows[-1])
+                    print(f"  {name} concurrency {b} context {ctx} FAILED: {type(e).__name__}: {e} (the traceback is "
+                          "in the results file)", file=sys.stderr)
+                    continue
                 row.update(mode=name, schedule="replayed", batch=b, context=ctx, threshold=opts.threshold)
                 base = base or row
                 row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
@@ -364,6 +375,10 @@ def real_size_table(res: dict) -> str:
                   "| computed/step L2..L |",
                   "|" + " --- |" * 14]
         for r in res["replayed"]:
+            if "error" in r:
+                lines.append(f"| {r['mode']} | | {r['batch']} | {r['context']} | failed: "
+                             f"{r['error'].strip().splitlines()[-1]} |" + " |" * 9)
+                continue
             lines.append(f"| {r['mode']} | {r['threshold']} | {r['batch']} | {r['context']} | {r['queue']} "
                          f"| {r['tokens_per_s']:.0f} | {r['speedup']:.2f} | {r['steady_tokens_per_s']:.0f} "
                          f"| {r['steady_speedup']:.2f} | {r['prefill_s']:.1f} / {r['decode_s']:.1f} "
@@ -566,6 +581,10 @@ def run(args, device, res: dict, out: PartialJSON) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if res.get("modes") or res.get("predictors"):  # a real-size run has no plots
         plots.plot_bench(path)
+    failed = [r["mode"] for r in res.get("real_size", {}).get("replayed", []) if "error" in r]
+    if failed:
+        print(f"error: {', '.join(failed)} failed; their tracebacks are in {path}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -389,19 +389,22 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def print_results(results: list[Result], always_headed: bool = False):
-    """The texts on stdout. A reader that went away (`| head -n 1`) ends the printing quietly."""
+def show(text: str):
+    """text on stdout (the commands' reports). A reader that went away (`| head -n 1`) ends the printing
+    quietly."""
     try:
-        for r in results:
-            if always_headed or len(results) > 1:
-                print(f"### {r.prompt}")
-            print(r.text)
-        sys.stdout.flush()
+        print(text, flush=True)
     except BrokenPipeError:
         try:  # the flush at exit would fail again: stdout goes nowhere from here on
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError, io.UnsupportedOperation):
             pass
+
+
+def print_results(results: list[Result], always_headed: bool = False):
+    """The texts on stdout, each under its prompt when there are several."""
+    if results:
+        show("\n".join((f"### {r.prompt}\n" if always_headed or len(results) > 1 else "") + r.text for r in results))
 
 
 def interrupted_line(n: int, total: int | None, results_file: ResultsFile | None) -> str:

@@ -169,7 +169,7 @@ def flex_rows(q, keys, values, line, place, key_end, q_max: int, scale: float, a
 
 def flex_kernel_options(heads_per_kv: int, q_max: int):
     """FlexAttention's kernel for short queries (flex decoding) stacks a kv head's query heads x q_max rows in
-    one tile. On an H200 (torch 2.11) it was 1.5-2x faster than SDPA with a mask up to 64 stacked rows and
+    one tile. On an H200 (torch 2.11) it was 1.3-2x faster than SDPA with a mask up to 64 stacked rows and
     12-35x slower from 128 on (SDAR-8B's 4 heads x 32 rows: 21 ms a layer against SDPA's 1.8, the stall of
     results/README.md); there the general kernel runs (1.6 ms)."""
     return {"FORCE_USE_FLEX_ATTENTION": True} if heads_per_kv * q_max >= 128 else None

@@ -38,7 +38,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from analysis import predictor_probe
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
-                          out_of_memory, out_of_memory_message)
+                          out_of_memory, out_of_memory_message, show)
     from checkpoint import CheckpointError, load, resolve_device
     from model import ModelConfig, flops_per_token
 
@@ -440,7 +440,8 @@ def parse_args(argv=None):
                         "about twice as long)")
     p.add_argument("--flex", action="store_true",
                    help="--compile on CUDA: ragged rows' attention inside the graphs by FlexAttention, compiled once "
-                        "per graph shape (faster FOCUS steps; minutes of compilation when serving meets many shapes)")
+                        "per graph shape (a FOCUS forward nearer its row-count prediction at SDAR-1.7B; serving SDAR-8B, "
+                        "slower than SDPA: results/README.md)")
     p.add_argument("--parts", default="probe,random,replay",
                    help="--real-size: which measurements: probe (one forward per row count), random (every mode "
                         "on random-weight dynamics, one token a step), replay (serving recorded schedules), "
@@ -471,8 +472,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_prompts > data.MAX_PROBLEMS:
         p.error(f"--num-prompts must be at most {data.MAX_PROBLEMS:,}, got {args.num_prompts}")
-    if args.plot == "" or not args.out:
-        p.error(f"--{'plot' if args.plot == '' else 'out'} is empty; name a {'results file' if args.plot == '' else 'folder'}")
+    if args.plot == "":
+        p.error("--plot is empty; name a results file")
+    if not args.out:
+        p.error("--out is empty; name a folder")
     try:
         out_is_file = os.path.exists(args.out) and not os.path.isdir(args.out)   # os.path: no error for a long name
     except ValueError:  # a NUL in the name
@@ -575,10 +578,7 @@ def run(args, device, res: dict, out: PartialJSON) -> int:
                  f"{v['precision_top_k']:.3f}, most confident token kept {v['top1_kept']:.3f}"
                  for n, v in res["predictors"].items() if isinstance(v, dict)])
     path = out.commit(res)
-    try:
-        print(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}", flush=True)
-    except BrokenPipeError:  # a reader that went away (`| head`): the results file is written
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    show(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")
     if res.get("modes") or res.get("predictors"):  # a real-size run has no plots
         plots.plot_bench(path)
     failed = [r["mode"] for r in res.get("real_size", {}).get("replayed", []) if "error" in r]

@@ -21,7 +21,6 @@ and `computed_deep` rows in layers 2..L, so a step costs 2 x computed + (L - 2) 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -38,7 +37,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from partial import PartialJSON
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
-                          out_of_memory, out_of_memory_message)
+                          out_of_memory, out_of_memory_message, show)
     from checkpoint import CheckpointError, inside_file, load, resolve_device
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -245,14 +244,6 @@ def oracle_table(rows: list[dict]) -> str:
                      + (f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-") + " | "
                      + (f"{agree['shared_prefix']:.0%}" if agree else "-") + " |")
     return "\n".join(lines)
-
-
-def show(text: str):
-    """text on stdout; a reader that went away (`| head -n 1`) ends the printing quietly."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
 
 
 def predictor_table(probe: dict) -> str:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import random
@@ -332,3 +333,36 @@ def test_flex_uses_its_general_kernel_where_the_short_query_one_stacks_128_rows(
     assert kernels.flex_kernel_options(4, 16) is None                      # SDAR-8B, kept rows: 64
     assert kernels.flex_kernel_options(4, 32) == {"FORCE_USE_FLEX_ATTENTION": True}   # SDAR-8B, full block
     assert kernels.flex_kernel_options(2, 64) == {"FORCE_USE_FLEX_ATTENTION": True}
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("heads,wide", [(16, 5), (16, 12), (16, 30), (32, 12)])
+def test_masked_attention_in_bf16_on_cuda_matches_float64_at_a_served_shape(heads, wide):
+    """model.cached_attention in bf16 on CUDA (SDPA with a mask: the graphs' ragged rows) against float64, at a
+    served FOCUS step's shape: 256 sequences and the spare slot, 8 kv heads of 128, keys up to 768; `wide`
+    sequences have 32 rows, the others 1-14. (On an H200, torch 2.11, the same rows through two narrower grids
+    differed from this one grid by up to 3 for 12 and 30 such sequences, and not at all for 5:
+    results/profiles/h200-split-attention-2026-12-01.log. Which one was wrong is what this test says.)"""
+    gen, rnd = torch.Generator().manual_seed(0), random.Random(1)
+    k, v = (torch.randn(1, 257, 8, 1024, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    cache = model.KVCache.__new__(model.KVCache)
+    cache.k, cache.v, cache.max_len = k, v, 1024
+    seq, pos, end = [], [], []
+    for s in range(256):
+        cols = sorted(rnd.sample(range(32), 32 if s < wide else rnd.randint(1, 14)))
+        seq += [s] * len(cols)
+        pos += [512 + c for c in cols]
+        end += [512 + cols[-1] + 1] * len(cols)
+    on_gpu = functools.partial(torch.tensor, device="cuda")
+    rows = model.Rows.build(on_gpu(seq + [256]), on_gpu(pos + [0]), on_gpu(end + [1]), num_slots=257)
+    rows = dataclasses.replace(rows, kv_max=768)  # keys padded as a graph pads them
+    q = torch.randn(rows.num_rows, heads, 128, generator=gen).to("cuda", torch.bfloat16)
+    got = model.cached_attention(q, 0, rows, cache, 128 ** -0.5).double()
+    want = torch.empty_like(got)
+    for s in range(257):  # float64, one sequence at a time
+        r = (rows.seq == s).nonzero().squeeze(1)
+        keys, values = (t[0, s, :, :768].double().repeat_interleave(heads // 8, 0) for t in (k, v))
+        scores = torch.einsum("rhd,hkd->hrk", q[r].double(), keys) * 128 ** -0.5
+        scores = scores.masked_fill(torch.arange(768, device="cuda") >= rows.key_end[r, None], float("-inf"))
+        want[r] = torch.einsum("hrk,hkd->rhd", torch.softmax(scores, -1), values)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -34,6 +34,13 @@ def prompt_problem(prompt) -> str | None:
     return None
 
 
+def _one_prompt_key(pairs: list) -> dict:
+    """A JSON object; a second "prompt" key (which json would let win silently) is a KeyError."""
+    if [k for k, _ in pairs].count("prompt") > 1:
+        raise KeyError("prompt")
+    return dict(pairs)
+
+
 def read_prompts(path: str) -> list[str]:
     """The prompts of a JSONL file; a bad line is named by its line number in the file. Lines end at "\\n"
     only: U+2028 or U+0085 inside a JSON string is text, as JSON Lines says."""
@@ -58,13 +65,15 @@ def read_prompts(path: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_one_prompt_key)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
         except ValueError:  # Python reads integers of at most 4300 digits
             raise ValueError(f"{path}, line {n}: not valid JSON (a number too long to read)") from None
         except RecursionError:
             raise ValueError(f"{path}, line {n}: JSON nested too deeply") from None
+        except KeyError:
+            raise ValueError(f"{path}, line {n}: \"prompt\" is given twice; keep one") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"prompt\" field")
         problem = prompt_problem(obj["prompt"])

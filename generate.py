@@ -323,7 +323,9 @@ def main(argv=None) -> int:
         return e.code
     finished, results_file, total = [], None, None
     try:
-        if not args.prompt and not args.prompts_file:
+        if args.prompts_file == "":  # not a silent run without it
+            raise ValueError("--prompts-file is empty; name a JSONL file")
+        if not args.prompt and args.prompts_file is None:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         total = len(prompts)

@@ -126,6 +126,9 @@ CASES = {
     "prompts line nested too deeply": ("generate", ["--prompts-file", "{dir}/nested.jsonl"], ["line 2", "nested"]),
     "prompts line with a 5001-digit number": ("generate", ["--prompts-file", "{dir}/long-number.jsonl"],
                                               ["line 2", "not valid JSON"]),
+    "prompts file named by an empty string": ("generate", ["--prompt", "Hi", "--prompts-file", ""],
+                                              ["--prompts-file is empty"]),
+    "prompt key given twice": ("generate", ["--prompts-file", "{dir}/two-keys.jsonl"], ["line 2", '"prompt" is given twice']),
     # config.json.
     "num_key_value_heads 0": ("generate", hi("kv0"), ["num_key_value_heads", "0"]),
     "config is a list": ("generate", hi("list"), ["config.json", "object", "list"]),
@@ -344,6 +347,7 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n{"prompt": " "}\n')
     (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
+    (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
     (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")

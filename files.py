@@ -270,6 +270,8 @@ def check_output(output: str, prompts_file: str | None, overwrite: bool, model: 
     link's target)."""
     if not output:
         raise ValueError("--output is empty; name a file")
+    if output.endswith("/") and not os.path.isdir(output):  # "out/" names a folder, not a file called out
+        raise ValueError(f"--output {output} ends with / but is not a folder; name a file")
     try:
         path = Path(output).resolve()  # through links: the file they name is what gets replaced
         is_dir, parent_is_dir = path.is_dir(), path.parent.is_dir()

@@ -96,6 +96,10 @@ CASES = {
     "eval num-problems 10^9": ("eval", ["-n", "1000000000"], ["num-problems", "1..10,000"]),
     "eval probe-problems -2": ("eval", ["--study", "--probe-problems", "-2"], ["--probe-problems", "-2"]),
     "eval show-failures -1": ("eval", ["--show-failures", "-1"], ["--show-failures", "-1"]),
+    "eval probe-problems 0": ("eval", ["--study", "--probe-problems", "0"], ["--probe-problems", "positive"]),
+    "eval max-new-tokens 0": ("eval", ["--max-new-tokens", "0"], ["max-new-tokens must be positive"]),
+    "eval max-new-tokens 0 with workloads": ("eval", ["--workloads", "arith", "--max-new-tokens", "0"],
+                                             ["max-new-tokens must be positive"]),
     # Numbers.
     "alpha nan": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "nan"], ["alpha", "finite", "nan"]),
     "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),

@@ -306,11 +306,14 @@ def main(argv=None) -> int:
             args.num_problems = 64 if args.workloads or args.oracle or args.fit_probe else 500
         if not 0 < args.num_problems <= data.MAX_PROBLEMS:
             raise ValueError(f"--num-problems must be in 1..{data.MAX_PROBLEMS:,}, got {args.num_problems}")
-        for name in ("probe_problems", "show_failures"):
-            if getattr(args, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+        if args.show_failures < 0:
+            raise ValueError(f"--show-failures must be 0 or more, got {args.show_failures}")
+        if args.probe_problems <= 0:  # --study's predictor analysis needs a problem (checked before the sweep)
+            raise ValueError(f"--probe-problems must be positive, got {args.probe_problems}")
         names = (args.workloads or args.oracle).split(",") if args.workloads or args.oracle else []
-        budget, args.max_new_tokens = args.max_new_tokens, args.max_new_tokens or Options.max_new_tokens
+        budget = args.max_new_tokens  # None: each workload's own budget (0 is refused by Options below)
+        if args.max_new_tokens is None:
+            args.max_new_tokens = Options.max_new_tokens
         for name in names:
             if name not in workloads.WORKLOADS:
                 raise ValueError(f"unknown workload {name!r}; use one of {', '.join(workloads.WORKLOADS)}")

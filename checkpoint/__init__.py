@@ -190,9 +190,12 @@ def load(path, device="cpu", dtype=None):
     device = resolve_device(str(device), "device=")  # cuda without a GPU: a ValueError here, not deep in torch
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a checkpoint folder (a str or Path), got a {type(path).__name__}")
+    if not os.fspath(path):  # Path("") is the current folder
+        raise CheckpointError("the checkpoint folder's name is empty; pass --model DIR")
     folder = Path(path)
     if not os.path.isdir(folder):  # Path.is_dir raises for a name too long
-        raise CheckpointError(f"checkpoint folder {folder} does not exist; pass --model DIR with a folder holding "
+        problem = "is not a folder" if os.path.lexists(folder) else "does not exist"
+        raise CheckpointError(f"checkpoint folder {folder} {problem}; pass --model DIR with a folder holding "
                               "config.json, *.safetensors and tokenizer.json")
     folder = folder.resolve()
     raw = read_json(folder, "config.json")

@@ -146,6 +146,8 @@ CASES = {
     "config is a folder": ("generate", hi("config-folder"), ["config.json", "is a folder"]),
     "config with a 5001-digit number": ("generate", hi("long-number"), ["config.json", "not valid JSON"]),
     "model name too long": ("generate", ["--model", "{dir}/" + "a" * 300, "--prompt", "Hi"], ["does not exist"]),
+    "model empty": ("generate", ["--model", "", "--prompt", "Hi"], ["checkpoint folder's name is empty"]),
+    "model a file": ("generate", ["--model", "{ckpt}/config.json", "--prompt", "Hi"], ["config.json is not a folder"]),
     "rope_scaling a string": ("generate", hi("rope-string"), ["config.json", "rope_scaling", "'yarn'"]),
     "rope_theta and rope_parameters disagree": ("generate", hi("rope-conflict"), ["rope_theta", "rope_parameters",
                                                                                    "disagree"]),

@@ -207,6 +207,8 @@ CASES = {
     "train out name too long": ("train", ["--out", "{dir}/" + "a" * 300], ["File name too long"]),
     "train usage error": ("train", ["--out", "{dir}/t", "--steps", "ten"], ["--steps", "'ten'"]),
     "train seed 10^23": ("train", ["--out", "{dir}/t", "--seed", str(10**23)], ["--seed", "2^63"]),
+    "train out empty": ("train", ["--out", ""], ["--out is empty"]),
+    "train init-from empty": ("train", ["--out", "{dir}/t", "--init-from", ""], ["--init-from is empty"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
                                              ["--resume", "tokenizer.json", "cannot be read"]),
     # bench.py's arguments.

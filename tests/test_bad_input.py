@@ -224,6 +224,8 @@ CASES = {
     "bench out empty": ("bench", ["--out", ""], ["--out is empty"]),
     "bench out name too long": ("bench", ["--out", "{dir}/" + "o" * 300], ["--out", "File name too long"]),
     "bench prompts past the bound": ("bench", ["--num-prompts", "1000000000"], ["--num-prompts", "at most"]),
+    "bench real-size flag without it": ("bench", ["--contexts", "64"], ["--contexts goes with --real-size"]),
+    "bench flex without compile": ("bench", ["--flex"], ["--flex goes with --compile"]),
     # eval.py's --only.
     "eval only without oracle": ("eval", ["--only", "saturation"], ["--only goes with --oracle"]),
     "eval only matching nothing": ("eval", ["--oracle", "arith", "--only", "zzz"], ["--only 'zzz'", "no entry"]),

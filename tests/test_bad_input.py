@@ -26,6 +26,7 @@ import files
 import generate
 from checkpoint import CHATML, Tokenizer, load, save
 import model
+import plots
 import train
 from conftest import ROOT, assert_one_line_error, random_model, recording_opens, tiny_config, write_checkpoint
 
@@ -411,7 +412,8 @@ def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsy
     frontier.write_text(json.dumps({"modes": [{"mode": "delayed cache 0.9", "accuracy": 0.9,
                                                "row_layers_per_token": 50.0}]}))
     bench_result = workspace / "bench.json"
-    bench_result.write_text(json.dumps({"device": "cpu", "modes": [{"mode": "full", "batch_size": 1}]}))
+    bench_result.write_text(json.dumps({"device": "cpu", "modes": [{"mode": "full", "batch_size": 1,
+                                                                   "tokens_per_s": 9.0}]}))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     for entry, path in (("eval", frontier), ("bench", bench_result)):
         before = snapshot(workspace)
@@ -419,6 +421,34 @@ def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "pip install matplotlib" in err[0], err
         assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("entry,res,code", [
+    ("bench", {"device": "cpu", "modes": [{"mode": "full", "batch_size": 1, "tokens_per_s": 9.0}]}, 0),  # --modes full
+    ("bench", {"predictors": {"I0": {"roc": [[0, 0], [1, 1]], "auc_pooled": 0.5}}}, 0),  # an older file's predictors
+    ("bench", {"modes": [{"mode": "full"}]}, 2),
+    ("eval", {"modes": [{"mode": "delayed cache 0.9", "row_layers_per_token": 50.0}]}, 2),  # no accuracy
+], ids=["no delayed mode", "fewer predictors", "a mode without figures", "a frontier row without accuracy"])
+def test_plot_draws_what_the_file_has_or_refuses_it(workspace, monkeypatch, capsys, entry, res, code):
+    """With matplotlib (a stand-in here): a results file of a partial run is drawn, a malformed one is one line."""
+    from unittest.mock import MagicMock
+    plt = MagicMock()
+    plt.subplots.side_effect = lambda *a, **k: (MagicMock(), MagicMock())
+    monkeypatch.setattr(plots, "pyplot", lambda: plt)
+    path = workspace / "res.json"
+    path.write_text(json.dumps(res))
+    assert MAINS[entry](["--plot", str(path)]) == code
+    if code:
+        assert_one_line_error(code, capsys.readouterr().err, ["not a results file"])
+
+
+def test_frontier_plot_never_replaces_its_results(workspace, monkeypatch, capsys):
+    monkeypatch.setattr(plots, "pyplot", lambda: pytest.fail("drew"))
+    path = workspace / "frontier.png"
+    path.write_text(json.dumps({"modes": [{"mode": "delayed cache 0.9", "accuracy": 0.9, "row_layers_per_token": 5}]}))
+    before = path.read_bytes()
+    assert_one_line_error(evaluate.main(["--plot", str(path)]), capsys.readouterr().err, ["would replace this file"])
+    assert path.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def plot_bench(path: Path) -> bool:
     without matplotlib it says so and returns False."""
     try:
         res = json.loads(path.read_text())
-        ok = isinstance(res, dict) and (bool(res.get("modes")) or bool(res.get("predictors")))
+        ok = isinstance(res, dict) and isinstance(res.get("predictors") or {}, dict) and \
+            (bool(res.get("modes")) or bool(res.get("predictors"))) and all(
+            isinstance(r, dict) and {"mode", "batch_size", "tokens_per_s"} <= r.keys() for r in res.get("modes") or ())
     except (json.JSONDecodeError, UnicodeDecodeError):
         ok = False
     if not ok:
@@ -58,15 +60,17 @@ def plot_bench(path: Path) -> bool:
         ax.legend()
         fig.tight_layout()
         fig.savefig(path.with_suffix(".throughput.png"), dpi=120)
+    delayed = next((r for r in res.get("modes") or () if r["mode"] == "delayed" and "decoded_hist" in r), None)
+    if delayed:  # a run without the delayed cache (--modes) has no histogram to draw
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        hist = np.array(next(r for r in res["modes"] if r["mode"] == "delayed")["decoded_hist"])
+        hist = np.array(delayed["decoded_hist"])
         ax.bar(range(len(hist)), hist / hist.sum())
         ax.set(xlabel="tokens decoded in a step", ylabel="fraction of steps", title="delayed cache, threshold 0.9")
         fig.tight_layout()
         fig.savefig(path.with_suffix(".decoded.png"), dpi=120)
     if res.get("predictors"):
         fig, ax = plt.subplots(figsize=(4, 4))
-        for name in PREDICTORS:
+        for name in (n for n in PREDICTORS if isinstance(res["predictors"].get(n), dict)):  # older files: fewer
             p = res["predictors"][name]
             ax.plot(*zip(*p["roc"]), label=f"{name} (AUC {p['auc_pooled']:.2f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
@@ -83,11 +87,14 @@ def plot_frontier(path: Path) -> bool:
     A file that is not a frontier result is a ValueError; without matplotlib it says so and returns False."""
     try:
         rows = json.loads(path.read_text())["modes"]
-        ok = any(r["mode"].startswith("delayed cache") and "row_layers_per_token" in r for r in rows)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        ok = all({"mode", "accuracy", "row_layers_per_token"} <= r.keys() for r in rows) and \
+            any(r["mode"].startswith("delayed cache") for r in rows)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
+    if path.suffix == ".png":  # the plot's name: it would be written over the results
+        raise ValueError(f"--plot {path}: the plot would replace this file; rename it to .json")
     plt = pyplot()
     if plt is None:
         return False

@@ -198,6 +198,10 @@ def load(path, device="cpu", dtype=None):
         raise CheckpointError(f"checkpoint folder {folder} {problem}; pass --model DIR with a folder holding "
                               "config.json, *.safetensors and tokenizer.json")
     folder = folder.resolve()
+    name = os.fsencode(folder).decode("utf-8", "backslashreplace")
+    if name != str(folder):  # safetensors opens UTF-8 paths only
+        raise CheckpointError(f"checkpoint folder {name} has a name that is not UTF-8, which safetensors cannot "
+                              "open; rename it")
     raw = read_json(folder, "config.json")
     cfg = config_from_dict(raw)
     gen_cfg = read_json(folder, "generation_config.json", required=False)

@@ -149,6 +149,7 @@ CASES = {
     "model name too long": ("generate", ["--model", "{dir}/" + "a" * 300, "--prompt", "Hi"], ["does not exist"]),
     "model empty": ("generate", ["--model", "", "--prompt", "Hi"], ["checkpoint folder's name is empty"]),
     "model a file": ("generate", ["--model", "{ckpt}/config.json", "--prompt", "Hi"], ["config.json is not a folder"]),
+    "model name not UTF-8": ("generate", hi(os.fsdecode(b"caf\xe9")), ["not UTF-8", "rename it"]),
     "rope_scaling a string": ("generate", hi("rope-string"), ["config.json", "rope_scaling", "'yarn'"]),
     "rope_theta and rope_parameters disagree": ("generate", hi("rope-conflict"), ["rope_theta", "rope_parameters",
                                                                                    "disagree"]),
@@ -343,6 +344,7 @@ BROKEN = {
                                                  "{% endfor %}{% endfor %}"),
     "t-number": edit_json("tokenizer_config.json", chat_template=5),
     "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
+    os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8
     "resume-tok": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").write_text("{")),
 }
 

@@ -255,7 +255,9 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
     unknown = set(options) - set(Options.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see decoder.Options")
-    if opts is not None and (options or not isinstance(opts, Options)):
+    if opts is not None and not isinstance(opts, Options):
+        raise ValueError(f"opts must be a decoder.Options (or give options as keywords), got a {type(opts).__name__}")
+    if opts is not None and options:
         raise ValueError("give options either as one decoder.Options or as keywords, not both")
     opts = opts if opts is not None else Options(**options)
     ids = encode_prompts(tokenizer, prompts, chat)

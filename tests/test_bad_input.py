@@ -751,6 +751,7 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     net, tok = loaded
     api_error(lambda: generate.generate(tok, net, ["Hi"]), "swapped", "generate(model, tokenizer, prompts)")
     api_error(lambda: generate.generate("model", tok, ["Hi"]), "model must be an SDAR model")
+    api_error(lambda: generate.generate(net, tok, ["Hi"], 5), "opts must be a decoder.Options", "got a int")
     api_error(lambda: generate.generate(net, None, ["Hi"]), "tokenizer must be a checkpoint.Tokenizer")
     opts = generate.Options(max_new_tokens=4)
     opts.temperature = float("nan")  # a field changed after the checks of __init__

@@ -89,9 +89,12 @@ def read_headers(files: list[Path], cfg: ModelConfig) -> dict[str, tuple[Path, t
                     if name in found:
                         raise CheckpointError(f"tensor {name!r} is in both {found[name][0].name} and {f.name}; "
                                               "keep one")
+                    shape = tuple(handle.get_slice(name).get_shape())
                     if not _ignored(name, cfg):
-                        piece = handle.get_slice(name)
-                        found[name] = (f, tuple(piece.get_shape()), piece.get_dtype())
+                        found[name] = (f, shape, handle.get_slice(name).get_dtype())
+                    elif name == "lm_head.weight" and shape != (cfg.vocab_size, cfg.hidden_size):  # a tied copy
+                        raise CheckpointError(f"{f.name}: tensor 'lm_head.weight' has shape {shape}, config.json "
+                                              f"implies {(cfg.vocab_size, cfg.hidden_size)} (tied to the embeddings)")
         except CheckpointError:
             raise
         except Exception as e:

@@ -186,6 +186,7 @@ CASES = {
     "template a link out of the folder": ("generate", hi("template-link"), ["chat_template.jinja", "leads outside"]),
     "integer weights": ("generate", hi("int-weights"), ["model.norm.weight", "I32", "floats"]),
     "NaN weight": ("generate", hi("nan-weight"), ["model.layers.0.mlp.up_proj.weight", "NaN"]),
+    "tied head of another shape": ("generate", hi("tied-head"), ["lm_head.weight", "(7, 3)", "tied"]),
     # The chat template: every failure is one line naming its file.
     "template include": ("generate", hi("t-include"), ["chat_template.jinja", "cannot be rendered"]),
     "template division by zero": ("generate", hi("t-zero"), ["chat_template.jinja", "ZeroDivisionError"]),
@@ -328,6 +329,7 @@ BROKEN = {
     "template-link": link_out("chat_template.jinja"),
     "int-weights": tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)})),
     "nan-weight": tensors(lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1)[5].fill_(float("nan"))),
+    "tied-head": tensors(lambda t: t.update({"lm_head.weight": torch.zeros(7, 3)})),
     "t-include": write_file("chat_template.jinja", "{% include '/etc/passwd' %}"),
     "t-zero": write_file("chat_template.jinja", "{{ 1 // 0 }}"),
     "t-recursion": write_file("chat_template.jinja", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"),

@@ -158,6 +158,7 @@ CASES = {
     "block_size 10^6": ("generate", hi("block-1e6"), ["config.json", "block_size", "1..256", "1000000"]),
     "rope_theta 1e-300": ("generate", hi("rope-tiny"), ["config.json", "rope_theta", "above 1"]),
     "rms_norm_eps 1e308": ("generate", hi("eps-huge"), ["config.json", "rms_norm_eps", "below 1"]),
+    "layer_types a string": ("generate", hi("layer-types"), ["config.json", "layer_types", "list"]),
     # generation_config.json, tokenizer_config.json, tokenizer.json.
     "generation_config a list": ("generate", hi("gen-list"), ["generation_config.json", "object", "list"]),
     "tokenizer_config a list": ("generate", hi("tok-list"), ["tokenizer_config.json", "object", "list"]),
@@ -310,6 +311,7 @@ BROKEN = {
         (f / "config.json").read_text().replace('"vocab_size": 300', '"vocab_size": 1' + "0" * 5000)),
     "rope-tiny": edit_json("config.json", rope_theta=1e-300),
     "eps-huge": edit_json("config.json", rms_norm_eps=1e308),
+    "layer-types": edit_json("config.json", layer_types="sliding_attention"),
     "gen-list": write_file("generation_config.json", "[2, 0]"),
     "tok-list": write_file("tokenizer_config.json", "[]"),
     "eos-9999": edit_json("generation_config.json", eos_token_id=9999),

@@ -106,6 +106,7 @@ CASES = {
     "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),
     "alpha -1 without focus": ("generate", ["--prompt", "Hi", "--alpha", "-1"], ["alpha must be in [1, 1e+06]"]),
     "focus-rank without --focus": ("generate", ["--prompt", "Hi", "--focus-rank", "random"], ["focus-rank", "--focus"]),
+    "alpha without --focus": ("generate", ["--prompt", "Hi", "--alpha", "2"], ["alpha 2.0 needs --focus"]),
     "top-p without a temperature": ("generate", ["--prompt", "Hi", "--top-p", "0.5"],
                                     ["--top-p", "--temperature above 0"]),
     "tokens-per-step with the threshold rule": ("generate", ["--prompt", "Hi", "--tokens-per-step", "4"],

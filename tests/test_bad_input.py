@@ -124,6 +124,10 @@ CASES = {
     "strategy unknown": ("generate", ["--prompt", "Hi", "--strategy", "best"], ["--strategy", "'best'"]),
     "eval alpha nan": ("eval", ["--focus", "--alpha", "nan"], ["alpha", "finite"]),
     "eval num-problems 0": ("eval", ["-n", "0"], ["num-problems", "0"]),
+    "eval sweep with mode flags": ("eval", ["--ablation", "--focus", "--focus-rank", "random"],
+                                   ["--focus, --focus-rank would change some of the sweep's modes"]),
+    "eval sweep without the delayed cache": ("eval", ["--frontier", "--no-delayed-cache"], ["--no-delayed-cache would"]),
+    "eval frontier at another threshold": ("eval", ["--frontier", "--threshold", "0.5"], ["--threshold would"]),
     # Prompts.
     "lone surrogate in a file": ("generate", ["--prompts-file", "{dir}/surrogate.jsonl"], ["line 2", "not valid Unicode"]),
     "file not UTF-8": ("generate", ["--prompts-file", "{dir}/latin1.jsonl"], ["line 2", "not UTF-8"]),

@@ -35,7 +35,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import plots
     import workloads
     from partial import PartialJSON
-    from decoder import Options
+    from decoder import Options, flag
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
                           out_of_memory, out_of_memory_message, show)
     from checkpoint import CheckpointError, inside_file, load, resolve_device
@@ -86,6 +86,9 @@ FRONTIER = ([("full block", dict(delayed_cache=False))]
             + [(f"FOCUS {a} at {t}", dict(focus=True, alpha=a, threshold=t)) for t in (0.9, 0.8) for a in (1.0, 1.5, 2.0, 3.0)])
 ABLATION = [("delayed cache", {})] + [(f"FOCUS 1.5 by {r}", dict(focus=True, alpha=1.5, focus_rank=r))
                                       for r in ("delta", "random", "negated-delta", "leftmost", "after-decoded")]
+
+
+SWEEP_SETS = ("focus", "delayed_cache", "alpha", "focus_rank", "focus_target", "exact_commit")  # what modes set
 
 
 def sweep(model, tok, problems, entries, base: Options, phrasings=None, finished=None) -> list[dict]:
@@ -332,6 +335,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--only {args.only!r} matches no entry of the ranking study; give part of a name, "
                              f"e.g. {RANKING_STUDY[1][0]!r} or 'saturation'")
         opts = options_from(args)
+        if sweeping:  # a sweep runs its own modes: a mode flag would change some of them and not others
+            mode = [f"--{'no-' if getattr(opts, k) is False else ''}{flag(k)}" for k in SWEEP_SETS
+                    if getattr(opts, k) != getattr(Options(), k)]
+            if args.frontier and opts.threshold != Options.threshold:
+                mode.append("--threshold")
+            if mode:
+                raise ValueError(f"{', '.join(mode)} would change some of the sweep's modes and not others; a sweep "
+                                 "runs its own modes (drop it, or evaluate one mode without the sweep)")
         command = "python tools/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"command": command.strip(), "device": device, "model": args.model}
         out = PartialJSON(args.output) if args.output else None  # before the model: a bad --output fails at once

@@ -284,7 +284,7 @@ def parse_args(argv=None):
                       "against what the full model would decode at each step")
     p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
                    "delayed cache, the unit)")
-    p.add_argument("--probe-problems", type=int, default=200, help="--study: problems for the predictor analysis")
+    p.add_argument("--probe-problems", type=int, help="--study: problems for the predictor analysis (default 200)")
     p.add_argument("--output", help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
     p.add_argument("--plot", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
     p.set_defaults(max_new_tokens=None)  # --workloads: each workload's own budget unless given
@@ -311,8 +311,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--num-problems must be in 1..{data.MAX_PROBLEMS:,}, got {args.num_problems}")
         if args.show_failures < 0:
             raise ValueError(f"--show-failures must be 0 or more, got {args.show_failures}")
+        if args.probe_problems is not None and not args.study:
+            raise ValueError("--probe-problems goes with --study")
+        args.probe_problems = 200 if args.probe_problems is None else args.probe_problems
         if args.probe_problems <= 0:  # --study's predictor analysis needs a problem (checked before the sweep)
             raise ValueError(f"--probe-problems must be positive, got {args.probe_problems}")
+        if args.split != "heldout" and (args.study or args.workloads or args.oracle or args.fit_probe):
+            raise ValueError("--split goes with the plain evaluation, --frontier or --ablation (--study runs both "
+                             "sets; --workloads, --oracle and --fit-probe have their own prompts)")
         names = (args.workloads or args.oracle).split(",") if args.workloads or args.oracle else []
         budget = args.max_new_tokens  # None: each workload's own budget (0 is refused by Options below)
         if args.max_new_tokens is None:

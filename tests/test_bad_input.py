@@ -237,6 +237,8 @@ CASES = {
     "bench prompts past the bound": ("bench", ["--num-prompts", "1000000000"], ["--num-prompts", "at most"]),
     "bench real-size flag without it": ("bench", ["--contexts", "64"], ["--contexts goes with --real-size"]),
     "bench flex without compile": ("bench", ["--flex"], ["--flex goes with --compile"]),
+    "bench modes with --real-size": ("bench", ["--real-size", "--real-size-config", "tiny", "--modes", "full"],
+                                     ["--modes goes without --real-size"]),
     # eval.py's --only.
     "eval only without oracle": ("eval", ["--only", "saturation"], ["--only goes with --oracle"]),
     "eval only matching nothing": ("eval", ["--oracle", "arith", "--only", "zzz"], ["--only 'zzz'", "no entry"]),

@@ -412,6 +412,7 @@ def commit() -> str | None:
 
 REAL_SIZE_ONLY = ("real_size_config", "replay_problems", "replay_workload", "replay_modes", "queue_factor",
                   "warm_up_queue", "parts", "real_batches", "contexts")  # the flags only --real-size reads
+SHIPPED_ONLY = ("batch_sizes", "num_prompts", "repeats", "modes")  # and those it ignores
 
 
 def parse_args(argv=None):
@@ -458,6 +459,9 @@ def parse_args(argv=None):
     given = [name for name in REAL_SIZE_ONLY if getattr(args, name) != p.get_default(name)]
     if given and not args.real_size:  # without it they would be ignored without a word
         p.error(f"--{given[0].replace('_', '-')} goes with --real-size")
+    given = [name for name in SHIPPED_ONLY if getattr(args, name) != p.get_default(name)]
+    if given and args.real_size:
+        p.error(f"--{given[0].replace('_', '-')} goes without --real-size (it measures the shipped model's modes)")
     if args.flex and not args.compile:
         p.error("--flex goes with --compile (it changes attention inside the CUDA graphs)")
     for name in ("batch_sizes", "real_batches", "contexts"):

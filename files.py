@@ -270,6 +270,8 @@ def check_output(output: str, prompts_file: str | None, overwrite: bool, model: 
     link's target)."""
     if not output:
         raise ValueError("--output is empty; name a file")
+    if output == "-":  # not stdout, as many tools read it, but a file named "-"
+        raise ValueError("--output - would be a file named \"-\" (the texts are printed on stdout anyway); name a file")
     if output.endswith("/") and not os.path.isdir(output):  # "out/" names a folder, not a file called out
         raise ValueError(f"--output {output} ends with / but is not a folder; name a file")
     try:

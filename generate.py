@@ -277,8 +277,25 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
+class _StoreOnce(argparse._StoreAction):
+    """A flag that takes one value is given once: argparse would let a second --prompts-file replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string} is given twice; give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors as one line, `error: ...`, exit 2, like every other error here."""
+    """argparse with its usage errors as one line, `error: ...`, exit 2, like every other error here, and each
+    flag that takes a value given at most once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in (None, "store"):
+            self.register("action", name, _StoreOnce)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")

@@ -277,15 +277,24 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
-class _StoreOnce(argparse._StoreAction):
-    """A flag that takes one value is given once: argparse would let a second --prompts-file replace the first."""
+class _Once:
+    """A flag that sets one value is given once: argparse would let a second --prompts-file replace the first, or
+    --no-focus undo --focus."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         given = namespace.__dict__.setdefault("_given", set())
         if self.dest in given:
-            parser.error(f"{option_string} is given twice; give it once")
+            parser.error(f"{'/'.join(self.option_strings)} is given twice; give it once")
         given.add(self.dest)
         super().__call__(parser, namespace, values, option_string)
+
+
+class _StoreOnce(_Once, argparse._StoreAction):
+    pass
+
+
+class _BooleanOnce(_Once, argparse.BooleanOptionalAction):
+    pass
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -308,7 +317,7 @@ def add_options(p: argparse.ArgumentParser, names=None):
             continue
         name, kw = "--" + flag(f.name), dict(default=f.default, help=f.metadata["help"])
         if f.type == "bool":
-            p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(name, action=_BooleanOnce, **kw)
         else:
             kind = {"int": int, "int | None": int, "float": float, "str": str}[f.type]
             p.add_argument(name, type=kind, choices=f.metadata["choices"], **kw)
@@ -329,7 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     add_options(p)
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--chat", action=_BooleanOnce, default=True,
                    help="wrap prompts in the checkpoint's chat template")
     p.add_argument("--show", action="store_true", help="FOCUS: print the first sequence's block at every step")
     return p.parse_args(argv)

@@ -146,6 +146,7 @@ CASES = {
                                               ["--prompts-file is empty"]),
     "prompts file given twice": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--prompts-file",
                                               "{dir}/empty.jsonl"], ["--prompts-file is given twice"]),
+    "focus and no-focus": ("generate", ["--prompt", "Hi", "--focus", "--no-focus"], ["--focus/--no-focus is given twice"]),
     "prompt key given twice": ("generate", ["--prompts-file", "{dir}/two-keys.jsonl"], ["line 2", '"prompt" is given twice']),
     # config.json.
     "num_key_value_heads 0": ("generate", hi("kv0"), ["num_key_value_heads", "0"]),

@@ -223,6 +223,8 @@ CASES = {
     "train usage error": ("train", ["--out", "{dir}/t", "--steps", "ten"], ["--steps", "'ten'"]),
     "train seed 10^23": ("train", ["--out", "{dir}/t", "--seed", str(10**23)], ["--seed", "2^63"]),
     "train out empty": ("train", ["--out", ""], ["--out is empty"]),
+    "train out the checkpoints folder": ("train", ["--out", str(ROOT / "checkpoints"), "--overwrite", "--device", "tpu"],
+                                         ["shipped checkpoint"]),  # tpu: were it let through, no training starts
     "train init-from empty": ("train", ["--out", "{dir}/t", "--init-from", ""], ["--init-from is empty"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
                                              ["--resume", "tokenizer.json", "cannot be read"]),

@@ -391,7 +391,8 @@ def check_args(args) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a folder")
     shipped = (ROOT / "checkpoints").resolve()
-    if out.resolve() == (ROOT / "results").resolve() or (args.overwrite and shipped in out.resolve().parents):
+    if out.resolve() == (ROOT / "results").resolve() or (args.overwrite and (out.resolve() == shipped or
+                                                                             shipped in out.resolve().parents)):
         raise ValueError(f"--out {out} is the project's results or a shipped checkpoint; train into a new folder and "
                          "copy it there by hand")
     if args.resume and not (out / "train_state.pt").exists():

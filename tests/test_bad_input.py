@@ -94,6 +94,7 @@ CASES = {
     "output a file with a trailing slash": ("generate", ["--prompt", "Hi", "--output", "{dir}/good.jsonl/", "--overwrite"],
                                             ["ends with /", "not a folder"]),
     "eval output with a trailing slash": ("eval", ["--study", "--output", "{dir}/new.json/"], ["ends with /"]),
+    "eval frontier output named .png": ("eval", ["--frontier", "--output", "{dir}/f.png"], ["plot would replace it"]),
     "output -": ("generate", ["--prompt", "Hi", "--output", "-"], ["--output -", "name a file"]),
     "eval num-problems 10^9": ("eval", ["-n", "1000000000"], ["num-problems", "1..10,000"]),
     "eval probe-problems -2": ("eval", ["--study", "--probe-problems", "-2"], ["--probe-problems", "-2"]),

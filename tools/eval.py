@@ -334,6 +334,8 @@ def main(argv=None) -> int:
                              "--ablation, --workloads, --oracle or --fit-probe)")
         if args.output and not sweeping:
             raise ValueError("--output goes with --study, --frontier, --ablation, --workloads or --oracle")
+        if args.frontier and args.output and Path(args.output).suffix == ".png":  # its plot's name: the plot
+            raise ValueError(f"--output {args.output}: the frontier's plot would replace it; name a .json file")
         if args.only is not None and not args.oracle:
             raise ValueError("--only goes with --oracle")
         entries = [e for e in RANKING_STUDY if e[0] == "delayed cache" or (args.only or "") in e[0]]

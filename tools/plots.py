@@ -26,8 +26,10 @@ def pyplot():
 def plot_command(path: str, draw) -> int:
     """--plot FILE of eval.py and bench.py: draw(Path) -> drawn. Exit 0 drawn, 1 without matplotlib, 2 for
     a missing file or one that is not a results file of the kind (draw raises ValueError)."""
-    if not Path(path).is_file():
-        print(f"error: --plot {path}: no such file", file=sys.stderr)
+    if not path or not Path(path).is_file():  # Path("") is the current folder
+        what = ("is empty; name a results file" if not path else f"{path}: a folder" if Path(path).is_dir() else
+                f"{path}: not a regular file" if Path(path).exists() else f"{path}: no such file")
+        print(f"error: --plot {what}", file=sys.stderr)
         return 2
     try:
         return 0 if draw(Path(path)) else 1

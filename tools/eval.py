@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         opts = options_from(args)
         if sweeping:  # a sweep runs its own modes: a mode flag would change some of them and not others
             mode = [f"--{'no-' if getattr(opts, k) is False else ''}{flag(k)}" for k in SWEEP_SETS
-                    if getattr(opts, k) != getattr(Options(), k)]
+                    if getattr(opts, k) != getattr(Options, k)]
             if args.frontier and opts.threshold != Options.threshold:
                 mode.append("--threshold")
             if mode:

@@ -43,26 +43,26 @@ def plot_bench(path: Path) -> bool:
     without matplotlib it says so and returns False."""
     try:
         res = json.loads(path.read_text())
-        ok = isinstance(res, dict) and isinstance(res.get("predictors") or {}, dict) and \
-            (bool(res.get("modes")) or bool(res.get("predictors"))) and all(
-            isinstance(r, dict) and {"mode", "batch_size", "tokens_per_s"} <= r.keys() for r in res.get("modes") or ())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        modes, predictors = res.get("modes") or [], res.get("predictors") or {}
+        ok = bool(modes or predictors) and isinstance(predictors, dict) and all(  # every field the plots read
+            isinstance(r, dict) and {"mode", "batch_size", "tokens_per_s"} <= r.keys() for r in modes)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of bench.py with throughput or predictor results")
     plt = pyplot()
     if plt is None:
         return False
-    if res.get("modes"):
+    if modes:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for mode in dict.fromkeys(r["mode"] for r in res["modes"]):
-            pts = [(r["batch_size"], r["tokens_per_s"]) for r in res["modes"] if r["mode"] == mode]
+        for mode in dict.fromkeys(r["mode"] for r in modes):
+            pts = [(r["batch_size"], r["tokens_per_s"]) for r in modes if r["mode"] == mode]
             ax.plot(*zip(*pts), marker="o", label=mode)
-        ax.set(xlabel="batch size", ylabel="generated tokens/s", title=res["device"])
+        ax.set(xlabel="batch size", ylabel="generated tokens/s", title=res.get("device", ""))
         ax.legend()
         fig.tight_layout()
         fig.savefig(path.with_suffix(".throughput.png"), dpi=120)
-    delayed = next((r for r in res.get("modes") or () if r["mode"] == "delayed" and "decoded_hist" in r), None)
+    delayed = next((r for r in modes if r["mode"] == "delayed" and "decoded_hist" in r), None)
     if delayed:  # a run without the delayed cache (--modes) has no histogram to draw
         fig, ax = plt.subplots(figsize=(5, 3.5))
         hist = np.array(delayed["decoded_hist"])
@@ -70,10 +70,10 @@ def plot_bench(path: Path) -> bool:
         ax.set(xlabel="tokens decoded in a step", ylabel="fraction of steps", title="delayed cache, threshold 0.9")
         fig.tight_layout()
         fig.savefig(path.with_suffix(".decoded.png"), dpi=120)
-    if res.get("predictors"):
+    if predictors:
         fig, ax = plt.subplots(figsize=(4, 4))
-        for name in (n for n in PREDICTORS if isinstance(res["predictors"].get(n), dict)):  # older files: fewer
-            p = res["predictors"][name]
+        for name in (n for n in PREDICTORS if isinstance(predictors.get(n), dict)):  # older files: fewer
+            p = predictors[name]
             ax.plot(*zip(*p["roc"]), label=f"{name} (AUC {p['auc_pooled']:.2f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="predicting 'decoded this step'")

@@ -91,6 +91,8 @@ class Options:
                              f"got {self.alpha}")
         if self.focus and not self.delayed_cache:
             raise ValueError("FOCUS runs on top of the delayed cache; drop --no-delayed-cache or --focus")
+        if not self.focus and self.alpha != Options.alpha:
+            raise ValueError(f"alpha {self.alpha} needs --focus (without it nothing is evicted)")
         if not self.focus and self.focus_rank != "delta":
             raise ValueError(f"focus-rank {self.focus_rank} needs --focus (without it nothing is ranked)")
         if not self.focus and self.focus_target != "reference":

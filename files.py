@@ -34,6 +34,13 @@ def prompt_problem(prompt) -> str | None:
     return None
 
 
+def _one_prompt_key(pairs: list) -> dict:
+    """A JSON object; a second "prompt" key (which json would let win silently) is a KeyError."""
+    if [k for k, _ in pairs].count("prompt") > 1:
+        raise KeyError("prompt")
+    return dict(pairs)
+
+
 def read_prompts(path: str) -> list[str]:
     """The prompts of a JSONL file; a bad line is named by its line number in the file. Lines end at "\\n"
     only: U+2028 or U+0085 inside a JSON string is text, as JSON Lines says."""
@@ -58,13 +65,15 @@ def read_prompts(path: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_one_prompt_key)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
         except ValueError:  # Python reads integers of at most 4300 digits
             raise ValueError(f"{path}, line {n}: not valid JSON (a number too long to read)") from None
         except RecursionError:
             raise ValueError(f"{path}, line {n}: JSON nested too deeply") from None
+        except KeyError:
+            raise ValueError(f"{path}, line {n}: \"prompt\" is given twice; keep one") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"prompt\" field")
         problem = prompt_problem(obj["prompt"])
@@ -261,6 +270,10 @@ def check_output(output: str, prompts_file: str | None, overwrite: bool, model: 
     link's target)."""
     if not output:
         raise ValueError("--output is empty; name a file")
+    if output == "-":  # not stdout, as many tools read it, but a file named "-"
+        raise ValueError("--output - would be a file named \"-\" (the texts are printed on stdout anyway); name a file")
+    if output.endswith("/") and not os.path.isdir(output):  # "out/" names a folder, not a file called out
+        raise ValueError(f"--output {output} ends with / but is not a folder; name a file")
     try:
         path = Path(output).resolve()  # through links: the file they name is what gets replaced
         is_dir, parent_is_dir = path.is_dir(), path.parent.is_dir()

@@ -255,7 +255,9 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
     unknown = set(options) - set(Options.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; see decoder.Options")
-    if opts is not None and (options or not isinstance(opts, Options)):
+    if opts is not None and not isinstance(opts, Options):
+        raise ValueError(f"opts must be a decoder.Options (or give options as keywords), got a {type(opts).__name__}")
+    if opts is not None and options:
         raise ValueError("give options either as one decoder.Options or as keywords, not both")
     opts = opts if opts is not None else Options(**options)
     ids = encode_prompts(tokenizer, prompts, chat)
@@ -275,8 +277,34 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
+class _Once:
+    """A flag that sets one value is given once: argparse would let a second --prompts-file replace the first, or
+    --no-focus undo --focus."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{'/'.join(self.option_strings)} is given twice; give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _StoreOnce(_Once, argparse._StoreAction):
+    pass
+
+
+class _BooleanOnce(_Once, argparse.BooleanOptionalAction):
+    pass
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors as one line, `error: ...`, exit 2, like every other error here."""
+    """argparse with its usage errors as one line, `error: ...`, exit 2, like every other error here, and each
+    flag that takes a value given at most once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in (None, "store"):
+            self.register("action", name, _StoreOnce)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -289,7 +317,7 @@ def add_options(p: argparse.ArgumentParser, names=None):
             continue
         name, kw = "--" + flag(f.name), dict(default=f.default, help=f.metadata["help"])
         if f.type == "bool":
-            p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(name, action=_BooleanOnce, **kw)
         else:
             kind = {"int": int, "int | None": int, "float": float, "str": str}[f.type]
             p.add_argument(name, type=kind, choices=f.metadata["choices"], **kw)
@@ -310,7 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     add_options(p)
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--chat", action=_BooleanOnce, default=True,
                    help="wrap prompts in the checkpoint's chat template")
     p.add_argument("--show", action="store_true", help="FOCUS: print the first sequence's block at every step")
     return p.parse_args(argv)
@@ -323,7 +351,9 @@ def main(argv=None) -> int:
         return e.code
     finished, results_file, total = [], None, None
     try:
-        if not args.prompt and not args.prompts_file:
+        if args.prompts_file == "":  # not a silent run without it
+            raise ValueError("--prompts-file is empty; name a JSONL file")
+        if not args.prompt and args.prompts_file is None:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         total = len(prompts)

@@ -89,9 +89,12 @@ def read_headers(files: list[Path], cfg: ModelConfig) -> dict[str, tuple[Path, t
                     if name in found:
                         raise CheckpointError(f"tensor {name!r} is in both {found[name][0].name} and {f.name}; "
                                               "keep one")
+                    shape = tuple(handle.get_slice(name).get_shape())
                     if not _ignored(name, cfg):
-                        piece = handle.get_slice(name)
-                        found[name] = (f, tuple(piece.get_shape()), piece.get_dtype())
+                        found[name] = (f, shape, handle.get_slice(name).get_dtype())
+                    elif name == "lm_head.weight" and shape != (cfg.vocab_size, cfg.hidden_size):  # a tied copy
+                        raise CheckpointError(f"{f.name}: tensor 'lm_head.weight' has shape {shape}, config.json "
+                                              f"implies {(cfg.vocab_size, cfg.hidden_size)} (tied to the embeddings)")
         except CheckpointError:
             raise
         except Exception as e:
@@ -190,11 +193,18 @@ def load(path, device="cpu", dtype=None):
     device = resolve_device(str(device), "device=")  # cuda without a GPU: a ValueError here, not deep in torch
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a checkpoint folder (a str or Path), got a {type(path).__name__}")
+    if not os.fspath(path):  # Path("") is the current folder
+        raise CheckpointError("the checkpoint folder's name is empty; pass --model DIR")
     folder = Path(path)
     if not os.path.isdir(folder):  # Path.is_dir raises for a name too long
-        raise CheckpointError(f"checkpoint folder {folder} does not exist; pass --model DIR with a folder holding "
+        problem = "is not a folder" if os.path.lexists(folder) else "does not exist"
+        raise CheckpointError(f"checkpoint folder {folder} {problem}; pass --model DIR with a folder holding "
                               "config.json, *.safetensors and tokenizer.json")
     folder = folder.resolve()
+    name = os.fsencode(folder).decode("utf-8", "backslashreplace")
+    if name != str(folder):  # safetensors opens UTF-8 paths only
+        raise CheckpointError(f"checkpoint folder {name} has a name that is not UTF-8, which safetensors cannot "
+                              "open; rename it")
     raw = read_json(folder, "config.json")
     cfg = config_from_dict(raw)
     gen_cfg = read_json(folder, "generation_config.json", required=False)

@@ -79,6 +79,8 @@ def config_from_dict(d) -> ModelConfig:
         raise CheckpointError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu only)")
     # Sliding-window attention would change what each token sees: refused rather than ignored.
     layer_types = d.get("layer_types")
+    if layer_types is not None and not isinstance(layer_types, list):  # a string would be read as no types
+        raise CheckpointError(f"config.json: layer_types must be a list, got {layer_types!r}; fix the file")
     if d.get("use_sliding_window") not in (None, False) or (
             isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types)):
         raise CheckpointError("config.json: sliding-window attention (use_sliding_window, layer_types) is not "

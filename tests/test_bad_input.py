@@ -26,6 +26,7 @@ import files
 import generate
 from checkpoint import CHATML, Tokenizer, load, save
 import model
+import plots
 import train
 from conftest import ROOT, assert_one_line_error, random_model, recording_opens, tiny_config, write_checkpoint
 
@@ -85,19 +86,33 @@ CASES = {
     "eval output without a sweep": ("eval", ["--output", "{dir}/x.json"], ["--output goes with"]),
     "eval output empty": ("eval", ["--study", "--output", ""], ["--output is empty"]),
     "eval workloads empty": ("eval", ["--workloads", ""], ["--workloads is empty"]),
-    "eval plot empty": ("eval", ["--plot", ""], ["--plot", "no such file"]),
+    "eval plot empty": ("eval", ["--plot", ""], ["--plot is empty"]),
+    "eval plot a folder": ("eval", ["--plot", "{dir}"], ["--plot", "a folder"]),
+    "eval plot a fifo": ("eval", ["--plot", "{dir}/fifo"], ["--plot", "not a regular file"]),
     "eval workload twice": ("eval", ["--workloads", "arith,long,arith"], ["--workloads", "twice"]),
     "eval update-card with a sweep": ("eval", ["--study", "--update-card"], ["--update-card", "plain evaluation"]),
     "eval output's partial file exists": ("eval", ["--workloads", "long", "--output", "{dir}/left.jsonl"],
                                           ["left.jsonl.partial exists"]),
+    "output a file with a trailing slash": ("generate", ["--prompt", "Hi", "--output", "{dir}/good.jsonl/", "--overwrite"],
+                                            ["ends with /", "not a folder"]),
+    "eval output with a trailing slash": ("eval", ["--study", "--output", "{dir}/new.json/"], ["ends with /"]),
+    "eval frontier output named .png": ("eval", ["--frontier", "--output", "{dir}/f.png"], ["plot would replace it"]),
+    "output -": ("generate", ["--prompt", "Hi", "--output", "-"], ["--output -", "name a file"]),
     "eval num-problems 10^9": ("eval", ["-n", "1000000000"], ["num-problems", "1..10,000"]),
     "eval probe-problems -2": ("eval", ["--study", "--probe-problems", "-2"], ["--probe-problems", "-2"]),
     "eval show-failures -1": ("eval", ["--show-failures", "-1"], ["--show-failures", "-1"]),
+    "eval probe-problems 0": ("eval", ["--study", "--probe-problems", "0"], ["--probe-problems", "positive"]),
+    "eval probe-problems without --study": ("eval", ["--probe-problems", "5"], ["--probe-problems goes with --study"]),
+    "eval split with --study": ("eval", ["--study", "--split", "heldout-phrasing"], ["--split goes with"]),
+    "eval max-new-tokens 0": ("eval", ["--max-new-tokens", "0"], ["max-new-tokens must be positive"]),
+    "eval max-new-tokens 0 with workloads": ("eval", ["--workloads", "arith", "--max-new-tokens", "0"],
+                                             ["max-new-tokens must be positive"]),
     # Numbers.
     "alpha nan": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "nan"], ["alpha", "finite", "nan"]),
     "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),
     "alpha -1 without focus": ("generate", ["--prompt", "Hi", "--alpha", "-1"], ["alpha must be in [1, 1e+06]"]),
     "focus-rank without --focus": ("generate", ["--prompt", "Hi", "--focus-rank", "random"], ["focus-rank", "--focus"]),
+    "alpha without --focus": ("generate", ["--prompt", "Hi", "--alpha", "2"], ["alpha 2.0 needs --focus"]),
     "top-p without a temperature": ("generate", ["--prompt", "Hi", "--top-p", "0.5"],
                                     ["--top-p", "--temperature above 0"]),
     "tokens-per-step with the threshold rule": ("generate", ["--prompt", "Hi", "--tokens-per-step", "4"],
@@ -115,6 +130,10 @@ CASES = {
     "strategy unknown": ("generate", ["--prompt", "Hi", "--strategy", "best"], ["--strategy", "'best'"]),
     "eval alpha nan": ("eval", ["--focus", "--alpha", "nan"], ["alpha", "finite"]),
     "eval num-problems 0": ("eval", ["-n", "0"], ["num-problems", "0"]),
+    "eval sweep with mode flags": ("eval", ["--ablation", "--focus", "--focus-rank", "random"],
+                                   ["--focus, --focus-rank would change some of the sweep's modes"]),
+    "eval sweep without the delayed cache": ("eval", ["--frontier", "--no-delayed-cache"], ["--no-delayed-cache would"]),
+    "eval frontier at another threshold": ("eval", ["--frontier", "--threshold", "0.5"], ["--threshold would"]),
     # Prompts.
     "lone surrogate in a file": ("generate", ["--prompts-file", "{dir}/surrogate.jsonl"], ["line 2", "not valid Unicode"]),
     "file not UTF-8": ("generate", ["--prompts-file", "{dir}/latin1.jsonl"], ["line 2", "not UTF-8"]),
@@ -126,6 +145,12 @@ CASES = {
     "prompts line nested too deeply": ("generate", ["--prompts-file", "{dir}/nested.jsonl"], ["line 2", "nested"]),
     "prompts line with a 5001-digit number": ("generate", ["--prompts-file", "{dir}/long-number.jsonl"],
                                               ["line 2", "not valid JSON"]),
+    "prompts file named by an empty string": ("generate", ["--prompt", "Hi", "--prompts-file", ""],
+                                              ["--prompts-file is empty"]),
+    "prompts file given twice": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--prompts-file",
+                                              "{dir}/empty.jsonl"], ["--prompts-file is given twice"]),
+    "focus and no-focus": ("generate", ["--prompt", "Hi", "--focus", "--no-focus"], ["--focus/--no-focus is given twice"]),
+    "prompt key given twice": ("generate", ["--prompts-file", "{dir}/two-keys.jsonl"], ["line 2", '"prompt" is given twice']),
     # config.json.
     "num_key_value_heads 0": ("generate", hi("kv0"), ["num_key_value_heads", "0"]),
     "config is a list": ("generate", hi("list"), ["config.json", "object", "list"]),
@@ -136,6 +161,9 @@ CASES = {
     "config is a folder": ("generate", hi("config-folder"), ["config.json", "is a folder"]),
     "config with a 5001-digit number": ("generate", hi("long-number"), ["config.json", "not valid JSON"]),
     "model name too long": ("generate", ["--model", "{dir}/" + "a" * 300, "--prompt", "Hi"], ["does not exist"]),
+    "model empty": ("generate", ["--model", "", "--prompt", "Hi"], ["checkpoint folder's name is empty"]),
+    "model a file": ("generate", ["--model", "{ckpt}/config.json", "--prompt", "Hi"], ["config.json is not a folder"]),
+    "model name not UTF-8": ("generate", hi(os.fsdecode(b"caf\xe9")), ["not UTF-8", "rename it"]),
     "rope_scaling a string": ("generate", hi("rope-string"), ["config.json", "rope_scaling", "'yarn'"]),
     "rope_theta and rope_parameters disagree": ("generate", hi("rope-conflict"), ["rope_theta", "rope_parameters",
                                                                                    "disagree"]),
@@ -144,6 +172,7 @@ CASES = {
     "block_size 10^6": ("generate", hi("block-1e6"), ["config.json", "block_size", "1..256", "1000000"]),
     "rope_theta 1e-300": ("generate", hi("rope-tiny"), ["config.json", "rope_theta", "above 1"]),
     "rms_norm_eps 1e308": ("generate", hi("eps-huge"), ["config.json", "rms_norm_eps", "below 1"]),
+    "layer_types a string": ("generate", hi("layer-types"), ["config.json", "layer_types", "list"]),
     # generation_config.json, tokenizer_config.json, tokenizer.json.
     "generation_config a list": ("generate", hi("gen-list"), ["generation_config.json", "object", "list"]),
     "tokenizer_config a list": ("generate", hi("tok-list"), ["tokenizer_config.json", "object", "list"]),
@@ -172,6 +201,7 @@ CASES = {
     "template a link out of the folder": ("generate", hi("template-link"), ["chat_template.jinja", "leads outside"]),
     "integer weights": ("generate", hi("int-weights"), ["model.norm.weight", "I32", "floats"]),
     "NaN weight": ("generate", hi("nan-weight"), ["model.layers.0.mlp.up_proj.weight", "NaN"]),
+    "tied head of another shape": ("generate", hi("tied-head"), ["lm_head.weight", "(7, 3)", "tied"]),
     # The chat template: every failure is one line naming its file.
     "template include": ("generate", hi("t-include"), ["chat_template.jinja", "cannot be rendered"]),
     "template division by zero": ("generate", hi("t-zero"), ["chat_template.jinja", "ZeroDivisionError"]),
@@ -195,6 +225,10 @@ CASES = {
     "train out name too long": ("train", ["--out", "{dir}/" + "a" * 300], ["File name too long"]),
     "train usage error": ("train", ["--out", "{dir}/t", "--steps", "ten"], ["--steps", "'ten'"]),
     "train seed 10^23": ("train", ["--out", "{dir}/t", "--seed", str(10**23)], ["--seed", "2^63"]),
+    "train out empty": ("train", ["--out", ""], ["--out is empty"]),
+    "train out the checkpoints folder": ("train", ["--out", str(ROOT / "checkpoints"), "--overwrite", "--device", "tpu"],
+                                         ["shipped checkpoint"]),  # tpu: were it let through, no training starts
+    "train init-from empty": ("train", ["--out", "{dir}/t", "--init-from", ""], ["--init-from is empty"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
                                              ["--resume", "tokenizer.json", "cannot be read"]),
     # bench.py's arguments.
@@ -210,6 +244,10 @@ CASES = {
     "bench out empty": ("bench", ["--out", ""], ["--out is empty"]),
     "bench out name too long": ("bench", ["--out", "{dir}/" + "o" * 300], ["--out", "File name too long"]),
     "bench prompts past the bound": ("bench", ["--num-prompts", "1000000000"], ["--num-prompts", "at most"]),
+    "bench real-size flag without it": ("bench", ["--contexts", "64"], ["--contexts goes with --real-size"]),
+    "bench flex without compile": ("bench", ["--flex"], ["--flex goes with --compile"]),
+    "bench modes with --real-size": ("bench", ["--real-size", "--real-size-config", "tiny", "--modes", "full"],
+                                     ["--modes goes without --real-size"]),
     # eval.py's --only.
     "eval only without oracle": ("eval", ["--only", "saturation"], ["--only goes with --oracle"]),
     "eval only matching nothing": ("eval", ["--oracle", "arith", "--only", "zzz"], ["--only 'zzz'", "no entry"]),
@@ -291,6 +329,7 @@ BROKEN = {
         (f / "config.json").read_text().replace('"vocab_size": 300', '"vocab_size": 1' + "0" * 5000)),
     "rope-tiny": edit_json("config.json", rope_theta=1e-300),
     "eps-huge": edit_json("config.json", rms_norm_eps=1e308),
+    "layer-types": edit_json("config.json", layer_types="sliding_attention"),
     "gen-list": write_file("generation_config.json", "[2, 0]"),
     "tok-list": write_file("tokenizer_config.json", "[]"),
     "eos-9999": edit_json("generation_config.json", eos_token_id=9999),
@@ -310,6 +349,7 @@ BROKEN = {
     "template-link": link_out("chat_template.jinja"),
     "int-weights": tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)})),
     "nan-weight": tensors(lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1)[5].fill_(float("nan"))),
+    "tied-head": tensors(lambda t: t.update({"lm_head.weight": torch.zeros(7, 3)})),
     "t-include": write_file("chat_template.jinja", "{% include '/etc/passwd' %}"),
     "t-zero": write_file("chat_template.jinja", "{{ 1 // 0 }}"),
     "t-recursion": write_file("chat_template.jinja", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"),
@@ -326,6 +366,7 @@ BROKEN = {
                                                  "{% endfor %}{% endfor %}"),
     "t-number": edit_json("tokenizer_config.json", chat_template=5),
     "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
+    os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8
     "resume-tok": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").write_text("{")),
 }
 
@@ -344,6 +385,7 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n{"prompt": " "}\n')
     (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
+    (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
     (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")
@@ -394,7 +436,8 @@ def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsy
     frontier.write_text(json.dumps({"modes": [{"mode": "delayed cache 0.9", "accuracy": 0.9,
                                                "row_layers_per_token": 50.0}]}))
     bench_result = workspace / "bench.json"
-    bench_result.write_text(json.dumps({"device": "cpu", "modes": [{"mode": "full", "batch_size": 1}]}))
+    bench_result.write_text(json.dumps({"device": "cpu", "modes": [{"mode": "full", "batch_size": 1,
+                                                                   "tokens_per_s": 9.0}]}))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     for entry, path in (("eval", frontier), ("bench", bench_result)):
         before = snapshot(workspace)
@@ -402,6 +445,34 @@ def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "pip install matplotlib" in err[0], err
         assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("entry,res,code", [
+    ("bench", {"device": "cpu", "modes": [{"mode": "full", "batch_size": 1, "tokens_per_s": 9.0}]}, 0),  # --modes full
+    ("bench", {"predictors": {"I0": {"roc": [[0, 0], [1, 1]], "auc_pooled": 0.5}}}, 0),  # an older file's predictors
+    ("bench", {"modes": [{"mode": "full"}]}, 2),
+    ("eval", {"modes": [{"mode": "delayed cache 0.9", "row_layers_per_token": 50.0}]}, 2),  # no accuracy
+], ids=["no delayed mode", "fewer predictors", "a mode without figures", "a frontier row without accuracy"])
+def test_plot_draws_what_the_file_has_or_refuses_it(workspace, monkeypatch, capsys, entry, res, code):
+    """With matplotlib (a stand-in here): a results file of a partial run is drawn, a malformed one is one line."""
+    from unittest.mock import MagicMock
+    plt = MagicMock()
+    plt.subplots.side_effect = lambda *a, **k: (MagicMock(), MagicMock())
+    monkeypatch.setattr(plots, "pyplot", lambda: plt)
+    path = workspace / "res.json"
+    path.write_text(json.dumps(res))
+    assert MAINS[entry](["--plot", str(path)]) == code
+    if code:
+        assert_one_line_error(code, capsys.readouterr().err, ["not a results file"])
+
+
+def test_frontier_plot_never_replaces_its_results(workspace, monkeypatch, capsys):
+    monkeypatch.setattr(plots, "pyplot", lambda: pytest.fail("drew"))
+    path = workspace / "frontier.png"
+    path.write_text(json.dumps({"modes": [{"mode": "delayed cache 0.9", "accuracy": 0.9, "row_layers_per_token": 5}]}))
+    before = path.read_bytes()
+    assert_one_line_error(evaluate.main(["--plot", str(path)]), capsys.readouterr().err, ["would replace this file"])
+    assert path.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -702,6 +773,7 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     net, tok = loaded
     api_error(lambda: generate.generate(tok, net, ["Hi"]), "swapped", "generate(model, tokenizer, prompts)")
     api_error(lambda: generate.generate("model", tok, ["Hi"]), "model must be an SDAR model")
+    api_error(lambda: generate.generate(net, tok, ["Hi"], 5), "opts must be a decoder.Options", "got a int")
     api_error(lambda: generate.generate(net, None, ["Hi"]), "tokenizer must be a checkpoint.Tokenizer")
     opts = generate.Options(max_new_tokens=4)
     opts.temperature = float("nan")  # a field changed after the checks of __init__

@@ -410,6 +410,11 @@ def commit() -> str | None:
         return None
 
 
+REAL_SIZE_ONLY = ("real_size_config", "replay_problems", "replay_workload", "replay_modes", "queue_factor",
+                  "warm_up_queue", "parts", "real_batches", "contexts")  # the flags only --real-size reads
+SHIPPED_ONLY = ("batch_sizes", "num_prompts", "repeats", "modes")  # and those it ignores
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description="Full block vs delayed cache vs FOCUS, side by side.")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -451,6 +456,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results")
     p.add_argument("--plot", metavar="JSON", help="only draw the plots of a results file")
     args = p.parse_args(argv)
+    given = [name for name in REAL_SIZE_ONLY if getattr(args, name) != p.get_default(name)]
+    if given and not args.real_size:  # without it they would be ignored without a word
+        p.error(f"--{given[0].replace('_', '-')} goes with --real-size")
+    given = [name for name in SHIPPED_ONLY if getattr(args, name) != p.get_default(name)]
+    if given and args.real_size:
+        p.error(f"--{given[0].replace('_', '-')} goes without --real-size (it measures the shipped model's modes)")
+    if args.flex and not args.compile:
+        p.error("--flex goes with --compile (it changes attention inside the CUDA graphs)")
     for name in ("batch_sizes", "real_batches", "contexts"):
         setattr(args, name, positive_list(p, name, getattr(args, name)))
     for name, allowed in (("modes", MODES), ("replay_modes", MODES), ("parts", PARTS)):

@@ -35,7 +35,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import plots
     import workloads
     from partial import PartialJSON
-    from decoder import Options
+    from decoder import Options, flag
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
                           out_of_memory, out_of_memory_message, show)
     from checkpoint import CheckpointError, inside_file, load, resolve_device
@@ -86,6 +86,9 @@ FRONTIER = ([("full block", dict(delayed_cache=False))]
             + [(f"FOCUS {a} at {t}", dict(focus=True, alpha=a, threshold=t)) for t in (0.9, 0.8) for a in (1.0, 1.5, 2.0, 3.0)])
 ABLATION = [("delayed cache", {})] + [(f"FOCUS 1.5 by {r}", dict(focus=True, alpha=1.5, focus_rank=r))
                                       for r in ("delta", "random", "negated-delta", "leftmost", "after-decoded")]
+
+
+SWEEP_SETS = ("focus", "delayed_cache", "alpha", "focus_rank", "focus_target", "exact_commit")  # what modes set
 
 
 def sweep(model, tok, problems, entries, base: Options, phrasings=None, finished=None) -> list[dict]:
@@ -281,7 +284,7 @@ def parse_args(argv=None):
                       "against what the full model would decode at each step")
     p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
                    "delayed cache, the unit)")
-    p.add_argument("--probe-problems", type=int, default=200, help="--study: problems for the predictor analysis")
+    p.add_argument("--probe-problems", type=int, help="--study: problems for the predictor analysis (default 200)")
     p.add_argument("--output", help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
     p.add_argument("--plot", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
     p.set_defaults(max_new_tokens=None)  # --workloads: each workload's own budget unless given
@@ -306,11 +309,20 @@ def main(argv=None) -> int:
             args.num_problems = 64 if args.workloads or args.oracle or args.fit_probe else 500
         if not 0 < args.num_problems <= data.MAX_PROBLEMS:
             raise ValueError(f"--num-problems must be in 1..{data.MAX_PROBLEMS:,}, got {args.num_problems}")
-        for name in ("probe_problems", "show_failures"):
-            if getattr(args, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+        if args.show_failures < 0:
+            raise ValueError(f"--show-failures must be 0 or more, got {args.show_failures}")
+        if args.probe_problems is not None and not args.study:
+            raise ValueError("--probe-problems goes with --study")
+        args.probe_problems = 200 if args.probe_problems is None else args.probe_problems
+        if args.probe_problems <= 0:  # --study's predictor analysis needs a problem (checked before the sweep)
+            raise ValueError(f"--probe-problems must be positive, got {args.probe_problems}")
+        if args.split != "heldout" and (args.study or args.workloads or args.oracle or args.fit_probe):
+            raise ValueError("--split goes with the plain evaluation, --frontier or --ablation (--study runs both "
+                             "sets; --workloads, --oracle and --fit-probe have their own prompts)")
         names = (args.workloads or args.oracle).split(",") if args.workloads or args.oracle else []
-        budget, args.max_new_tokens = args.max_new_tokens, args.max_new_tokens or Options.max_new_tokens
+        budget = args.max_new_tokens  # None: each workload's own budget (0 is refused by Options below)
+        if args.max_new_tokens is None:
+            args.max_new_tokens = Options.max_new_tokens
         for name in names:
             if name not in workloads.WORKLOADS:
                 raise ValueError(f"unknown workload {name!r}; use one of {', '.join(workloads.WORKLOADS)}")
@@ -322,6 +334,8 @@ def main(argv=None) -> int:
                              "--ablation, --workloads, --oracle or --fit-probe)")
         if args.output and not sweeping:
             raise ValueError("--output goes with --study, --frontier, --ablation, --workloads or --oracle")
+        if args.frontier and args.output and Path(args.output).suffix == ".png":  # its plot's name: the plot
+            raise ValueError(f"--output {args.output}: the frontier's plot would replace it; name a .json file")
         if args.only is not None and not args.oracle:
             raise ValueError("--only goes with --oracle")
         entries = [e for e in RANKING_STUDY if e[0] == "delayed cache" or (args.only or "") in e[0]]
@@ -329,6 +343,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--only {args.only!r} matches no entry of the ranking study; give part of a name, "
                              f"e.g. {RANKING_STUDY[1][0]!r} or 'saturation'")
         opts = options_from(args)
+        if sweeping:  # a sweep runs its own modes: a mode flag would change some of them and not others
+            mode = [f"--{'no-' if getattr(opts, k) is False else ''}{flag(k)}" for k in SWEEP_SETS
+                    if getattr(opts, k) != getattr(Options, k)]
+            if args.frontier and opts.threshold != Options.threshold:
+                mode.append("--threshold")
+            if mode:
+                raise ValueError(f"{', '.join(mode)} would change some of the sweep's modes and not others; a sweep "
+                                 "runs its own modes (drop it, or evaluate one mode without the sweep)")
         command = "python tools/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"command": command.strip(), "device": device, "model": args.model}
         out = PartialJSON(args.output) if args.output else None  # before the model: a bad --output fails at once

@@ -13,6 +13,8 @@ from pathlib import Path
 
 class PartialJSON:
     def __init__(self, path: str | Path):
+        if str(path).endswith("/"):  # Path would drop the slash and write a file where a folder was meant
+            raise ValueError(f"{path} ends with / (a folder); name a file")
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         if not self.path.parent.is_dir():

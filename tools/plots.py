@@ -26,8 +26,10 @@ def pyplot():
 def plot_command(path: str, draw) -> int:
     """--plot FILE of eval.py and bench.py: draw(Path) -> drawn. Exit 0 drawn, 1 without matplotlib, 2 for
     a missing file or one that is not a results file of the kind (draw raises ValueError)."""
-    if not Path(path).is_file():
-        print(f"error: --plot {path}: no such file", file=sys.stderr)
+    if not path or not Path(path).is_file():  # Path("") is the current folder
+        what = ("is empty; name a results file" if not path else f"{path}: a folder" if Path(path).is_dir() else
+                f"{path}: not a regular file" if Path(path).exists() else f"{path}: no such file")
+        print(f"error: --plot {what}", file=sys.stderr)
         return 2
     try:
         return 0 if draw(Path(path)) else 1
@@ -41,33 +43,37 @@ def plot_bench(path: Path) -> bool:
     without matplotlib it says so and returns False."""
     try:
         res = json.loads(path.read_text())
-        ok = isinstance(res, dict) and (bool(res.get("modes")) or bool(res.get("predictors")))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        modes, predictors = res.get("modes") or [], res.get("predictors") or {}
+        ok = bool(modes or predictors) and isinstance(predictors, dict) and all(  # every field the plots read
+            isinstance(r, dict) and {"mode", "batch_size", "tokens_per_s"} <= r.keys() for r in modes)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of bench.py with throughput or predictor results")
     plt = pyplot()
     if plt is None:
         return False
-    if res.get("modes"):
+    if modes:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for mode in dict.fromkeys(r["mode"] for r in res["modes"]):
-            pts = [(r["batch_size"], r["tokens_per_s"]) for r in res["modes"] if r["mode"] == mode]
+        for mode in dict.fromkeys(r["mode"] for r in modes):
+            pts = [(r["batch_size"], r["tokens_per_s"]) for r in modes if r["mode"] == mode]
             ax.plot(*zip(*pts), marker="o", label=mode)
-        ax.set(xlabel="batch size", ylabel="generated tokens/s", title=res["device"])
+        ax.set(xlabel="batch size", ylabel="generated tokens/s", title=res.get("device", ""))
         ax.legend()
         fig.tight_layout()
         fig.savefig(path.with_suffix(".throughput.png"), dpi=120)
+    delayed = next((r for r in modes if r["mode"] == "delayed" and "decoded_hist" in r), None)
+    if delayed:  # a run without the delayed cache (--modes) has no histogram to draw
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        hist = np.array(next(r for r in res["modes"] if r["mode"] == "delayed")["decoded_hist"])
+        hist = np.array(delayed["decoded_hist"])
         ax.bar(range(len(hist)), hist / hist.sum())
         ax.set(xlabel="tokens decoded in a step", ylabel="fraction of steps", title="delayed cache, threshold 0.9")
         fig.tight_layout()
         fig.savefig(path.with_suffix(".decoded.png"), dpi=120)
-    if res.get("predictors"):
+    if predictors:
         fig, ax = plt.subplots(figsize=(4, 4))
-        for name in PREDICTORS:
-            p = res["predictors"][name]
+        for name in (n for n in PREDICTORS if isinstance(predictors.get(n), dict)):  # older files: fewer
+            p = predictors[name]
             ax.plot(*zip(*p["roc"]), label=f"{name} (AUC {p['auc_pooled']:.2f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="predicting 'decoded this step'")
@@ -83,11 +89,14 @@ def plot_frontier(path: Path) -> bool:
     A file that is not a frontier result is a ValueError; without matplotlib it says so and returns False."""
     try:
         rows = json.loads(path.read_text())["modes"]
-        ok = any(r["mode"].startswith("delayed cache") and "row_layers_per_token" in r for r in rows)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        ok = all({"mode", "accuracy", "row_layers_per_token"} <= r.keys() for r in rows) and \
+            any(r["mode"].startswith("delayed cache") for r in rows)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
+    if path.suffix == ".png":  # the plot's name: it would be written over the results
+        raise ValueError(f"--plot {path}: the plot would replace this file; rename it to .json")
     plt = pyplot()
     if plt is None:
         return False

@@ -384,11 +384,15 @@ def check_args(args) -> Path:
                          f"got {args.problems:,}")
     if args.batch_size > 4096 or args.vocab_size > 1 << 20:
         raise ValueError("--batch-size must be at most 4096 and --vocab-size at most 1,048,576")
+    for name in ("out", "init_from"):
+        if getattr(args, name) == "":  # Path("") is the current folder
+            raise ValueError(f"--{name.replace('_', '-')} is empty; name a folder")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a folder")
     shipped = (ROOT / "checkpoints").resolve()
-    if out.resolve() == (ROOT / "results").resolve() or (args.overwrite and shipped in out.resolve().parents):
+    if out.resolve() == (ROOT / "results").resolve() or (args.overwrite and (out.resolve() == shipped or
+                                                                             shipped in out.resolve().parents)):
         raise ValueError(f"--out {out} is the project's results or a shipped checkpoint; train into a new folder and "
                          "copy it there by hand")
     if args.resume and not (out / "train_state.pt").exists():

@@ -158,7 +158,8 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
         drop[:, 0] = False                        # ... which always holds the best token (top_p may round to 0)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    drawable = torch.where(probs.isnan().any(-1, keepdim=True), 1.0, probs)  # a NaN row: its confidence says so
+    token = torch.multinomial(drawable, 1, generator=generator).squeeze(-1)
     return token, probs.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -321,7 +322,8 @@ class Decoder:
         deep = torch.zeros_like(computed).index_add_(0, seq, kept.long())
         return {"block": self.inside.sum(1) * self.live, "computed": computed, "computed_deep": deep,
                 "decoded": n_decoded, "target": target,
-                "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1)}
+                "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1),
+                "not_finite": self.confidence.isnan().any(1)}   # NaN or inf logits gave a NaN confidence
 
     def retain_target(self):
         """(S,) how many masked tokens FOCUS keeps this step (focus.retain_target), from the running average

@@ -129,6 +129,9 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                     stats = dec.step()
                     committing = stats.pop("committing")                  # (S,) bool, stays on the device
                     stats = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one sync a step
+                if any(stats["not_finite"]):
+                    raise ValueError("the model's logits are not finite (NaN or inf): its weights or config overflow "
+                                     f"in {model.embed_tokens.weight.dtype}; check the checkpoint")
                 for s, r in enumerate(owner):
                     if r >= 0:
                         for k in history[r]:

@@ -201,6 +201,7 @@ CASES = {
     "template a link out of the folder": ("generate", hi("template-link"), ["chat_template.jinja", "leads outside"]),
     "integer weights": ("generate", hi("int-weights"), ["model.norm.weight", "I32", "floats"]),
     "NaN weight": ("generate", hi("nan-weight"), ["model.layers.0.mlp.up_proj.weight", "NaN"]),
+    "weights that overflow": ("generate", hi("huge-weight"), ["logits are not finite", "check the checkpoint"]),
     "tied head of another shape": ("generate", hi("tied-head"), ["lm_head.weight", "(7, 3)", "tied"]),
     # The chat template: every failure is one line naming its file.
     "template include": ("generate", hi("t-include"), ["chat_template.jinja", "cannot be rendered"]),
@@ -349,6 +350,7 @@ BROKEN = {
     "template-link": link_out("chat_template.jinja"),
     "int-weights": tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)})),
     "nan-weight": tensors(lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1)[5].fill_(float("nan"))),
+    "huge-weight": tensors(lambda t: t["model.layers.0.mlp.up_proj.weight"].mul_(1e38)),  # finite, overflows later
     "tied-head": tensors(lambda t: t.update({"lm_head.weight": torch.zeros(7, 3)})),
     "t-include": write_file("chat_template.jinja", "{% include '/etc/passwd' %}"),
     "t-zero": write_file("chat_template.jinja", "{{ 1 // 0 }}"),
@@ -703,6 +705,19 @@ def test_sampling_stays_finite_at_extreme_settings(temperature, top_p):
         assert torch.equal(token, logits.argmax(-1)) and torch.allclose(conf, torch.ones(6))
     if temperature > 1e30:  # the limit is uniform over the allowed tokens
         assert torch.allclose(conf, torch.full((6,), 1 / 49))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("focus", [False, True])
+def test_weights_that_overflow_end_the_run_with_one_clear_error(temperature, focus):
+    """Finite weights too large for the dtype overflow in the forward (inf, then NaN logits): greedy or sampled,
+    the step's NaN confidences end the run with a ValueError, read with the step's statistics (no extra sync)."""
+    net = random_model(tiny_config(), seed=0)
+    with torch.no_grad():
+        net.layers[0].mlp.up_proj.weight.mul_(1e38)
+    opts = generate.Options(max_new_tokens=8, batch_size=2, temperature=temperature, focus=focus)
+    with pytest.raises(ValueError, match="logits are not finite"):
+        generate.generate_ids(net, [[5, 6, 7], [8, 9]], 3, [2], opts)
 
 
 def test_extreme_sampling_generates(loaded):

@@ -158,8 +158,7 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
         drop[:, 0] = False                        # ... which always holds the best token (top_p may round to 0)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    drawable = torch.where(probs.isnan().any(-1, keepdim=True), 1.0, probs)  # a NaN row: its confidence says so
-    token = torch.multinomial(drawable, 1, generator=generator).squeeze(-1)
+    token = torch.multinomial(probs.nan_to_num(1.0), 1, generator=generator).squeeze(-1)  # NaN rows: see conf
     return token, probs.gather(-1, token[:, None]).squeeze(-1)
 
 

@@ -26,6 +26,7 @@ import files
 import generate
 from checkpoint import CHATML, Tokenizer, load, save
 import model
+import partial
 import plots
 import train
 from conftest import ROOT, assert_one_line_error, random_model, recording_opens, tiny_config, write_checkpoint
@@ -852,13 +853,13 @@ def test_a_save_leaves_one_set_of_weight_files(tmp_path, hf_tokenizer, first, se
 
 
 def test_bench_never_overwrites_a_results_file(tmp_path):
-    first = bench.new_results_path(tmp_path, "cpu-2026-11-24")
+    first = partial.new_results_path(tmp_path, "cpu-2026-11-24")
     assert first == tmp_path / "cpu-2026-11-24.json"
     first.write_text("{}")
-    second = bench.new_results_path(tmp_path, "cpu-2026-11-24")
+    second = partial.new_results_path(tmp_path, "cpu-2026-11-24")
     assert second == tmp_path / "cpu-2026-11-24-2.json"
     second.write_text("{}")
-    assert bench.new_results_path(tmp_path, "cpu-2026-11-24") == tmp_path / "cpu-2026-11-24-3.json"
+    assert partial.new_results_path(tmp_path, "cpu-2026-11-24") == tmp_path / "cpu-2026-11-24-3.json"
 
 
 def test_generate_takes_one_checked_options(loaded):

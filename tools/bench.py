@@ -34,7 +34,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import replay
     import shapes
     import workloads
-    from partial import PartialJSON
+    from partial import PartialJSON, new_results_path
     from analysis import predictor_probe
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
@@ -510,16 +510,6 @@ def positive_list(p, name: str, text: str) -> list[int]:
         if v <= 0:
             p.error(f"{flag}: every value must be positive, got {v}")
     return values
-
-
-def new_results_path(folder: Path, stem: str) -> Path:
-    """folder/stem.json, or stem-2.json, stem-3.json, ... : a results file (or an interrupted run's partial
-    one) is never overwritten."""
-    path, n = folder / f"{stem}.json", 1
-    while path.exists() or path.with_name(path.name + ".partial").exists():
-        n += 1
-        path = folder / f"{stem}-{n}.json"
-    return path
 
 
 def main(argv=None) -> int:

@@ -63,3 +63,13 @@ class PartialJSON:
             os.unlink(self.partial)
             return "nothing had finished"
         return f"what finished is in {self.partial}"
+
+
+def new_results_path(folder: Path, stem: str) -> Path:
+    """folder/stem.json, or stem-2.json, stem-3.json, ... : a results file (or an interrupted run's partial
+    one) is never overwritten."""
+    path, n = folder / f"{stem}.json", 1
+    while path.exists() or path.with_name(path.name + ".partial").exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path

@@ -63,3 +63,30 @@ def test_a_queue_longer_than_the_batch_refills_the_slots(loaded):
         assert stats["computed"] == [len(c) for c in sched.computed]
         assert stats["computed_deep"] == [len(k) for k in sched.kept]
         assert stats["decoded"] == [len(d) for d in sched.decoded]
+
+
+def test_the_replay_keeps_the_recordings_token_budget(loaded):
+    """The token budget bounds a sequence's last block, so a replay runs at the recording's budget whatever the
+    caller's opts say: a smaller one would cut the last blocks short (bench.py once passed the longest output
+    + 1, and a replay of a sequence whose EOS came early in its last block lost that block's tail rows). Mixed
+    budgets are refused."""
+    net, tok = loaded
+    opts = Options(max_new_tokens=14, threshold=0.7, focus=True, alpha=1.0)
+    eos = [int(net(torch.tensor([PROMPTS[0]]), block_size=4)[0, -1].argmax())]
+    with torch.no_grad():
+        schedules = replay.record(net, PROMPTS, tok.mask_id, eos, opts)
+    early = [s for s in schedules if s.tokens < 14]
+    assert early and all(s.budget == 14 for s in schedules)
+    other = random_model(tiny_config(hidden_size=48, num_hidden_layers=3, mask_token_id=3), seed=9)
+    for budget in (1, max(s.tokens for s in early) + 1, 40):
+        with torch.no_grad():
+            out = replay.replay(other, early, 9, replace(opts, max_new_tokens=budget))
+        for sched, (ids, stats) in zip(early, out):
+            assert len(ids) == sched.tokens, budget
+            assert stats["computed"] == [len(c) for c in sched.computed], budget
+            assert stats["computed_deep"] == [len(k) for k in sched.kept], budget
+    wrong = [replace(early[0], computed=[c[:-1] for c in early[0].computed])] + early[1:]
+    with pytest.raises(RuntimeError, match="left its schedules"):   # a replay checks itself against its recording
+        replay.replay(other, wrong, 9, opts)
+    with pytest.raises(ValueError, match="different token budgets"):
+        replay.replay(other, [schedules[0], replace(schedules[1], budget=20)], 9, opts)

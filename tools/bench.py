@@ -306,7 +306,7 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
             for name in args.replay_modes:
                 recorded = schedules[name]
                 queue = [recorded[i % len(recorded)] for i in range(args.queue_factor * b)]
-                opts = replace(mode_options(name, args, b), max_new_tokens=max(s.tokens for s in recorded) + 1)
+                opts = mode_options(name, args, b)   # (the token budget is the recording's: replay.replay)
                 # warm-up: one batch's worth (with --compile it captures most graphs the timed run replays; those of
                 # shapes it did not meet are captured while timed, counted and timed in the row), or the whole queue
                 warm = queue if args.warm_up_queue else queue[:b] if opts.compile else queue[:min(b, 4)]

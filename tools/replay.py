@@ -34,6 +34,7 @@ class Schedule:
     computed position when nothing was evicted), and the positions computed (for checking a replay)."""
     prompt_offset: int          # the prompt's length modulo the block size
     tokens: int                 # tokens generated
+    budget: int                 # the recording's max_new_tokens, which bounds the last block as it did then
     decoded: list[list[int]]
     kept: list[list[int]]
     computed: list[list[int]]
@@ -57,7 +58,8 @@ def record(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list[int],
 
         def positions(grids):
             return [grid[slot].nonzero().squeeze(1).tolist() for grid in grids]
-        schedules.append(Schedule(len(prompt) % bs, len(ids), decoded=positions(s.decoded for s in steps[:n]),
+        schedules.append(Schedule(len(prompt) % bs, len(ids), opts.max_new_tokens,
+                                  decoded=positions(s.decoded for s in steps[:n]),
                                   kept=positions(s.kept for s in steps[:n]),
                                   computed=positions(s.computed for s in steps[:n])))
     return schedules
@@ -77,18 +79,21 @@ class ReplayDecoder(Decoder):
         index = {id(s): i for i, s in enumerate(distinct)}
         length = max(len(s.decoded) for s in distinct)
         decoded_at = torch.zeros(len(distinct), length, self.block_size, dtype=torch.bool)
-        kept_at = torch.zeros_like(decoded_at)
+        kept_at, computed_at = torch.zeros_like(decoded_at), torch.zeros_like(decoded_at)
         for i, sched in enumerate(distinct):
-            for t, (decoded, kept) in enumerate(zip(sched.decoded, sched.kept)):
+            for t, (decoded, kept, computed) in enumerate(zip(sched.decoded, sched.kept, sched.computed)):
                 decoded_at[i, t, decoded] = True
                 kept_at[i, t, kept] = True
-        self.decoded_at, self.kept_at = decoded_at.to(self.device), kept_at.to(self.device)
+                computed_at[i, t, computed] = True
+        self.decoded_at, self.kept_at, self.computed_at = (grid.to(self.device)
+                                                           for grid in (decoded_at, kept_at, computed_at))
         self.length = torch.tensor([len(s.decoded) for s in distinct], device=self.device)
         self.tokens_out = torch.tensor([s.tokens for s in distinct], device=self.device)
         self.queue = [index[id(s)] for s in self.schedules]                  # admission order -> schedule
         self.admitted = 0
         self.which = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # each slot's schedule
         self.t = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)      # and its step in it
+        self.diverged = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)  # from its schedule
 
     def admit(self, slots: list[int], prompts: list[list[int]]):
         super().admit(slots, prompts)
@@ -125,11 +130,20 @@ class ReplayDecoder(Decoder):
     def step(self) -> dict:
         live = self.live.clone()
         stats = super().step()
+        # The rows computed, those kept and the positions decoded are the recorded ones, or the replay is not a
+        # replay (read once, at the end of the run: no host sync here).
+        last = self.last_step
+        for grid, recorded in ((last.computed, self.computed_at), (last.kept, self.kept_at),
+                               (last.decoded, self.decoded_at)):
+            self.diverged |= (grid != self._now(recorded)).any(1)
         self.t += live
         return stats
 
     def finish_blocks(self, committed) -> list[tuple[int, int, str]]:
         ended = super().finish_blocks(committed)
+        if ended:  # the decoder's own endings (the budget) come where the recording's did, or it diverged
+            slots = torch.tensor([slot for slot, _, _ in ended], device=self.device)
+            self.diverged[slots] |= self.t[slots] < self.length[self.which[slots]]
         over = self.live & (self.t >= self.length[self.which])  # the recorded sequence ended here (at its EOS)
         self.live &= ~over
         slots = over.nonzero().squeeze(1)
@@ -141,16 +155,32 @@ def replay(model, schedules: list[Schedule], context: int, opts: Options, clock:
            step_hook=None, on_result=None, seed: int = 0):
     """Run len(schedules) sequences on `model` through opts.batch_size slots (continuous batching: a slot
     whose sequence ends takes the next one, its prefill included), each with a random prompt of about
-    `context` tokens, following its schedule. Returns generate_ids' outputs (random tokens, real step
-    structure)."""
+    `context` tokens, following its schedule, at the schedules' token budget (not opts'). Returns
+    generate_ids' outputs (random tokens, real step structure)."""
     cfg = model.config
     bs = opts.block_size or cfg.block_size
+    budgets = {s.budget for s in schedules}
+    if len(budgets) != 1:
+        raise ValueError(f"schedules recorded at different token budgets {sorted(budgets)}: replay one recording")
+    # The recording's budget, not opts': it bounds each last block as it did when recorded (a smaller one would
+    # cut the block short, so its rows, and the kept ones, would no longer be the recorded ones).
+    opts = replace(opts, max_new_tokens=budgets.pop())
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(10, cfg.vocab_size, (context // bs * bs + s.prompt_offset,), generator=g).tolist()
                for s in schedules]
+    decoders = []
+
+    def hook(dec):
+        decoders[:] = [dec]
+        if step_hook is not None:
+            step_hook(dec)
     decoder = type("Replay", (ReplayDecoder,), {"schedules": schedules})
-    return generate_ids(model, prompts, cfg.mask_token_id, [-1], opts, clock=clock, step_hook=step_hook,
-                        on_result=on_result, decoder=decoder)
+    out = generate_ids(model, prompts, cfg.mask_token_id, [-1], opts, clock=clock, step_hook=hook,
+                       on_result=on_result, decoder=decoder)
+    if decoders and bool(decoders[0].diverged.any()):
+        raise RuntimeError("the replay left its schedules (rows computed or kept, or positions decoded, differ from "
+                           "the recording's): a bug in replay.py or the decoder")
+    return out
 
 
 def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:

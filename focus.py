@@ -348,7 +348,9 @@ def select_in_graph(model, input_ids, rows: Rows, cache, is_mask_row, col, progr
     early = kernels.graphed(early_layers_and_selection)
     x, q1, kept = early(model, model.embed_tokens(input_ids), rows, cache, is_mask_row, col, target[rows.seq],
                         progress[rows.seq], conf, rank_by, True)
-    return Selected(x, q1, kept)
+    # The graph's outputs last until the next graph runs: x and q1 are compacted before the late layers' graph,
+    # but kept is read after it (the step's records), so it is copied out.
+    return Selected(x, q1, kept.clone())
 
 
 def early_layers_and_selection(model, x, rows: Rows, cache, is_mask_row, col, target_row, progress_row,

@@ -238,8 +238,10 @@ def graphed(fn, capture: bool = True):
     """fn(model, x, rows, cache, *extra) with CUDA graphs, on CUDA. rows is a model.Rows; cache a model.KVCache
     whose last slot is spare (no sequence uses it); x and the tensors among extra have one entry per row; the
     other values among extra (ints, strings), and the padded shapes, pick the graph. Returns what fn returns,
-    one entry per row: the graph's own buffers, valid until the same graph runs again. Off CUDA, and for MoE
-    models (their routing syncs with the host), fn runs as is. capture=False: the same padded buffers, run
+    one entry per row: the graph's own buffers, valid until any graph of the same cache runs (they share one
+    memory pool, so a graph captured later may hold its outputs where an earlier one keeps its scratch: copy
+    what must outlive the next graph). Off CUDA, and for MoE models (their routing syncs with the host), fn
+    runs as is. capture=False: the same padded buffers, run
     eagerly on any device (what a graph computes; for tests)."""
     if (fn, capture) not in _GRAPHED:
         _GRAPHED[fn, capture] = functools.partial(_graphed_call, fn, capture)

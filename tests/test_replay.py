@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import kernels
 import replay
 from conftest import random_model, tiny_config
 from generate import Options
@@ -90,3 +91,25 @@ def test_the_replay_keeps_the_recordings_token_budget(loaded):
         replay.replay(other, wrong, 9, opts)
     with pytest.raises(ValueError, match="different token budgets"):
         replay.replay(other, [schedules[0], replace(schedules[1], budget=20)], 9, opts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_focus_recording_with_cuda_graphs_keeps_rows_it_computed():
+    """With --compile on CUDA a FOCUS step runs two graphs that share one memory pool; the selection's kept
+    flags come out of the first and are read after the second has run. Recorded from the shipped model at the
+    paper's pairing (threshold 0.8), every step must keep a subset of what it computed, and at least one row
+    (on an H200 the second graph once overwrote the flags: 110 of the recording's steps kept nothing, and their
+    replay stopped)."""
+    import workloads
+    from checkpoint import load
+    from generate import DEFAULT_MODEL, encode_prompts
+    net, tok = load(DEFAULT_MODEL, device="cuda")
+    w = workloads.workload("long", 64)
+    opts = Options(max_new_tokens=w.max_new_tokens, threshold=0.8, focus=True, alpha=1.5, batch_size=64,
+                   compile=True)
+    with torch.no_grad():
+        schedules = replay.record(net, encode_prompts(tok, w.prompts, chat=True), tok.mask_id, tok.eos_ids, opts)
+    kernels.release(net)
+    steps = [(kept, computed) for s in schedules for kept, computed in zip(s.kept, s.computed)]
+    assert [(k, c) for k, c in steps if not k or not set(k) <= set(c)] == []
+    assert any(len(k) < len(c) for k, c in steps)   # FOCUS evicted

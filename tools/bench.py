@@ -404,8 +404,12 @@ def device_name(device) -> str:
 
 
 def commit() -> str | None:
+    """The commit measured, with "+modified" where tracked files differ from it (a copy of a working tree)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or None
+        head = git("rev-parse", "HEAD")
+        return head + ("+modified" if head and git("status", "--porcelain", "--untracked-files=no") else "") or None
     except OSError:
         return None
 

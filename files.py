@@ -60,6 +60,9 @@ def read_prompts(path: str) -> list[str]:
         line = raw[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason}); "
                          "save the file as UTF-8") from None
+    from dataclasses import fields
+    from decoder import Options
+    settings = {f.name for f in fields(Options)} | {"chat", "seed"}
     prompts = []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -76,6 +79,10 @@ def read_prompts(path: str) -> list[str]:
             raise ValueError(f"{path}, line {n}: \"prompt\" is given twice; keep one") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"prompt\" field")
+        setting = next((k for k in obj if k in settings), None)
+        if setting:  # a per-prompt setting would be ignored: every prompt runs with the command line's
+            raise ValueError(f"{path}, line {n}: \"{setting}\" is a setting, which a prompts file cannot give "
+                             f"per prompt; pass --{setting.replace('_', '-')} on the command line")
         problem = prompt_problem(obj["prompt"])
         if problem:
             raise ValueError(f"{path}, line {n}: the prompt {problem}")

@@ -151,6 +151,8 @@ CASES = {
     "prompts file given twice": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--prompts-file",
                                               "{dir}/empty.jsonl"], ["--prompts-file is given twice"]),
     "focus and no-focus": ("generate", ["--prompt", "Hi", "--focus", "--no-focus"], ["--focus/--no-focus is given twice"]),
+    "prompt line with a setting": ("generate", ["--prompts-file", "{dir}/setting.jsonl"],
+                                   ["line 2", '"max_new_tokens" is a setting', "--max-new-tokens"]),
     "prompt key given twice": ("generate", ["--prompts-file", "{dir}/two-keys.jsonl"], ["line 2", '"prompt" is given twice']),
     # config.json.
     "num_key_value_heads 0": ("generate", hi("kv0"), ["num_key_value_heads", "0"]),
@@ -389,6 +391,7 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
     (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')
+    (tmp_path / "setting.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "short", "max_new_tokens": 3}\n')
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
     (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")

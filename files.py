@@ -61,7 +61,7 @@ def read_prompts(path: str) -> list[str]:
         raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason}); "
                          "save the file as UTF-8") from None
     from dataclasses import fields
-    from decoder import Options
+    from decoder import Options   # here, not at the top: this module stays free of torch until a file is read
     settings = {f.name for f in fields(Options)} | {"chat", "seed"}
     prompts = []
     for n, line in enumerate(text.split("\n"), 1):

@@ -241,8 +241,8 @@ def graphed(fn, capture: bool = True):
     one entry per row: the graph's own buffers, valid until any graph of the same cache runs (they share one
     memory pool, so a graph captured later may hold its outputs where an earlier one keeps its scratch: copy
     what must outlive the next graph). Off CUDA, and for MoE models (their routing syncs with the host), fn
-    runs as is. capture=False: the same padded buffers, run
-    eagerly on any device (what a graph computes; for tests)."""
+    runs as is. capture=False: the same padded buffers, run eagerly on any device (what a graph computes; for
+    tests)."""
     if (fn, capture) not in _GRAPHED:
         _GRAPHED[fn, capture] = functools.partial(_graphed_call, fn, capture)
     return _GRAPHED[fn, capture]

@@ -1,6 +1,7 @@
 """bench.py --real-size on the tiny shapes: the MoE shape builds from LLaDA2.0-mini's config with fewer experts,
 and every mode times a step; FOCUS computes fewer rows in layers 2..L than the delayed cache, which computes fewer
 than the full block; the shipped model's schedules are replayed."""
+import contextlib
 import json
 
 import pytest
@@ -109,7 +110,12 @@ def test_the_profile_leaves_the_prefill_out(tmp_path, monkeypatch):
 def test_serving_warms_up_on_a_batch_or_on_the_whole_queue(tmp_path, monkeypatch, whole_queue):
     """Serving: each mode warms up on one batch's worth of its queue (with --compile; 4 sequences at most
     without), or with --warm-up-queue on the whole queue, then serves the whole queue once, timed."""
+    import kernels
     import replay
+    # The warm-up rule is under test, not the fusion (test_kernels.py compiles and checks it): plain functions,
+    # so the test does not wait half a minute for Inductor.
+    monkeypatch.setattr(kernels, "fast_paths", lambda model, on=True: contextlib.nullcontext())
+    monkeypatch.setattr(kernels, "fused", lambda fn: fn)
     served = []
     real = replay.replay
     monkeypatch.setattr(replay, "replay", lambda model, queue, *a, **k: (served.append(len(queue)),

@@ -116,8 +116,12 @@ class Tokenizer:
             return v
         if cfg.model_type == "llada2_moe":  # its own convention, before any guess by name
             return LLADA2_MASK_ID
-        name = tok_cfg.get("mask_token")
-        name = name.get("content") if isinstance(name, dict) else name
+        given = tok_cfg.get("mask_token")
+        name = given.get("content") if isinstance(given, dict) else given
+        if given is not None and not (isinstance(name, str) and self.tok.token_to_id(name) is not None):
+            # a name the tokenizer lacks: not a guess (<|MASK|>) in its place
+            raise CheckpointError(f"tokenizer_config.json: mask_token {given!r} is not a token of tokenizer.json; "
+                                  "fix the file or set mask_token_id in config.json")
         for candidate in (name, "<|MASK|>"):
             if isinstance(candidate, str) and candidate and self.tok.token_to_id(candidate) is not None:
                 return self.tok.token_to_id(candidate)

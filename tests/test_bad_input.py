@@ -192,6 +192,8 @@ CASES = {
                                                                          "True"]),
     "tokenizer ids beyond the vocabulary": ("generate", hi("vocab-256"), ["tokenizer.json", "beyond",
                                                                           "vocab_size 256"]),
+    "mask_token not a token": ("generate", hi("mask-unknown"), ["tokenizer_config.json", "'<|mask|>'",
+                                                                "not a token of tokenizer.json"]),
     # The weights.
     "index points outside the folder": ("generate", hi("index-up"), ["weight_map", "../outside/model.safetensors",
                                                                      "inside the checkpoint folder"]),
@@ -344,6 +346,7 @@ BROKEN = {
     "config-eos-mask": edit_json("config.json", eos_token_id=3),
     "gen-mask-true": edit_json("generation_config.json", mask_token_id=True),
     "vocab-256": vocab_256,
+    "mask-unknown": edit_json("tokenizer_config.json", mask_token="<|mask|>"),  # the token is <|MASK|>
     "index-up": index_to(lambda root: "../outside/model.safetensors"),
     "index-absolute": index_to(lambda root: str(root / "outside" / "model.safetensors")),
     "index-int": index_to(lambda root: 5),

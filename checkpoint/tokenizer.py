@@ -98,7 +98,10 @@ class Tokenizer:
         if isinstance(template, list):  # some checkpoints keep named templates
             if not all(isinstance(t, dict) for t in template):
                 raise CheckpointError(f"{source} must be a string or a list of {{\"name\", \"template\"}} objects")
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            names = [t.get("name") for t in template]
+            if "default" not in names:  # as transformers: no silent fallback to ChatML
+                raise CheckpointError(f"{source} names no \"default\" template (only {names}); fix the file")
+            template = template[names.index("default")].get("template")
         if template is not None and not isinstance(template, str):
             raise CheckpointError(f"{source} must be a string, not {type(template).__name__}; fix the file")
         if template is not None and len(template) > MAX_TEMPLATE_CHARS:

@@ -222,6 +222,8 @@ CASES = {
     "template join bomb": ("generate", hi("t-join"), ["chat_template.jinja", "memory"]),
     "template that never ends": ("generate", hi("t-loops"), ["chat_template.jinja", "took more than"]),
     "template not a string": ("generate", hi("t-number"), ["tokenizer_config.json", "chat_template", "string"]),
+    "named templates without a default": ("generate", hi("t-named"), ["tokenizer_config.json", "no \"default\"",
+                                                                        "['tool_use']"]),
     # The device, one check for every entry point.
     "generate device tpu": ("generate", ["--prompt", "Hi", "--device", "tpu"], ["unknown device 'tpu'"]),
     "eval device tpu": ("eval", ["--device", "tpu"], ["unknown device 'tpu'"]),
@@ -373,6 +375,7 @@ BROKEN = {
     "t-loops": write_file("chat_template.jinja", "{% for i in range(10000) %}{% for j in range(10000) %}"
                                                  "{% endfor %}{% endfor %}"),
     "t-number": edit_json("tokenizer_config.json", chat_template=5),
+    "t-named": edit_json("tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "{{ messages }}"}]),
     "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
     os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8
     "resume-tok": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").write_text("{")),

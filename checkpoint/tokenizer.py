@@ -52,6 +52,8 @@ class Tokenizer:
             raise
         except Exception as e:  # the tokenizers package's own errors, bad UTF-8, a nesting too deep
             raise CheckpointError(f"{path} cannot be read ({first_line(e)})") from None
+        self.tok.no_truncation()  # settings some tokenizer.json files keep from a call that asked for them: a
+        self.tok.no_padding()     # prompt is never cut or padded (transformers applies them only when asked)
         top = max(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1], default=None)
         if top is not None and top[1] >= cfg.vocab_size:
             raise CheckpointError(f"tokenizer.json: token {top[0]!r} has id {top[1]}, beyond the model's vocabulary "

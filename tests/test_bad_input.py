@@ -442,6 +442,24 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
     assert not [p for p in opened if p.startswith(str(workspace / "outside"))]  # the checkpoint stayed inside
 
 
+# Quirks of checkpoint files found in the wild, which load as if they were not there.
+QUIRKS = {
+    "tokenizer.json truncates and pads": edit_json("tokenizer.json", truncation={
+        "direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}, padding={
+        "strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
+        "pad_token": "<|endoftext|>"}),  # transformers applies them only when a call asks for them
+}
+
+
+@pytest.mark.parametrize("name", list(QUIRKS))
+def test_checkpoint_quirks_change_nothing(name, tmp_path, checkpoint, loaded):
+    shutil.copytree(checkpoint.path, tmp_path / name)
+    QUIRKS[name](tmp_path / name, tmp_path)
+    tok, prompt = load(tmp_path / name)[1], "the quick brown fox " * 5
+    for chat in (True, False):
+        assert tok.encode_prompt(prompt, chat) == loaded[1].encode_prompt(prompt, chat)
+
+
 def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsys):
     """A good results file but no matplotlib: one line with the fix, exit 1, no file written."""
     frontier = workspace / "frontier.json"

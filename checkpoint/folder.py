@@ -76,7 +76,7 @@ def read_json(folder: Path, name: str, required: bool = True) -> dict:
     if path is None:
         return {}
     try:
-        d = json.loads(read_bytes(path, MAX_JSON_BYTES).decode("utf-8"))
+        d = json.loads(read_bytes(path, MAX_JSON_BYTES).decode("utf-8-sig"))  # a byte-order mark is no error
     except ValueError as e:  # bad JSON or UTF-8, a number of more than 4300 digits
         raise CheckpointError(f"{folder / name} is not valid JSON ({first_line(e)})") from None
     except RecursionError:

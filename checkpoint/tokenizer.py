@@ -47,7 +47,7 @@ class Tokenizer:
         folder = Path(folder).resolve()
         path = inside_file(folder, "tokenizer.json")
         try:
-            self.tok = HFTokenizer.from_str(read_bytes(path, MAX_JSON_BYTES).decode("utf-8"))
+            self.tok = HFTokenizer.from_str(read_bytes(path, MAX_JSON_BYTES).decode("utf-8-sig"))  # as read_json
         except CheckpointError:
             raise
         except Exception as e:  # the tokenizers package's own errors, bad UTF-8, a nesting too deep

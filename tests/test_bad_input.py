@@ -448,6 +448,8 @@ QUIRKS = {
         "direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}, padding={
         "strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
         "pad_token": "<|endoftext|>"}),  # transformers applies them only when a call asks for them
+    "a byte-order mark on every JSON file": lambda f, r: [p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+                                                          for p in f.glob("*.json")],  # some Windows editors
 }
 
 

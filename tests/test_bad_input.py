@@ -176,6 +176,7 @@ CASES = {
     "rope_theta 1e-300": ("generate", hi("rope-tiny"), ["config.json", "rope_theta", "above 1"]),
     "rms_norm_eps 1e308": ("generate", hi("eps-huge"), ["config.json", "rms_norm_eps", "below 1"]),
     "layer_types a string": ("generate", hi("layer-types"), ["config.json", "layer_types", "list"]),
+    "config key given twice": ("generate", hi("block-twice"), ["config.json", '"block_size" is given twice']),
     # generation_config.json, tokenizer_config.json, tokenizer.json.
     "generation_config a list": ("generate", hi("gen-list"), ["generation_config.json", "object", "list"]),
     "tokenizer_config a list": ("generate", hi("tok-list"), ["tokenizer_config.json", "object", "list"]),
@@ -338,6 +339,8 @@ BROKEN = {
     "rope-tiny": edit_json("config.json", rope_theta=1e-300),
     "eps-huge": edit_json("config.json", rms_norm_eps=1e308),
     "layer-types": edit_json("config.json", layer_types="sliding_attention"),
+    "block-twice": lambda f, r: (f / "config.json").write_text(  # json would keep the second without a word
+        (f / "config.json").read_text().replace('"block_size": 4', '"block_size": 4, "block_size": 8')),
     "gen-list": write_file("generation_config.json", "[2, 0]"),
     "tok-list": write_file("tokenizer_config.json", "[]"),
     "eos-9999": edit_json("generation_config.json", eos_token_id=9999),

@@ -832,6 +832,9 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     api_error(lambda: generate.generate_ids(net, [[5, 300]], tok.mask_id, tok.eos_ids, generate.Options()),
               "prompt 1", "token ids below the vocabulary size 300")
     api_error(lambda: generate.generate_ids(net, [[5]], True, tok.eos_ids, generate.Options()), "mask_id")
+    api_error(lambda: generate.generate_ids(net, torch.tensor([[5, 6]]), tok.mask_id, tok.eos_ids, generate.Options()),
+              "prompt_ids must be a list of lists of token ids, got a Tensor")
+    api_error(lambda: generate.generate_ids(net, [[5, 6]], tok.mask_id, [2, 10**30], generate.Options()), "eos_ids")
     api_error(lambda: load(None), "path must be a checkpoint folder", "NoneType")
     api_error(lambda: load(checkpoint.path, dtype=torch.int8), "dtype must be", "torch.int8")
 

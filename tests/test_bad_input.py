@@ -837,6 +837,7 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     api_error(lambda: generate.generate_ids(net, [[5, 6]], tok.mask_id, [2, 10**30], generate.Options()), "eos_ids")
     api_error(lambda: load(None), "path must be a checkpoint folder", "NoneType")
     api_error(lambda: load(checkpoint.path, dtype=torch.int8), "dtype must be", "torch.int8")
+    api_error(lambda: load(checkpoint.path, dtype=["bfloat16"]), "unknown dtype ['bfloat16']")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")

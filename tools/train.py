@@ -395,6 +395,11 @@ def check_args(args) -> Path:
                                                                              shipped in out.resolve().parents)):
         raise ValueError(f"--out {out} is the project's results or a shipped checkpoint; train into a new folder and "
                          "copy it there by hand")
+    if args.init_from is not None and args.resume:  # resumed, a run goes on from its own weights and tokenizer
+        raise ValueError("--init-from goes without --resume (a resumed run continues from its own state)")
+    if args.init_from is not None and Path(args.init_from).resolve() == out.resolve():
+        raise ValueError(f"--init-from {args.init_from} is the --out folder: the run would write over the checkpoint "
+                         "it starts from; train into a new folder")
     if args.resume and not (out / "train_state.pt").exists():
         raise ValueError(f"--resume: {out / 'train_state.pt'} does not exist; start without --resume")
     if args.resume and not (out / "tokenizer.json").exists():

@@ -237,6 +237,10 @@ CASES = {
     "train out empty": ("train", ["--out", ""], ["--out is empty"]),
     "train out the checkpoints folder": ("train", ["--out", str(ROOT / "checkpoints"), "--overwrite", "--device", "tpu"],
                                          ["shipped checkpoint"]),  # tpu: were it let through, no training starts
+    "train out the project's folder": ("train", ["--out", str(ROOT), "--overwrite", "--device", "tpu"],
+                                       ["holds the project's results"]),
+    "train out in results": ("train", ["--out", str(ROOT / "results" / "study"), "--overwrite", "--device", "tpu"],
+                             ["is in or holds the project's results"]),
     "train init-from empty": ("train", ["--out", "{dir}/t", "--init-from", ""], ["--init-from is empty"]),
     "train init-from the out folder": ("train", ["--out", "{dir}/init-copy", "--init-from", "{dir}/init-copy/",
                                                  "--overwrite"], ["--init-from", "is the --out folder"]),

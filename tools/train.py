@@ -390,11 +390,12 @@ def check_args(args) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a folder")
-    shipped = (ROOT / "checkpoints").resolve()
-    if out.resolve() == (ROOT / "results").resolve() or (args.overwrite and (out.resolve() == shipped or
-                                                                             shipped in out.resolve().parents)):
-        raise ValueError(f"--out {out} is the project's results or a shipped checkpoint; train into a new folder and "
-                         "copy it there by hand")
+    real, results, shipped = out.resolve(), (ROOT / "results").resolve(), (ROOT / "checkpoints").resolve()
+    # --overwrite reaches neither, nor a folder inside them, nor one holding them (the project's own README.md)
+    if real == results or (args.overwrite and any(real == d or d in real.parents or real in d.parents
+                                                  for d in (results, shipped))):
+        raise ValueError(f"--out {out} is, is in or holds the project's results or a shipped checkpoint; train into a "
+                         "new folder and copy it there by hand")
     if args.init_from is not None and args.resume:  # resumed, a run goes on from its own weights and tokenizer
         raise ValueError("--init-from goes without --resume (a resumed run continues from its own state)")
     if args.init_from is not None and Path(args.init_from).resolve() == out.resolve():

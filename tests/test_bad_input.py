@@ -234,6 +234,7 @@ CASES = {
     "train out name too long": ("train", ["--out", "{dir}/" + "a" * 300], ["File name too long"]),
     "train usage error": ("train", ["--out", "{dir}/t", "--steps", "ten"], ["--steps", "'ten'"]),
     "train seed 10^23": ("train", ["--out", "{dir}/t", "--seed", str(10**23)], ["--seed", "2^63"]),
+    "train lr 1e308": ("train", ["--out", "{dir}/t", "--lr", "1e308", "--device", "tpu"], ["--lr", "at most 1"]),
     "train out empty": ("train", ["--out", ""], ["--out is empty"]),
     "train out the checkpoints folder": ("train", ["--out", str(ROOT / "checkpoints"), "--overwrite", "--device", "tpu"],
                                          ["shipped checkpoint"]),  # tpu: were it let through, no training starts

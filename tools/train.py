@@ -375,6 +375,10 @@ def check_args(args) -> Path:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("ar_lr", "lr"):  # above, the weights turn to NaN; past float32's range AdamW's step fails
+        if getattr(args, name) > 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at most 1 (AdamW moves every weight by about the "
+                             f"learning rate a step), got {getattr(args, name)}")
     if args.seq_len % BLOCK_SIZE:
         raise ValueError(f"--seq-len must be a multiple of the block size {BLOCK_SIZE}, got {args.seq_len}")
     if args.seq_len > MAX_SEQ_LEN:  # the two-copy diffusion mask is (2 seq_len)^2 per row of the batch

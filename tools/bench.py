@@ -487,8 +487,10 @@ def parse_args(argv=None):
     for name in ("num_prompts", "repeats", "queue_factor"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.num_prompts > data.MAX_PROBLEMS:
-        p.error(f"--num-prompts must be at most {data.MAX_PROBLEMS:,}, got {args.num_prompts}")
+    for name, most in (("num_prompts", data.MAX_PROBLEMS), ("replay_problems", data.MAX_PROBLEMS),
+                       ("queue_factor", 1000)):  # more: hours to build the prompts, or to serve the queue
+        if getattr(args, name) > most:
+            p.error(f"--{name.replace('_', '-')} must be at most {most:,}, got {getattr(args, name)}")
     if args.plot == "":
         p.error("--plot is empty; name a results file")
     if not args.out:

@@ -491,6 +491,12 @@ def parse_args(argv=None):
                        ("queue_factor", 1000)):  # more: hours to build the prompts, or to serve the queue
         if getattr(args, name) > most:
             p.error(f"--{name.replace('_', '-')} must be at most {most:,}, got {getattr(args, name)}")
+    shape = shapes.REAL_SIZE[args.real_size_config]
+    # after its context a part decodes a block (probe), 64 tokens (random), or a workload's 512 at most (replay)
+    room = shape["block_size"] + (512 if "replay" in args.parts and args.replay_problems else 64)
+    if args.real_size and max(args.contexts) + room > shape["max_position_embeddings"]:
+        p.error(f"--contexts {max(args.contexts)}: the {args.real_size_config} shape's context of "
+                f"{shape['max_position_embeddings']:,} tokens leaves no room for the {room} a part decodes after it")
     if args.plot == "":
         p.error("--plot is empty; name a results file")
     if not args.out:

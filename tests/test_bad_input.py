@@ -503,7 +503,11 @@ def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsy
     ("bench", {"predictors": {"I0": {"roc": [[0, 0], [1, 1]], "auc_pooled": 0.5}}}, 0),  # an older file's predictors
     ("bench", {"modes": [{"mode": "full"}]}, 2),
     ("eval", {"modes": [{"mode": "delayed cache 0.9", "row_layers_per_token": 50.0}]}, 2),  # no accuracy
-], ids=["no delayed mode", "fewer predictors", "a mode without figures", "a frontier row without accuracy"])
+    ("bench", {"predictors": {"I0": {"roc": 5, "auc_pooled": 0.5}}}, 2),
+    ("bench", {"modes": [{"mode": ["full"], "batch_size": 1, "tokens_per_s": 9.0}]}, 2),
+    ("eval", {"modes": [{"mode": "delayed cache 0.9", "accuracy": None, "row_layers_per_token": 50.0}]}, 2),
+], ids=["no delayed mode", "fewer predictors", "a mode without figures", "a frontier row without accuracy",
+        "an ROC curve of a number", "a mode named by a list", "a frontier row's accuracy null"])
 def test_plot_draws_what_the_file_has_or_refuses_it(workspace, monkeypatch, capsys, entry, res, code):
     """With matplotlib (a stand-in here): a results file of a partial run is drawn, a malformed one is one line."""
     from unittest.mock import MagicMock

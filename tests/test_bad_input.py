@@ -245,6 +245,8 @@ CASES = {
     "train init-from empty": ("train", ["--out", "{dir}/t", "--init-from", ""], ["--init-from is empty"]),
     "train init-from the out folder": ("train", ["--out", "{dir}/init-copy", "--init-from", "{dir}/init-copy/",
                                                  "--overwrite"], ["--init-from", "is the --out folder"]),
+    "train init-from a tokenizer without a mask": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/no-mask-token"],
+                                                    ["--init-from", "has no token <|MASK|>"]),
     "train init-from with resume": ("train", ["--out", "{dir}/t", "--resume", "--init-from", "{ckpt}"],
                                     ["--init-from goes without --resume"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
@@ -396,6 +398,8 @@ BROKEN = {
     "t-named": edit_json("tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "{{ messages }}"}]),
     "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
     os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8
+    "no-mask-token": lambda f, r: (f / "tokenizer.json").write_text(
+        (f / "tokenizer.json").read_text().replace('"<|MASK|>"', '"<|NOMASK|>"')),
     "init-copy": lambda f, r: None,  # the good checkpoint, which train.py must not write over
     "resume-tok": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").write_text("{")),
 }

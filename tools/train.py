@@ -437,9 +437,13 @@ def read_tokenizer(path: Path, flag: str):
     """The tokenizer.json of --resume's or --init-from's folder; one that cannot be read is a CheckpointError."""
     from tokenizers import Tokenizer as HFTokenizer
     try:
-        return HFTokenizer.from_file(str(path))
+        tok = HFTokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers package's own errors, a folder, bad UTF-8
         raise CheckpointError(f"{flag}: {path} cannot be read as a tokenizer ({first_line(e)})") from None
+    missing = [t for t in data.SPECIAL_TOKENS if tok.token_to_id(t) is None]  # the mask, padding and ends
+    if missing:
+        raise CheckpointError(f"{flag}: {path} has no token {', '.join(missing)}, which the training data uses")
+    return tok
 
 
 def main(argv=None) -> int:

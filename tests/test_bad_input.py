@@ -247,6 +247,8 @@ CASES = {
                                                  "--overwrite"], ["--init-from", "is the --out folder"]),
     "train init-from a tokenizer without a mask": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/no-mask-token"],
                                                     ["--init-from", "has no token <|MASK|>"]),
+    "train init-from of another shape": ("train", ["--out", "{dir}/t", "--init-from", "{ckpt}"],
+                                         ["--init-from", "hidden_size 32, --shape 8x384 has 384"]),
     "train init-from with resume": ("train", ["--out", "{dir}/t", "--resume", "--init-from", "{ckpt}"],
                                     ["--init-from goes without --resume"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],

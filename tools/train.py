@@ -42,7 +42,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
     import data
-    from checkpoint import CheckpointError, first_line, load_state, resolve_device, save
+    from checkpoint import (CheckpointError, config_from_dict, first_line, load_state, read_json, resolve_device,
+                            save)
     from generate import ArgumentParser
     from model import SDAR, ModelConfig, num_params
 
@@ -482,6 +483,12 @@ def train(args, out: Path, device: str):
         tok = read_tokenizer(out / "tokenizer.json", "--resume")
     elif args.init_from:  # continue from a checkpoint's weights and tokenizer, with a fresh optimizer
         tok = read_tokenizer(Path(args.init_from) / "tokenizer.json", "--init-from")
+        given = config_from_dict(read_json(Path(args.init_from).resolve(), "config.json"))
+        wrong = next((k for k, v in SHAPES[args.shape].items() if getattr(given, k) != v), None)
+        if wrong:  # its weights would not fit: named here, not as a tensor's shape "config.json implies"
+            raise CheckpointError(f"--init-from {args.init_from}: its config.json has {wrong} {getattr(given, wrong)}, "
+                                  f"--shape {args.shape} has {SHAPES[args.shape][wrong]}; pass the --shape it was "
+                                  "trained with")
     else:
         texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
         texts += data.natural_text() + data.stories(5000, args.seed)

@@ -577,6 +577,16 @@ def test_a_failed_run_leaves_the_output_as_it_was(checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no partial file left without results
 
 
+def test_a_predictor_analysis_with_nothing_to_score_ends_with_one_line(checkpoint, capsys):
+    """One-token answers: every step decodes all its masked tokens or none, so the analysis has nothing to rank;
+    after the sweep's progress lines, one error line (it was an IndexError from the empty ROC curve)."""
+    code = evaluate.main(["--model", str(checkpoint.path), "--study", "-n", "1", "--max-new-tokens", "1",
+                          "--probe-problems", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: the predictor analysis found no step"), err
+
+
 def test_overwrite_replaces_the_output_with_every_result(checkpoint, tmp_path, capsys):
     good = tmp_path / "out.jsonl"
     good.write_text("an earlier run's results\n")

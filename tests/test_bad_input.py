@@ -98,6 +98,8 @@ CASES = {
                                             ["ends with /", "not a folder"]),
     "eval output with a trailing slash": ("eval", ["--study", "--output", "{dir}/new.json/"], ["ends with /"]),
     "eval frontier output named .png": ("eval", ["--frontier", "--output", "{dir}/f.png"], ["plot would replace it"]),
+    "eval frontier plot's name taken": ("eval", ["--frontier", "--output", "{dir}/plot.json"],
+                                        ["plot.png exists and would be replaced"]),
     "output -": ("generate", ["--prompt", "Hi", "--output", "-"], ["--output -", "name a file"]),
     "eval num-problems 10^9": ("eval", ["-n", "1000000000"], ["num-problems", "1..10,000"]),
     "eval probe-problems -2": ("eval", ["--study", "--probe-problems", "-2"], ["--probe-problems", "-2"]),
@@ -423,6 +425,7 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
     (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')
     (tmp_path / "setting.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "short", "max_new_tokens": 3}\n')
+    (tmp_path / "plot.png").write_bytes(b"an earlier plot")
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
     (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")

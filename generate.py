@@ -31,7 +31,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
 
     import kernels
     from checkpoint import CheckpointError, load, resolve_device
-    from decoder import Decoder, Options, flag
+    from decoder import MAX_INT, Decoder, Options, flag
     from files import ResultsFile, check_output, prompt_problem, read_prompts
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -78,13 +78,14 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
         raise ValueError(f"opts must be a decoder.Options, got a {type(opts).__name__}")
     opts.check()  # again: a field may have been changed since the Options was made
     cfg, bs = model.config, opts.block_size or model.config.block_size
-    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-        raise ValueError("no prompts given" if not prompt_ids else
-                         f"prompt_ids must be a list of lists of token ids, got a {type(prompt_ids).__name__}")
+    if not isinstance(prompt_ids, (list, tuple)):  # a tensor of ids too (before its truth value, an error)
+        raise ValueError(f"prompt_ids must be a list of lists of token ids, got a {type(prompt_ids).__name__}")
+    if not prompt_ids:
+        raise ValueError("no prompts given")
     if not _token_id(mask_id, cfg.vocab_size):
         raise ValueError(f"mask_id must be a token id below the vocabulary size {cfg.vocab_size}, got {mask_id!r}")
     if not isinstance(eos_ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                          for i in eos_ids):
+                                                          and abs(i) <= MAX_INT for i in eos_ids):  # int64
         raise ValueError(f"eos_ids must be a list of token ids (an id no token has, such as -1, never ends a "
                          f"sequence), got {eos_ids!r}")
     for i, ids in enumerate(prompt_ids):

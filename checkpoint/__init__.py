@@ -164,7 +164,7 @@ def _resolve_dtype(dtype, cfg: ModelConfig, device) -> torch.dtype:
                 {"float32": torch.float32, "float16": torch.float16}.get(cfg.torch_dtype, torch.bfloat16))
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
+    if not isinstance(dtype, str) or dtype not in names:  # a list would be unhashable: a TypeError
         raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
     return names[dtype]
 

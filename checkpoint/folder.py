@@ -70,15 +70,27 @@ def read_bytes(path: Path, limit: int) -> bytes:
         raise CheckpointError(f"{path} cannot be read ({e.strerror or first_line(e)})") from None
 
 
+def _each_key_once(pairs: list) -> dict:
+    """A JSON object; a key given twice (json would keep the last without a word) is a KeyError naming it."""
+    d = dict(pairs)
+    if len(d) < len(pairs):
+        seen = set()
+        raise KeyError(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return d
+
+
 def read_json(folder: Path, name: str, required: bool = True) -> dict:
     """A JSON file of the folder as a dict ({} when absent and not required)."""
     path = inside_file(folder, name, required=required)
     if path is None:
         return {}
     try:
-        d = json.loads(read_bytes(path, MAX_JSON_BYTES).decode("utf-8"))
+        d = json.loads(read_bytes(path, MAX_JSON_BYTES).decode("utf-8-sig"),  # a byte-order mark is no error
+                       object_pairs_hook=_each_key_once)
     except ValueError as e:  # bad JSON or UTF-8, a number of more than 4300 digits
         raise CheckpointError(f"{folder / name} is not valid JSON ({first_line(e)})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{folder / name}: \"{e.args[0]}\" is given twice; keep one") from None
     except RecursionError:
         raise CheckpointError(f"{folder / name} is nested too deeply to be a checkpoint file") from None
     if not isinstance(d, dict):

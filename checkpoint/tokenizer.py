@@ -47,11 +47,13 @@ class Tokenizer:
         folder = Path(folder).resolve()
         path = inside_file(folder, "tokenizer.json")
         try:
-            self.tok = HFTokenizer.from_str(read_bytes(path, MAX_JSON_BYTES).decode("utf-8"))
+            self.tok = HFTokenizer.from_str(read_bytes(path, MAX_JSON_BYTES).decode("utf-8-sig"))  # as read_json
         except CheckpointError:
             raise
         except Exception as e:  # the tokenizers package's own errors, bad UTF-8, a nesting too deep
             raise CheckpointError(f"{path} cannot be read ({first_line(e)})") from None
+        self.tok.no_truncation()  # settings some tokenizer.json files keep from a call that asked for them: a
+        self.tok.no_padding()     # prompt is never cut or padded (transformers applies them only when asked)
         top = max(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1], default=None)
         if top is not None and top[1] >= cfg.vocab_size:
             raise CheckpointError(f"tokenizer.json: token {top[0]!r} has id {top[1]}, beyond the model's vocabulary "
@@ -98,7 +100,10 @@ class Tokenizer:
         if isinstance(template, list):  # some checkpoints keep named templates
             if not all(isinstance(t, dict) for t in template):
                 raise CheckpointError(f"{source} must be a string or a list of {{\"name\", \"template\"}} objects")
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            names = [t.get("name") for t in template]
+            if "default" not in names:  # as transformers: no silent fallback to ChatML
+                raise CheckpointError(f"{source} names no \"default\" template (only {names}); fix the file")
+            template = template[names.index("default")].get("template")
         if template is not None and not isinstance(template, str):
             raise CheckpointError(f"{source} must be a string, not {type(template).__name__}; fix the file")
         if template is not None and len(template) > MAX_TEMPLATE_CHARS:
@@ -116,8 +121,12 @@ class Tokenizer:
             return v
         if cfg.model_type == "llada2_moe":  # its own convention, before any guess by name
             return LLADA2_MASK_ID
-        name = tok_cfg.get("mask_token")
-        name = name.get("content") if isinstance(name, dict) else name
+        given = tok_cfg.get("mask_token")
+        name = given.get("content") if isinstance(given, dict) else given
+        if given is not None and not (isinstance(name, str) and self.tok.token_to_id(name) is not None):
+            # a name the tokenizer lacks: not a guess (<|MASK|>) in its place
+            raise CheckpointError(f"tokenizer_config.json: mask_token {given!r} is not a token of tokenizer.json; "
+                                  "fix the file or set mask_token_id in config.json")
         for candidate in (name, "<|MASK|>"):
             if isinstance(candidate, str) and candidate and self.tok.token_to_id(candidate) is not None:
                 return self.tok.token_to_id(candidate)

@@ -98,6 +98,8 @@ CASES = {
                                             ["ends with /", "not a folder"]),
     "eval output with a trailing slash": ("eval", ["--study", "--output", "{dir}/new.json/"], ["ends with /"]),
     "eval frontier output named .png": ("eval", ["--frontier", "--output", "{dir}/f.png"], ["plot would replace it"]),
+    "eval frontier plot's name taken": ("eval", ["--frontier", "--output", "{dir}/plot.json"],
+                                        ["plot.png exists and would be replaced"]),
     "output -": ("generate", ["--prompt", "Hi", "--output", "-"], ["--output -", "name a file"]),
     "eval num-problems 10^9": ("eval", ["-n", "1000000000"], ["num-problems", "1..10,000"]),
     "eval probe-problems -2": ("eval", ["--study", "--probe-problems", "-2"], ["--probe-problems", "-2"]),
@@ -176,6 +178,7 @@ CASES = {
     "rope_theta 1e-300": ("generate", hi("rope-tiny"), ["config.json", "rope_theta", "above 1"]),
     "rms_norm_eps 1e308": ("generate", hi("eps-huge"), ["config.json", "rms_norm_eps", "below 1"]),
     "layer_types a string": ("generate", hi("layer-types"), ["config.json", "layer_types", "list"]),
+    "config key given twice": ("generate", hi("block-twice"), ["config.json", '"block_size" is given twice']),
     # generation_config.json, tokenizer_config.json, tokenizer.json.
     "generation_config a list": ("generate", hi("gen-list"), ["generation_config.json", "object", "list"]),
     "tokenizer_config a list": ("generate", hi("tok-list"), ["tokenizer_config.json", "object", "list"]),
@@ -192,6 +195,8 @@ CASES = {
                                                                          "True"]),
     "tokenizer ids beyond the vocabulary": ("generate", hi("vocab-256"), ["tokenizer.json", "beyond",
                                                                           "vocab_size 256"]),
+    "mask_token not a token": ("generate", hi("mask-unknown"), ["tokenizer_config.json", "'<|mask|>'",
+                                                                "not a token of tokenizer.json"]),
     # The weights.
     "index points outside the folder": ("generate", hi("index-up"), ["weight_map", "../outside/model.safetensors",
                                                                      "inside the checkpoint folder"]),
@@ -220,6 +225,8 @@ CASES = {
     "template join bomb": ("generate", hi("t-join"), ["chat_template.jinja", "memory"]),
     "template that never ends": ("generate", hi("t-loops"), ["chat_template.jinja", "took more than"]),
     "template not a string": ("generate", hi("t-number"), ["tokenizer_config.json", "chat_template", "string"]),
+    "named templates without a default": ("generate", hi("t-named"), ["tokenizer_config.json", "no \"default\"",
+                                                                        "['tool_use']"]),
     # The device, one check for every entry point.
     "generate device tpu": ("generate", ["--prompt", "Hi", "--device", "tpu"], ["unknown device 'tpu'"]),
     "eval device tpu": ("eval", ["--device", "tpu"], ["unknown device 'tpu'"]),
@@ -229,10 +236,23 @@ CASES = {
     "train out name too long": ("train", ["--out", "{dir}/" + "a" * 300], ["File name too long"]),
     "train usage error": ("train", ["--out", "{dir}/t", "--steps", "ten"], ["--steps", "'ten'"]),
     "train seed 10^23": ("train", ["--out", "{dir}/t", "--seed", str(10**23)], ["--seed", "2^63"]),
+    "train lr 1e308": ("train", ["--out", "{dir}/t", "--lr", "1e308", "--device", "tpu"], ["--lr", "at most 1"]),
     "train out empty": ("train", ["--out", ""], ["--out is empty"]),
     "train out the checkpoints folder": ("train", ["--out", str(ROOT / "checkpoints"), "--overwrite", "--device", "tpu"],
                                          ["shipped checkpoint"]),  # tpu: were it let through, no training starts
+    "train out the project's folder": ("train", ["--out", str(ROOT), "--overwrite", "--device", "tpu"],
+                                       ["holds the project's results"]),
+    "train out in results": ("train", ["--out", str(ROOT / "results" / "study"), "--overwrite", "--device", "tpu"],
+                             ["is in or holds the project's results"]),
     "train init-from empty": ("train", ["--out", "{dir}/t", "--init-from", ""], ["--init-from is empty"]),
+    "train init-from the out folder": ("train", ["--out", "{dir}/init-copy", "--init-from", "{dir}/init-copy/",
+                                                 "--overwrite"], ["--init-from", "is the --out folder"]),
+    "train init-from a tokenizer without a mask": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/no-mask-token"],
+                                                    ["--init-from", "has no token <|MASK|>"]),
+    "train init-from of another shape": ("train", ["--out", "{dir}/t", "--init-from", "{ckpt}"],
+                                         ["--init-from", "hidden_size 32, --shape 8x384 has 384"]),
+    "train init-from with resume": ("train", ["--out", "{dir}/t", "--resume", "--init-from", "{ckpt}"],
+                                    ["--init-from goes without --resume"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
                                              ["--resume", "tokenizer.json", "cannot be read"]),
     # bench.py's arguments.
@@ -248,7 +268,13 @@ CASES = {
     "bench out empty": ("bench", ["--out", ""], ["--out is empty"]),
     "bench out name too long": ("bench", ["--out", "{dir}/" + "o" * 300], ["--out", "File name too long"]),
     "bench prompts past the bound": ("bench", ["--num-prompts", "1000000000"], ["--num-prompts", "at most"]),
+    "bench replay problems past the bound": ("bench", ["--real-size", "--replay-problems", "1000000000"],
+                                             ["--replay-problems", "at most 10,000"]),
+    "bench queue past the bound": ("bench", ["--real-size", "--queue-factor", str(10**12)],
+                                   ["--queue-factor", "at most 1,000"]),
     "bench real-size flag without it": ("bench", ["--contexts", "64"], ["--contexts goes with --real-size"]),
+    "bench context past the shape's": ("bench", ["--real-size", "--real-size-config", "tiny", "--contexts", "256,4000",
+                                                 "--out", "{dir}/bench"], ["--contexts 4000", "context of 4,096"]),
     "bench flex without compile": ("bench", ["--flex"], ["--flex goes with --compile"]),
     "bench modes with --real-size": ("bench", ["--real-size", "--real-size-config", "tiny", "--modes", "full"],
                                      ["--modes goes without --real-size"]),
@@ -334,6 +360,8 @@ BROKEN = {
     "rope-tiny": edit_json("config.json", rope_theta=1e-300),
     "eps-huge": edit_json("config.json", rms_norm_eps=1e308),
     "layer-types": edit_json("config.json", layer_types="sliding_attention"),
+    "block-twice": lambda f, r: (f / "config.json").write_text(  # json would keep the second without a word
+        (f / "config.json").read_text().replace('"block_size": 4', '"block_size": 4, "block_size": 8')),
     "gen-list": write_file("generation_config.json", "[2, 0]"),
     "tok-list": write_file("tokenizer_config.json", "[]"),
     "eos-9999": edit_json("generation_config.json", eos_token_id=9999),
@@ -344,6 +372,7 @@ BROKEN = {
     "config-eos-mask": edit_json("config.json", eos_token_id=3),
     "gen-mask-true": edit_json("generation_config.json", mask_token_id=True),
     "vocab-256": vocab_256,
+    "mask-unknown": edit_json("tokenizer_config.json", mask_token="<|mask|>"),  # the token is <|MASK|>
     "index-up": index_to(lambda root: "../outside/model.safetensors"),
     "index-absolute": index_to(lambda root: str(root / "outside" / "model.safetensors")),
     "index-int": index_to(lambda root: 5),
@@ -370,8 +399,12 @@ BROKEN = {
     "t-loops": write_file("chat_template.jinja", "{% for i in range(10000) %}{% for j in range(10000) %}"
                                                  "{% endfor %}{% endfor %}"),
     "t-number": edit_json("tokenizer_config.json", chat_template=5),
+    "t-named": edit_json("tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "{{ messages }}"}]),
     "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
     os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8
+    "no-mask-token": lambda f, r: (f / "tokenizer.json").write_text(
+        (f / "tokenizer.json").read_text().replace('"<|MASK|>"', '"<|NOMASK|>"')),
+    "init-copy": lambda f, r: None,  # the good checkpoint, which train.py must not write over
     "resume-tok": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").write_text("{")),
 }
 
@@ -392,6 +425,7 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
     (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')
     (tmp_path / "setting.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "short", "max_new_tokens": 3}\n')
+    (tmp_path / "plot.png").write_bytes(b"an earlier plot")
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
     (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")
@@ -436,6 +470,26 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
     assert not [p for p in opened if p.startswith(str(workspace / "outside"))]  # the checkpoint stayed inside
 
 
+# Quirks of checkpoint files found in the wild, which load as if they were not there.
+QUIRKS = {
+    "tokenizer.json truncates and pads": edit_json("tokenizer.json", truncation={
+        "direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}, padding={
+        "strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
+        "pad_token": "<|endoftext|>"}),  # transformers applies them only when a call asks for them
+    "a byte-order mark on every JSON file": lambda f, r: [p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+                                                          for p in f.glob("*.json")],  # some Windows editors
+}
+
+
+@pytest.mark.parametrize("name", list(QUIRKS))
+def test_checkpoint_quirks_change_nothing(name, tmp_path, checkpoint, loaded):
+    shutil.copytree(checkpoint.path, tmp_path / name)
+    QUIRKS[name](tmp_path / name, tmp_path)
+    tok, prompt = load(tmp_path / name)[1], "the quick brown fox " * 5
+    for chat in (True, False):
+        assert tok.encode_prompt(prompt, chat) == loaded[1].encode_prompt(prompt, chat)
+
+
 def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsys):
     """A good results file but no matplotlib: one line with the fix, exit 1, no file written."""
     frontier = workspace / "frontier.json"
@@ -458,7 +512,11 @@ def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsy
     ("bench", {"predictors": {"I0": {"roc": [[0, 0], [1, 1]], "auc_pooled": 0.5}}}, 0),  # an older file's predictors
     ("bench", {"modes": [{"mode": "full"}]}, 2),
     ("eval", {"modes": [{"mode": "delayed cache 0.9", "row_layers_per_token": 50.0}]}, 2),  # no accuracy
-], ids=["no delayed mode", "fewer predictors", "a mode without figures", "a frontier row without accuracy"])
+    ("bench", {"predictors": {"I0": {"roc": 5, "auc_pooled": 0.5}}}, 2),
+    ("bench", {"modes": [{"mode": ["full"], "batch_size": 1, "tokens_per_s": 9.0}]}, 2),
+    ("eval", {"modes": [{"mode": "delayed cache 0.9", "accuracy": None, "row_layers_per_token": 50.0}]}, 2),
+], ids=["no delayed mode", "fewer predictors", "a mode without figures", "a frontier row without accuracy",
+        "an ROC curve of a number", "a mode named by a list", "a frontier row's accuracy null"])
 def test_plot_draws_what_the_file_has_or_refuses_it(workspace, monkeypatch, capsys, entry, res, code):
     """With matplotlib (a stand-in here): a results file of a partial run is drawn, a malformed one is one line."""
     from unittest.mock import MagicMock
@@ -520,6 +578,16 @@ def test_a_failed_run_leaves_the_output_as_it_was(checkpoint, tmp_path, capsys):
     assert code == 2 and "exceeds the model's context" in capsys.readouterr().err
     assert good.read_text() == "an earlier run's results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no partial file left without results
+
+
+def test_a_predictor_analysis_with_nothing_to_score_ends_with_one_line(checkpoint, capsys):
+    """One-token answers: every step decodes all its masked tokens or none, so the analysis has nothing to rank;
+    after the sweep's progress lines, one error line (it was an IndexError from the empty ROC curve)."""
+    code = evaluate.main(["--model", str(checkpoint.path), "--study", "-n", "1", "--max-new-tokens", "1",
+                          "--probe-problems", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: the predictor analysis found no step"), err
 
 
 def test_overwrite_replaces_the_output_with_every_result(checkpoint, tmp_path, capsys):
@@ -803,8 +871,12 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     api_error(lambda: generate.generate_ids(net, [[5, 300]], tok.mask_id, tok.eos_ids, generate.Options()),
               "prompt 1", "token ids below the vocabulary size 300")
     api_error(lambda: generate.generate_ids(net, [[5]], True, tok.eos_ids, generate.Options()), "mask_id")
+    api_error(lambda: generate.generate_ids(net, torch.tensor([[5, 6]]), tok.mask_id, tok.eos_ids, generate.Options()),
+              "prompt_ids must be a list of lists of token ids, got a Tensor")
+    api_error(lambda: generate.generate_ids(net, [[5, 6]], tok.mask_id, [2, 10**30], generate.Options()), "eos_ids")
     api_error(lambda: load(None), "path must be a checkpoint folder", "NoneType")
     api_error(lambda: load(checkpoint.path, dtype=torch.int8), "dtype must be", "torch.int8")
+    api_error(lambda: load(checkpoint.path, dtype=["bfloat16"]), "unknown dtype ['bfloat16']")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")

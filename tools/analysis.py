@@ -135,6 +135,9 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
                 pooled[name] += v.tolist()
             if not (y.all() or not y.any()):
                 pooled["label"] += y.tolist()
+    if not per_step["I0"]:  # every step decoded all its masked tokens or none (a budget of one token): no ranking
+        raise ValueError("the predictor analysis found no step that decoded some masked tokens and not others, so "
+                         "there is nothing to score; raise --max-new-tokens or give more problems")
     out = {}
     for name in PREDICTORS:
         out[name] = {"auc_per_step": float(np.mean(per_step[name])), "auc_pooled": auc(pooled[name], pooled["label"]),

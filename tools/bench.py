@@ -489,8 +489,16 @@ def parse_args(argv=None):
     for name in ("num_prompts", "repeats", "queue_factor"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.num_prompts > data.MAX_PROBLEMS:
-        p.error(f"--num-prompts must be at most {data.MAX_PROBLEMS:,}, got {args.num_prompts}")
+    for name, most in (("num_prompts", data.MAX_PROBLEMS), ("replay_problems", data.MAX_PROBLEMS),
+                       ("queue_factor", 1000)):  # more: hours to build the prompts, or to serve the queue
+        if getattr(args, name) > most:
+            p.error(f"--{name.replace('_', '-')} must be at most {most:,}, got {getattr(args, name)}")
+    shape = shapes.REAL_SIZE[args.real_size_config]
+    # after its context a part decodes a block (probe), 64 tokens (random), or a workload's 512 at most (replay)
+    room = shape["block_size"] + (512 if "replay" in args.parts and args.replay_problems else 64)
+    if args.real_size and max(args.contexts) + room > shape["max_position_embeddings"]:
+        p.error(f"--contexts {max(args.contexts)}: the {args.real_size_config} shape's context of "
+                f"{shape['max_position_embeddings']:,} tokens leaves no room for the {room} a part decodes after it")
     if args.plot == "":
         p.error("--plot is empty; name a results file")
     if not args.out:

@@ -21,6 +21,7 @@ and `computed_deep` rows in layers 2..L, so a step costs 2 x computed + (L - 2) 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -336,6 +337,9 @@ def main(argv=None) -> int:
             raise ValueError("--output goes with --study, --frontier, --ablation, --workloads or --oracle")
         if args.frontier and args.output and Path(args.output).suffix == ".png":  # its plot's name: the plot
             raise ValueError(f"--output {args.output}: the frontier's plot would replace it; name a .json file")
+        if args.frontier and args.output and os.path.lexists(Path(args.output).with_suffix(".png")):
+            raise ValueError(f"--output {args.output}: its plot {Path(args.output).with_suffix('.png')} exists and "
+                             "would be replaced; move it away or name another file")
         if args.only is not None and not args.oracle:
             raise ValueError("--only goes with --oracle")
         entries = [e for e in RANKING_STUDY if e[0] == "delayed cache" or (args.only or "") in e[0]]

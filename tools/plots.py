@@ -38,14 +38,24 @@ def plot_command(path: str, draw) -> int:
         return 2
 
 
+def _numbers(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def plot_bench(path: Path) -> bool:
     """Results JSON -> PNGs beside it (needs matplotlib). A file with nothing to plot is a ValueError;
     without matplotlib it says so and returns False."""
     try:
         res = json.loads(path.read_text())
         modes, predictors = res.get("modes") or [], res.get("predictors") or {}
-        ok = bool(modes or predictors) and isinstance(predictors, dict) and all(  # every field the plots read
-            isinstance(r, dict) and {"mode", "batch_size", "tokens_per_s"} <= r.keys() for r in modes)
+        curves = [p for name, p in predictors.items() if name in PREDICTORS and isinstance(p, dict)]
+        ok = bool(modes or predictors) and all(  # every field the plots read, of its type
+            isinstance(r, dict) and isinstance(r.get("mode"), str) and _numbers(r.get("batch_size"),
+                                                                                r.get("tokens_per_s"))
+            and _numbers(*r.get("decoded_hist", [])) for r in modes) and all(
+            isinstance(p.get("roc"), list) and all(isinstance(xy, list) and len(xy) == 2 and _numbers(*xy)
+                                                   for xy in p["roc"]) and _numbers(p.get("auc_pooled"))
+            for p in curves)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
         ok = False
     if not ok:
@@ -89,7 +99,8 @@ def plot_frontier(path: Path) -> bool:
     A file that is not a frontier result is a ValueError; without matplotlib it says so and returns False."""
     try:
         rows = json.loads(path.read_text())["modes"]
-        ok = all({"mode", "accuracy", "row_layers_per_token"} <= r.keys() for r in rows) and \
+        ok = all(isinstance(r, dict) and isinstance(r.get("mode"), str) and  # every field it reads, of its type
+                 _numbers(r.get("accuracy"), r.get("row_layers_per_token")) for r in rows) and \
             any(r["mode"].startswith("delayed cache") for r in rows)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         ok = False

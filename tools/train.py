@@ -42,7 +42,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
     import data
-    from checkpoint import CheckpointError, first_line, load_state, resolve_device, save
+    from checkpoint import (CheckpointError, config_from_dict, first_line, load_state, read_json, resolve_device,
+                            save)
     from generate import ArgumentParser
     from model import SDAR, ModelConfig, num_params
 
@@ -375,6 +376,10 @@ def check_args(args) -> Path:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("ar_lr", "lr"):  # above, the weights turn to NaN; past float32's range AdamW's step fails
+        if getattr(args, name) > 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at most 1 (AdamW moves every weight by about the "
+                             f"learning rate a step), got {getattr(args, name)}")
     if args.seq_len % BLOCK_SIZE:
         raise ValueError(f"--seq-len must be a multiple of the block size {BLOCK_SIZE}, got {args.seq_len}")
     if args.seq_len > MAX_SEQ_LEN:  # the two-copy diffusion mask is (2 seq_len)^2 per row of the batch
@@ -390,11 +395,17 @@ def check_args(args) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a folder")
-    shipped = (ROOT / "checkpoints").resolve()
-    if out.resolve() == (ROOT / "results").resolve() or (args.overwrite and (out.resolve() == shipped or
-                                                                             shipped in out.resolve().parents)):
-        raise ValueError(f"--out {out} is the project's results or a shipped checkpoint; train into a new folder and "
-                         "copy it there by hand")
+    real, results, shipped = out.resolve(), (ROOT / "results").resolve(), (ROOT / "checkpoints").resolve()
+    # --overwrite reaches neither, nor a folder inside them, nor one holding them (the project's own README.md)
+    if real == results or (args.overwrite and any(real == d or d in real.parents or real in d.parents
+                                                  for d in (results, shipped))):
+        raise ValueError(f"--out {out} is, is in or holds the project's results or a shipped checkpoint; train into a "
+                         "new folder and copy it there by hand")
+    if args.init_from is not None and args.resume:  # resumed, a run goes on from its own weights and tokenizer
+        raise ValueError("--init-from goes without --resume (a resumed run continues from its own state)")
+    if args.init_from is not None and Path(args.init_from).resolve() == out.resolve():
+        raise ValueError(f"--init-from {args.init_from} is the --out folder: the run would write over the checkpoint "
+                         "it starts from; train into a new folder")
     if args.resume and not (out / "train_state.pt").exists():
         raise ValueError(f"--resume: {out / 'train_state.pt'} does not exist; start without --resume")
     if args.resume and not (out / "tokenizer.json").exists():
@@ -427,9 +438,13 @@ def read_tokenizer(path: Path, flag: str):
     """The tokenizer.json of --resume's or --init-from's folder; one that cannot be read is a CheckpointError."""
     from tokenizers import Tokenizer as HFTokenizer
     try:
-        return HFTokenizer.from_file(str(path))
+        tok = HFTokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers package's own errors, a folder, bad UTF-8
         raise CheckpointError(f"{flag}: {path} cannot be read as a tokenizer ({first_line(e)})") from None
+    missing = [t for t in data.SPECIAL_TOKENS if tok.token_to_id(t) is None]  # the mask, padding and ends
+    if missing:
+        raise CheckpointError(f"{flag}: {path} has no token {', '.join(missing)}, which the training data uses")
+    return tok
 
 
 def main(argv=None) -> int:
@@ -468,6 +483,12 @@ def train(args, out: Path, device: str):
         tok = read_tokenizer(out / "tokenizer.json", "--resume")
     elif args.init_from:  # continue from a checkpoint's weights and tokenizer, with a fresh optimizer
         tok = read_tokenizer(Path(args.init_from) / "tokenizer.json", "--init-from")
+        given = config_from_dict(read_json(Path(args.init_from).resolve(), "config.json"))
+        wrong = next((k for k, v in SHAPES[args.shape].items() if getattr(given, k) != v), None)
+        if wrong:  # its weights would not fit: named here, not as a tensor's shape "config.json implies"
+            raise CheckpointError(f"--init-from {args.init_from}: its config.json has {wrong} {getattr(given, wrong)}, "
+                                  f"--shape {args.shape} has {SHAPES[args.shape][wrong]}; pass the --shape it was "
+                                  "trained with")
     else:
         texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
         texts += data.natural_text() + data.stories(5000, args.seed)

@@ -201,6 +201,27 @@ def test_resume_from_a_damaged_folder_is_a_one_line_error(tmp_path, small_data, 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, monkeypatch, small_data, capsys):
+    """A learning rate that diverges: the first NaN loss ends the run with one line, before its step reaches
+    the weights; the state saved at the end of the first phase stays, and no weights are written."""
+    real, calls = train.loss_fn, []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss, ce = real(*args, **kwargs)
+        return (loss * float("nan"), ce) if len(calls) == 2 else (loss, ce)
+
+    monkeypatch.setattr(train, "loss_fn", diverging)
+    out = tmp_path / "m"
+    assert train.main(["--out", str(out)] + ARGS) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: diffusion step 2: the loss is nan") and "lower --lr" in err[-1], err
+    saved = torch.load(out / "train_state.pt", weights_only=True)
+    assert json.loads(saved["history"])["phase"] == "diffusion"  # as the autoregressive phase left it
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert not list(out.glob("model*"))
+
+
 def test_never_trains_into_results_or_over_the_shipped_model(capsys):
     for out, extra in (("results", []), ("checkpoints/sdar-tiny", ["--overwrite"])):
         assert train.main(["--out", str(train.ROOT / out)] + extra + ARGS) == 2

@@ -245,8 +245,13 @@ def run_phase(phase, model, opt, tensors, args, cfg, history, device, state_path
         for step in bar:
             spent = elapsed + time.time() - t_start
             done = max(step / s["steps"], spent / (s["minutes"] * 60) if s["minutes"] else 0)
-            loss, ce, lr = train_step(phase, model, opt, tensors, args.batch_size, cfg,
-                                      learning_rate(step, done, s["lr"], s["warmup"]), rng, device)
+            try:
+                loss, ce, lr = train_step(phase, model, opt, tensors, args.batch_size, cfg,
+                                          learning_rate(step, done, s["lr"], s["warmup"]), rng, device)
+            except Diverged as e:  # nothing is saved: the states written before stay as they were
+                flag = "--ar-lr" if phase == "ar" else "--lr"
+                raise Diverged(f"{phase} step {step + 1}: the loss is {e}; training stopped before that step changed "
+                               f"the weights and saved nothing; lower {flag} (it was {s['lr']})") from None
             if step % 50 == 0 or step == s["steps"] - 1:
                 history["log"][phase].append({"step": step, "loss": loss.item(), "ce": ce.item(), "lr": lr})
                 bar.set_postfix(loss=f"{history['log'][phase][-1]['loss']:.3f}")
@@ -264,6 +269,10 @@ def run_phase(phase, model, opt, tensors, args, cfg, history, device, state_path
     history["steps"][phase], history["elapsed"][phase] = history["step"], history["elapsed_phase"]
 
 
+class Diverged(Exception):
+    """A loss or gradient that is not finite: the learning rate is too high for the run."""
+
+
 def train_step(phase, model, opt, tensors, batch_size: int, cfg, lr: float, rng: dict, device: str):
     """One optimizer step on a random batch of packed rows. Returns the loss, the cross-entropy and the lr."""
     for g in opt.param_groups:
@@ -278,7 +287,10 @@ def train_step(phase, model, opt, tensors, batch_size: int, cfg, lr: float, rng:
             loss, ce = loss_fn(model, *batch, cfg.block_size, cfg.mask_token_id, generator=rng["noise"])
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not torch.isfinite(loss + norm):  # one sync a step: a NaN or inf step would turn every weight to NaN
+        raise Diverged(f"{loss.item():g}" if not torch.isfinite(loss) else f"{loss.item():g} but the gradient is "
+                       f"{norm.item():g}")
     opt.step()
     return loss, ce, lr
 
@@ -464,7 +476,7 @@ def main(argv=None) -> int:
         return 2
     try:
         train(args, out, device)
-    except (CheckpointError, OSError) as e:  # OSError: a full disk, a folder that went away
+    except (CheckpointError, Diverged, OSError) as e:  # OSError: a full disk, a folder that went away
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

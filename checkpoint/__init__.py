@@ -33,14 +33,15 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; an integer "
 def _weight_files(folder: Path) -> list[Path]:
     index = "model.safetensors.index.json"
     if inside_file(folder, index, required=False) is None:
-        return [inside_file(folder, "model.safetensors", "weights")]
+        return [inside_file(folder, "model.safetensors")]
     weight_map = read_json(folder, index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{folder / index} has no weight_map")
     bad = [v for v in weight_map.values() if not isinstance(v, str)]
     if bad:
         raise CheckpointError(f"{index}: weight_map values must be file names (strings), got {bad[0]!r}; fix the file")
-    return [inside_file(folder, name, f"{index}: weight_map") for name in sorted(set(weight_map.values()))]
+    what = f"{index}'s weight_map names a shard"
+    return [inside_file(folder, name, what) for name in sorted(set(weight_map.values()))]
 
 
 # LLaDA2.0 names some tensors its own way; q, k and v are one fused query_key_value tensor (rows q, k, v).
@@ -120,7 +121,11 @@ def check_headers(model: SDAR, headers: dict, folder: Path):
     missing = sorted(set(expected) - set(headers))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:3])}{more}")
+        index = folder / "model.safetensors.index.json"
+        fix = (f"{index.name}'s weight_map leaves them out: add the shard that holds them" if index.exists() else
+               "model.safetensors does not hold them, or config.json describes another model")
+        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:3])}{more} ({len(missing)} in all); "
+                              f"{fix}")
 
 
 def load_state(model: SDAR, folder: Path, device, dtype):

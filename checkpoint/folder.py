@@ -38,9 +38,9 @@ def inside_file(folder: Path, name, what: str | None = None, required: bool = Tr
     """The real path of the file `name` of the (resolved) folder, or None when it is absent and not required.
     Refuses a name that leaves the folder (absolute, ..), a link that leads outside it, and anything but a
     regular file (a folder, a fifo, a device: reading one could hang or never end)."""
-    what = what or str(name)
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise CheckpointError(f"{what}: {name!r} is not a file name inside the checkpoint folder {folder}")
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts or \
+            not Path(name).parts:  # "." is the folder itself
+        raise CheckpointError(f"{what or name}: {name!r} is not a file name inside the checkpoint folder {folder}")
     path = folder / name
     if not os.path.lexists(path):
         if required:
@@ -57,7 +57,7 @@ def inside_file(folder: Path, name, what: str | None = None, required: bool = Tr
     mode = real.stat().st_mode
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise CheckpointError(f"{path} is {kind}; it must be a file")
+        raise CheckpointError(f"{what + ': ' if what else ''}{path} is {kind}; it must be a file")
     return real
 
 

@@ -201,6 +201,10 @@ CASES = {
     "index points outside the folder": ("generate", hi("index-up"), ["weight_map", "../outside/model.safetensors",
                                                                      "inside the checkpoint folder"]),
     "index gives an absolute path": ("generate", hi("index-absolute"), ["weight_map", "inside the checkpoint folder"]),
+    "index leaves out shards": ("generate", hi("index-short"), ["missing tensors", "in all",
+                                                               "model.safetensors.index.json's weight_map leaves"]),
+    "index names the folder as a shard": ("generate", hi("index-dot"), ["weight_map names a shard",
+                                                                         "'.' is not a file name"]),
     "index value not a string": ("generate", hi("index-int"), ["weight_map", "strings", "5"]),
     "weights a link out of the folder": ("generate", hi("weights-link"), ["model.safetensors",
                                                                           "leads outside the checkpoint folder"]),
@@ -322,6 +326,15 @@ def index_to(target):
     return index
 
 
+def index_short(folder, root):
+    """The weights in shards; the index names only the first, with the embeddings (the rest: most of the model)."""
+    save(random_model(tiny_config()), folder, max_shard_bytes=12_000, dtype=torch.float32)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = index["weight_map"]["model.embed_tokens.weight"]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v == first}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def tensors(change):
     def rewrite(folder, root):
         t = load_file(folder / "model.safetensors")
@@ -376,6 +389,8 @@ BROKEN = {
     "index-up": index_to(lambda root: "../outside/model.safetensors"),
     "index-absolute": index_to(lambda root: str(root / "outside" / "model.safetensors")),
     "index-int": index_to(lambda root: 5),
+    "index-short": index_short,
+    "index-dot": index_to(lambda root: "."),
     "weights-link": link_out("model.safetensors"),
     "config-link": link_out("config.json"),
     "tokenizer-link": link_out("tokenizer.json"),

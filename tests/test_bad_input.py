@@ -259,6 +259,10 @@ CASES = {
                                     ["--init-from goes without --resume"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
                                              ["--resume", "tokenizer.json", "cannot be read"]),
+    "train resume with a fifo for its state": ("train", ["--out", "{dir}/resume-fifo", "--resume"],
+                                               ["--resume", "train_state.pt is not a regular file"]),
+    "train resume with a fifo for its tokenizer": ("train", ["--out", "{dir}/resume-tok-fifo", "--resume"],
+                                                   ["--resume", "tokenizer.json is not a regular file"]),
     # bench.py's arguments.
     "bench plot missing": ("bench", ["--plot", "{dir}/missing.json"], ["missing.json", "no such file"]),
     "bench plot of another file": ("bench", ["--plot", "{dir}/good.jsonl"], ["--plot", "not a results file"]),
@@ -420,6 +424,9 @@ BROKEN = {
     "no-mask-token": lambda f, r: (f / "tokenizer.json").write_text(
         (f / "tokenizer.json").read_text().replace('"<|MASK|>"', '"<|NOMASK|>"')),
     "init-copy": lambda f, r: None,  # the good checkpoint, which train.py must not write over
+    "resume-fifo": lambda f, r: os.mkfifo(f / "train_state.pt"),
+    "resume-tok-fifo": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").unlink(),
+                                     os.mkfifo(f / "tokenizer.json")),
     "resume-tok": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").write_text("{")),
 }
 

@@ -42,8 +42,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
     import data
-    from checkpoint import (CheckpointError, config_from_dict, first_line, load_state, read_json, resolve_device,
-                            save)
+    from checkpoint import (CheckpointError, config_from_dict, first_line, inside_file, load_state, read_json,
+                            resolve_device, save)
     from generate import ArgumentParser
     from model import SDAR, ModelConfig, num_params
 
@@ -428,6 +428,13 @@ def check_args(args) -> Path:
                          "its training or --overwrite to replace it")
     if args.init_from and not (Path(args.init_from) / "tokenizer.json").exists():
         raise ValueError(f"--init-from {args.init_from}: no tokenizer.json there")
+    read = ("train_state.pt", "tokenizer.json") if args.resume else ("tokenizer.json",) if args.init_from else ()
+    for name in read:  # a fifo would hang the read, a device never end it
+        flag, folder = ("--resume", out) if args.resume else ("--init-from", Path(args.init_from))
+        try:
+            inside_file(folder.resolve(), name)
+        except CheckpointError as e:
+            raise ValueError(f"{flag}: {e}") from None
     return out
 
 

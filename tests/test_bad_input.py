@@ -255,6 +255,8 @@ CASES = {
                                                     ["--init-from", "has no token <|MASK|>"]),
     "train init-from of another shape": ("train", ["--out", "{dir}/t", "--init-from", "{ckpt}"],
                                          ["--init-from", "hidden_size 32, --shape 8x384 has 384"]),
+    "train init-from with byte-order marks": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/bom"],
+                                              ["--init-from", "hidden_size 32, --shape 8x384 has 384"]),  # read past
     "train init-from with resume": ("train", ["--out", "{dir}/t", "--resume", "--init-from", "{ckpt}"],
                                     ["--init-from goes without --resume"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
@@ -424,6 +426,7 @@ BROKEN = {
     "no-mask-token": lambda f, r: (f / "tokenizer.json").write_text(
         (f / "tokenizer.json").read_text().replace('"<|MASK|>"', '"<|NOMASK|>"')),
     "init-copy": lambda f, r: None,  # the good checkpoint, which train.py must not write over
+    "bom": lambda f, r: [p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes()) for p in f.glob("*.json")],
     "resume-fifo": lambda f, r: os.mkfifo(f / "train_state.pt"),
     "resume-tok-fifo": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").unlink(),
                                      os.mkfifo(f / "tokenizer.json")),

@@ -44,6 +44,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import data
     from checkpoint import (CheckpointError, config_from_dict, first_line, inside_file, load_state, read_json,
                             resolve_device, save)
+    from checkpoint.folder import MAX_JSON_BYTES, read_bytes
     from generate import ArgumentParser
     from model import SDAR, ModelConfig, num_params
 
@@ -456,9 +457,11 @@ def read_state(path: Path, device: str):
 def read_tokenizer(path: Path, flag: str):
     """The tokenizer.json of --resume's or --init-from's folder; one that cannot be read is a CheckpointError."""
     from tokenizers import Tokenizer as HFTokenizer
-    try:
-        tok = HFTokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers package's own errors, a folder, bad UTF-8
+    try:  # read as checkpoint.Tokenizer reads it: a byte-order mark is no error
+        tok = HFTokenizer.from_str(read_bytes(path, MAX_JSON_BYTES).decode("utf-8-sig"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag}: {e}") from None
+    except Exception as e:  # the tokenizers package's own errors, bad UTF-8
         raise CheckpointError(f"{flag}: {path} cannot be read as a tokenizer ({first_line(e)})") from None
     missing = [t for t in data.SPECIAL_TOKENS if tok.token_to_id(t) is None]  # the mask, padding and ends
     if missing:

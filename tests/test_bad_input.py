@@ -269,6 +269,7 @@ CASES = {
     "bench plot missing": ("bench", ["--plot", "{dir}/missing.json"], ["missing.json", "no such file"]),
     "bench plot of another file": ("bench", ["--plot", "{dir}/good.jsonl"], ["--plot", "not a results file"]),
     "bench batch size 0": ("bench", ["--batch-sizes", "32,0"], ["--batch-sizes", "0"]),
+    "bench batch size 10^20": ("bench", ["--batch-sizes", f"32,{10**20}"], ["--batch-sizes", "2^63", str(10**20)]),
     "bench batch size x": ("bench", ["--batch-sizes", "x"], ["--batch-sizes", "'x'"]),
     "bench mode unknown": ("bench", ["--modes", "full,fast"], ["--modes", "'fast'"]),
     "bench repeats 0": ("bench", ["--repeats", "0"], ["--repeats", "0"]),

@@ -521,8 +521,8 @@ def positive_list(p, name: str, text: str) -> list[int]:
     except ValueError:
         p.error(f"{flag} takes comma-separated integers, got {text!r}")
     for v in values:
-        if v <= 0:
-            p.error(f"{flag}: every value must be positive, got {v}")
+        if not 0 < v < 2**63:  # past int64 torch fails, and only once the model has loaded
+            p.error(f"{flag}: every value must be in 1..2^63-1, got {v}")
     return values
 
 

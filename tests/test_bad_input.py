@@ -606,14 +606,22 @@ def test_a_failed_run_leaves_the_output_as_it_was(checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no partial file left without results
 
 
-def test_a_predictor_analysis_with_nothing_to_score_ends_with_one_line(checkpoint, capsys):
+@pytest.mark.parametrize("entry,args", [
+    ("eval", ["--study", "-n", "1", "--probe-problems", "1", "--output", "{dir}/study.json"]),
+    ("bench", ["--modes", "full", "--batch-sizes", "1", "--num-prompts", "1", "--repeats", "1", "--out", "{dir}"])])
+def test_a_predictor_analysis_with_nothing_to_score_ends_with_one_line(checkpoint, tmp_path, capsys, entry, args):
     """One-token answers: every step decodes all its masked tokens or none, so the analysis has nothing to rank;
-    after the sweep's progress lines, one error line (it was an IndexError from the empty ROC curve)."""
-    code = evaluate.main(["--model", str(checkpoint.path), "--study", "-n", "1", "--max-new-tokens", "1",
-                          "--probe-problems", "1"])
+    after the sweep's progress lines, one error line (it was an IndexError from the empty ROC curve), which
+    says where the modes that finished are kept (it did not)."""
+    code = MAINS[entry](["--model", str(checkpoint.path), "--max-new-tokens", "1", "--device", "cpu"] +
+                        [a.format(dir=tmp_path) for a in args])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("error: the predictor analysis found no step"), err
+    [kept] = tmp_path.glob("*.partial")
+    assert json.loads(kept.read_text())["modes"]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the predictor analysis found no step") and \
+        last.endswith(f"; what finished is in {kept}"), err
 
 
 def test_overwrite_replaces_the_output_with_every_result(checkpoint, tmp_path, capsys):

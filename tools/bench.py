@@ -34,7 +34,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import replay
     import shapes
     import workloads
-    from partial import PartialJSON, new_results_path
+    from partial import PartialJSON, error_line, new_results_path
     from analysis import predictor_probe
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
@@ -556,7 +556,8 @@ def main(argv=None) -> int:
         out = PartialJSON(new_results_path(folder, f"{kind}{'-real-size' if args.real_size else ''}-{res['date']}"))
         return run(args, device, res, out)
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e, out), file=sys.stderr)
+        out = None
         return 2
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):

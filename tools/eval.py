@@ -35,7 +35,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import data
     import plots
     import workloads
-    from partial import PartialJSON
+    from partial import PartialJSON, error_line
     from decoder import Options, flag
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
                           out_of_memory, out_of_memory_message, show)
@@ -397,7 +397,8 @@ def main(argv=None) -> int:
         problems = data.make_problems(args.split, args.num_problems)
         res, results = evaluate(model, tok, problems, show_progress=True, **asdict(opts))
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e, out), file=sys.stderr)
+        out = None
         return 2
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):

@@ -65,6 +65,14 @@ class PartialJSON:
         return f"what finished is in {self.partial}"
 
 
+def error_line(e: Exception, out: PartialJSON | None) -> str:
+    """The one line of an error that stopped a run: it says where what finished is kept, unless it already does."""
+    if out is None:
+        return f"error: {e}"
+    where = out.abandon()
+    return f"error: {e}" if not out.pieces or str(out.partial) in str(e) else f"error: {e}; {where}"
+
+
 def new_results_path(folder: Path, stem: str) -> Path:
     """folder/stem.json, or stem-2.json, stem-3.json, ... : a results file (or an interrupted run's partial
     one) is never overwritten."""

@@ -1,9 +1,12 @@
 """analysis.py: the ROC AUC against its pairwise definition, and the predictor probe on the shipped model."""
+import warnings
+
 import numpy as np
 import pytest
 
 import analysis
 import data
+import eval as evaluate
 from checkpoint import load
 from generate import DEFAULT_MODEL
 
@@ -41,3 +44,16 @@ def test_predictor_probe_on_the_shipped_model():
             assert 0.0 <= v[key] <= 1.0, (name, key, v[key])
         fpr, tpr = np.array(v["roc"]).T                 # from the strictest cut to the loosest
         assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all() and v["roc"][-1] == [1.0, 1.0]
+
+
+def test_predictor_probe_where_focus_never_evicts(loaded):
+    """alpha at the block size: FOCUS keeps every masked token, so whether it keeps the most confident one is
+    absent (None) in the results and "-" in the reports, with no warning (it was NaN, with numpy's warnings)."""
+    model, tok = loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = analysis.predictor_probe(model, tok, data.make_problems("heldout", 2), 16, 0.9, 2,
+                                       alpha=model.config.block_size)
+    assert out["steps_where_focus_evicts"] == 0 and out["steps_with_both_classes"] > 0
+    assert all(out[name]["top1_kept"] is None and out[name]["decoded_kept"] is None for name in analysis.PREDICTORS)
+    assert evaluate.predictor_table(out).splitlines()[2].endswith("| - | - |")

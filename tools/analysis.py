@@ -141,12 +141,22 @@ def predictor_probe(model, tok, problems, max_new_tokens: int, threshold: float,
     out = {}
     for name in PREDICTORS:
         out[name] = {"auc_per_step": float(np.mean(per_step[name])), "auc_pooled": auc(pooled[name], pooled["label"]),
-                     "precision_top_k": float(np.mean(precision[name])), "top1_kept": float(np.mean(top1_kept[name])),
-                     "decoded_kept": float(np.mean(decoded_kept[name])), "roc": roc_points(pooled[name], pooled["label"])}
+                     "precision_top_k": float(np.mean(precision[name])), "top1_kept": mean(top1_kept[name]),
+                     "decoded_kept": mean(decoded_kept[name]), "roc": roc_points(pooled[name], pooled["label"])}
     out["steps_with_both_classes"] = len(per_step["I0"])
     out["steps_where_focus_evicts"] = len(top1_kept["I0"])
     out["top_k"] = "k = the number of tokens that step decoded"
     return out
+
+
+def mean(values: list) -> float | None:
+    """The mean, or None where there is nothing to average (FOCUS never evicted: nothing was kept or not)."""
+    return float(np.mean(values)) if values else None
+
+
+def figure(value: float | None) -> str:
+    """A share for a report: 0.123, or - where it is absent."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 ORACLES = (None, "ranking", "ranking+target")

@@ -35,7 +35,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import shapes
     import workloads
     from partial import PartialJSON, error_line, new_results_path
-    from analysis import predictor_probe
+    from analysis import figure, predictor_probe
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
                           out_of_memory, out_of_memory_message, show)
@@ -593,7 +593,7 @@ def run(args, device, res: dict, out: PartialJSON) -> int:
             report += "\n\n" + "\n".join(
                 [f"- fraction of block compute on tokens not decoded that step (full block): {full['waste']:.1%}" if full else ""] +
                 [f"- {n}: AUC {v['auc_per_step']:.3f} per step ({v['auc_pooled']:.3f} pooled), precision of top-k "
-                 f"{v['precision_top_k']:.3f}, most confident token kept {v['top1_kept']:.3f}"
+                 f"{v['precision_top_k']:.3f}, most confident token kept {figure(v['top1_kept'])}"
                  for n, v in res["predictors"].items() if isinstance(v, dict)])
     path = out.commit(res)
     show(f"\n{res['command']}  ({res['device']}, torch {res['torch']})\n\n{report}\n\nwrote {path}")

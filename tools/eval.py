@@ -255,8 +255,8 @@ def predictor_table(probe: dict) -> str:
              "|" + " --- |" * 5]
     for name, v in probe.items():
         if isinstance(v, dict):
-            lines.append(f"| {name} | {v['auc_per_step']:.3f} | {v['precision_top_k']:.3f} | {v['top1_kept']:.3f} "
-                         f"| {v['decoded_kept']:.3f} |")
+            lines.append(f"| {name} | {v['auc_per_step']:.3f} | {v['precision_top_k']:.3f} | "
+                         f"{analysis.figure(v['top1_kept'])} | {analysis.figure(v['decoded_kept'])} |")
     return "\n".join(lines)
 
 

@@ -371,6 +371,9 @@ def main(argv=None) -> int:
             results_file = ResultsFile(path, args.overwrite)
         torch.manual_seed(args.seed)
         model, tok = load(args.model, device=device, dtype=args.dtype)
+        if not tok.eos_ids:  # not an error (a base model may have none), but it changes every answer
+            print(f"note: {args.model} names no end-of-text token (eos_token_id): every answer runs to "
+                  "--max-new-tokens", file=sys.stderr)
         t0 = time.perf_counter()
 
         def on_result(i, r):

@@ -516,6 +516,20 @@ def test_checkpoint_quirks_change_nothing(name, tmp_path, checkpoint, loaded):
         assert tok.encode_prompt(prompt, chat) == loaded[1].encode_prompt(prompt, chat)
 
 
+def test_a_checkpoint_without_an_end_of_text_token_says_so(tmp_path, checkpoint, capsys):
+    """No EOS id anywhere: every answer runs to --max-new-tokens, and generate.py says why (a note, exit 0)."""
+    folder = tmp_path / "no-eos"
+    shutil.copytree(checkpoint.path, folder)
+    for name, key in (("config.json", "eos_token_id"), ("generation_config.json", "eos_token_id"),
+                      ("tokenizer_config.json", "eos_token")):
+        if (folder / name).exists():
+            edit_json(name, **{key: None})(folder, tmp_path)
+    assert load(folder)[1].eos_ids == []
+    for model, noted in ((checkpoint.path, False), (folder, True)):
+        assert MAINS["generate"](["--model", str(model), "--prompt", "Hi", "--max-new-tokens", "8"]) == 0
+        assert ("names no end-of-text token" in capsys.readouterr().err) == noted
+
+
 def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsys):
     """A good results file but no matplotlib: one line with the fix, exit 1, no file written."""
     frontier = workspace / "frontier.json"

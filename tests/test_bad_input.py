@@ -525,8 +525,8 @@ def test_a_checkpoint_without_an_end_of_text_token_says_so(tmp_path, checkpoint,
         if (folder / name).exists():
             edit_json(name, **{key: None})(folder, tmp_path)
     assert load(folder)[1].eos_ids == []
-    for model, noted in ((checkpoint.path, False), (folder, True)):
-        assert MAINS["generate"](["--model", str(model), "--prompt", "Hi", "--max-new-tokens", "8"]) == 0
+    for ckpt, noted in ((checkpoint.path, False), (folder, True)):
+        assert MAINS["generate"](["--model", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "8"]) == 0
         assert ("names no end-of-text token" in capsys.readouterr().err) == noted
 
 

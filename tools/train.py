@@ -429,13 +429,14 @@ def check_args(args) -> Path:
                          "its training or --overwrite to replace it")
     if args.init_from and not (Path(args.init_from) / "tokenizer.json").exists():
         raise ValueError(f"--init-from {args.init_from}: no tokenizer.json there")
-    read = ("train_state.pt", "tokenizer.json") if args.resume else ("tokenizer.json",) if args.init_from else ()
-    for name in read:  # a fifo would hang the read, a device never end it
-        flag, folder = ("--resume", out) if args.resume else ("--init-from", Path(args.init_from))
-        try:
-            inside_file(folder.resolve(), name)
-        except CheckpointError as e:
-            raise ValueError(f"{flag}: {e}") from None
+    if args.resume or args.init_from:  # regular files inside their folder: a fifo would hang the read
+        flag, folder, names = (("--resume", out, ("train_state.pt", "tokenizer.json")) if args.resume else
+                               ("--init-from", Path(args.init_from), ("tokenizer.json",)))
+        for name in names:
+            try:
+                inside_file(folder.resolve(), name)
+            except CheckpointError as e:
+                raise ValueError(f"{flag}: {e}") from None
     return out
 
 

@@ -225,55 +225,15 @@ def bench_real_size(args, device, save=lambda result: None) -> dict:
     if "profile" in args.parts:
         result["profile"] = []
         for name in ("full", "delayed", "focus-1.5"):
-            result["profile"].append(profile_mode(model, name, max(batches), args.contexts[-1], args, device))
+            opts = Options(max_new_tokens=32, batch_size=max(batches), compile=args.compile, **MODES[name])
+            row = shapes.profile_step(model, name, opts, args.contexts[-1], device)
+            result["profile"].append(row)
             save(result)
+            print(f"  profile {name} batch {row['batch']} context {row['context']}: {row['ms_per_step']:.1f} ms/step, "
+                  f"GPU busy {row['gpu_busy_ms_per_step']:.1f} ms, {row['kernel_launches_per_step']:.0f} kernel and "
+                  f"{row['graph_launches_per_step']:.0f} graph launches, {row['syncs_per_step']:.0f} syncs",
+                  file=sys.stderr)
     return result
-
-
-def profile_mode(model, name: str, batch: int, context: int, args, device) -> dict:
-    """Where a decode step's time goes: 32 tokens of random-weight decoding of `batch` sequences under
-    torch.profiler, after a warm-up; the profiler starts at the first decode step, so the prefill is left out.
-    Per step: the wall time, the GPU's busy time (kernels, those inside CUDA graphs too), kernel and graph
-    launches and host syncs, and the operators with the most GPU time."""
-    from torch.profiler import ProfilerActivity, profile
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prompts = [torch.randint(10, vocab, (context,), generator=g).tolist() for _ in range(batch)]
-    opts = Options(max_new_tokens=32, batch_size=batch, compile=args.compile, **MODES[name])
-    generate_ids(model, prompts, model.config.mask_token_id, [-1], opts)   # warm-up: graphs captured
-    clock = {}
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    prof, started = profile(activities=activities), []
-
-    def start(dec):  # before each decode step: the first one starts the profiler
-        if not started:
-            shapes.sync(device)
-            prof.start()
-            started.append(True)
-    out = generate_ids(model, prompts, model.config.mask_token_id, [-1], opts, clock=clock, step_hook=start)
-    shapes.sync(device)
-    prof.stop()
-    steps = len(out[0][1]["decoded"])
-    # Every figure read from the events is the GPU's (kernel time, launches, syncs): on a CPU they are all zero, and
-    # parsing the recording of an eager step takes seconds, so it is skipped there.
-    events = prof.key_averages() if device.type == "cuda" else []
-
-    def device_us(e):
-        return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-
-    def calls(key):
-        return sum(e.count for e in events if e.key == key) / steps
-    top = sorted(events, key=device_us, reverse=True)[:8]
-    row = {"mode": name, "batch": batch, "context": context, "ms_per_step": clock["decode_s"] / steps * 1e3,
-           "gpu_busy_ms_per_step": sum(device_us(e) for e in events) / steps / 1e3,
-           "kernel_launches_per_step": calls("cudaLaunchKernel") + calls("cuLaunchKernel") + calls("cuLaunchKernelEx"),
-           "graph_launches_per_step": calls("cudaGraphLaunch"), "syncs_per_step": calls("cudaStreamSynchronize"),
-           "top_gpu_ms_per_step": {e.key[:60]: round(device_us(e) / steps / 1e3, 3) for e in top if device_us(e)}}
-    print(f"  profile {name} batch {batch} context {context}: {row['ms_per_step']:.1f} ms/step, GPU busy "
-          f"{row['gpu_busy_ms_per_step']:.1f} ms, {row['kernel_launches_per_step']:.0f} kernel and "
-          f"{row['graph_launches_per_step']:.0f} graph launches, {row['syncs_per_step']:.0f} syncs",
-          file=sys.stderr)
-    return row
 
 
 REPLAY_MODES = ("full", "delayed", "focus-1.5", "paper-focus-1.5@0.8")

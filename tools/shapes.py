@@ -1,6 +1,7 @@
 """Real models' shapes (config.json fields), for timing at real size with random weights (tools/bench.py
 --real-size): SDAR-1.7B, SDAR-8B (the paper's model), LLaDA2.0-mini (the paper's mixture-of-experts model),
-and tiny versions for quick checks; and the probe that times one decode forward at such a shape."""
+and tiny versions for quick checks; the probe that times one decode forward at such a shape, and the profile of
+whole decode steps."""
 from __future__ import annotations
 
 import sys
@@ -13,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
 import focus
 import kernels
+from generate import generate_ids
 from model import SDAR, KVCache, ModelConfig, Rows, flops_per_token
 
 SDAR_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -141,3 +143,43 @@ def interpolate(points: dict, q: float) -> float:
     hi = next(x for x in qs if x >= q)
     lo = max(x for x in qs if x <= q)
     return points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (q - lo) / (hi - lo)
+
+
+def profile_step(model, name: str, opts, context: int, device) -> dict:
+    """Where a decode step's time goes: opts.max_new_tokens of random-weight decoding of opts.batch_size sequences
+    (mode `name`, prompts of `context` tokens) under torch.profiler, after a warm-up; the profiler starts at the
+    first decode step, so the prefill is left out. Per step: the wall time, the GPU's busy time (kernels, those
+    inside CUDA graphs too), kernel and graph launches and host syncs, and the operators with the most GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(10, vocab, (context,), generator=g).tolist() for _ in range(opts.batch_size)]
+    generate_ids(model, prompts, model.config.mask_token_id, [-1], opts)   # warm-up: graphs captured
+    clock = {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof, started = profile(activities=activities), []
+
+    def start(dec):  # before each decode step: the first one starts the profiler
+        if not started:
+            sync(device)
+            prof.start()
+            started.append(True)
+    out = generate_ids(model, prompts, model.config.mask_token_id, [-1], opts, clock=clock, step_hook=start)
+    sync(device)
+    prof.stop()
+    steps = len(out[0][1]["decoded"])
+    # Every figure read from the events is the GPU's (kernel time, launches, syncs): on a CPU they are all zero, and
+    # parsing the recording of an eager step takes seconds, so it is skipped there.
+    events = prof.key_averages() if device.type == "cuda" else []
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+
+    def calls(key):
+        return sum(e.count for e in events if e.key == key) / steps
+    top = sorted(events, key=device_us, reverse=True)[:8]
+    return {"mode": name, "batch": opts.batch_size, "context": context, "ms_per_step": clock["decode_s"] / steps * 1e3,
+            "gpu_busy_ms_per_step": sum(device_us(e) for e in events) / steps / 1e3,
+            "kernel_launches_per_step": calls("cudaLaunchKernel") + calls("cuLaunchKernel") + calls("cuLaunchKernelEx"),
+            "graph_launches_per_step": calls("cudaGraphLaunch"), "syncs_per_step": calls("cudaStreamSynchronize"),
+            "top_gpu_ms_per_step": {e.key[:60]: round(device_us(e) / steps / 1e3, 3) for e in top if device_us(e)}}

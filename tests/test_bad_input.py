@@ -333,6 +333,12 @@ def index_to(target):
     return index
 
 
+def byte_order_marks(folder, root):
+    """A UTF-8 byte-order mark at the start of every JSON file (some Windows editors write one)."""
+    for path in folder.glob("*.json"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+
 def index_short(folder, root):
     """The weights in shards; the index names only the first, with the embeddings (the rest: most of the model)."""
     save(random_model(tiny_config()), folder, max_shard_bytes=12_000, dtype=torch.float32)
@@ -427,7 +433,7 @@ BROKEN = {
     "no-mask-token": lambda f, r: (f / "tokenizer.json").write_text(
         (f / "tokenizer.json").read_text().replace('"<|MASK|>"', '"<|NOMASK|>"')),
     "init-copy": lambda f, r: None,  # the good checkpoint, which train.py must not write over
-    "bom": lambda f, r: [p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes()) for p in f.glob("*.json")],
+    "bom": byte_order_marks,
     "resume-fifo": lambda f, r: os.mkfifo(f / "train_state.pt"),
     "resume-tok-fifo": lambda f, r: ((f / "train_state.pt").write_bytes(b"state"), (f / "tokenizer.json").unlink(),
                                      os.mkfifo(f / "tokenizer.json")),
@@ -502,8 +508,7 @@ QUIRKS = {
         "direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}, padding={
         "strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
         "pad_token": "<|endoftext|>"}),  # transformers applies them only when a call asks for them
-    "a byte-order mark on every JSON file": lambda f, r: [p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
-                                                          for p in f.glob("*.json")],  # some Windows editors
+    "a byte-order mark on every JSON file": byte_order_marks,
 }
 
 

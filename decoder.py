@@ -26,6 +26,7 @@ RANKINGS, TARGETS = focus.RANKINGS, focus.TARGETS  # (inside Options the name `f
 MAX_BLOCK_SIZE = 256  # a step computes up to a whole block and a block takes up to block-size steps
 MAX_ALPHA = 1e6       # FOCUS's target alpha x tokens per step is a count of tokens: kept far from int64's end
 MAX_INT = 2**63 - 1   # int64: a seed, and any count that reaches a tensor
+PREFILL_GRAPH_ROWS = 4096  # --compile: a prefill of at most this many rows runs as a CUDA graph (Decoder.admit)
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -241,7 +242,12 @@ class Decoder:
             order = torch.argsort(seq, stable=True)
             seq, pos = seq[order], pos[order]
             rows = Rows.build(seq, pos, (pos // bs + 1) * bs, self.num_slots)  # block-causal prefill
-            self.model.forward_rows(self.tokens[seq, pos], rows, self.cache, logits_for=pos[:0])
+            # With --compile a small prefill runs as a CUDA graph: eagerly, one prompt of 512 tokens took 73-78 ms
+            # of host time at the SDAR-8B shape where its kernels take 15-20; from 8 such prompts on, the
+            # kernels outlast the launches (results/README.md, "Prefill").
+            graphs = self.opts.compile and len(seq) <= PREFILL_GRAPH_ROWS
+            self.model.forward_rows(self.tokens[seq, pos], rows, self.cache, logits_for=pos[:0], graphs=graphs,
+                                    grid="sequences")
 
     def _new_block(self, slots):
         # The last block ends at the token budget: positions past it are not part of the sequence, so a run's

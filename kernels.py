@@ -234,7 +234,7 @@ def release(model):
     _CACHES.pop(model, None)
 
 
-def graphed(fn, capture: bool = True):
+def graphed(fn, capture: bool = True, grid: str = "slots"):
     """fn(model, x, rows, cache, *extra) with CUDA graphs, on CUDA. rows is a model.Rows; cache a model.KVCache
     whose last slot is spare (no sequence uses it); x and the tensors among extra have one entry per row; the
     other values among extra (ints, strings), and the padded shapes, pick the graph. Returns what fn returns,
@@ -242,10 +242,15 @@ def graphed(fn, capture: bool = True):
     memory pool, so a graph captured later may hold its outputs where an earlier one keeps its scratch: copy
     what must outlive the next graph). Off CUDA, and for MoE models (their routing syncs with the host), fn
     runs as is. capture=False: the same padded buffers, run eagerly on any device (what a graph computes; for
-    tests)."""
-    if (fn, capture) not in _GRAPHED:
-        _GRAPHED[fn, capture] = functools.partial(_graphed_call, fn, capture)
-    return _GRAPHED[fn, capture]
+    tests).
+
+    grid: the attention grid's lines. "slots" (a decode step): one line per cache slot, so a line is its slot
+    and the keys are read in place. "sequences" (a prefill: a few sequences of many rows each): one line per
+    sequence with rows (their number padded to a power of two) and one for the padding rows, the keys of
+    those sequences gathered."""
+    if (fn, capture, grid) not in _GRAPHED:
+        _GRAPHED[fn, capture, grid] = functools.partial(_graphed_call, fn, capture, grid)
+    return _GRAPHED[fn, capture, grid]
 
 
 def captures(model, device) -> bool:
@@ -253,19 +258,21 @@ def captures(model, device) -> bool:
     return torch.device(device).type == "cuda" and not model.config.num_experts
 
 
-def _graphed_call(fn, capture: bool, model, x, rows, cache, *extra):
+def _graphed_call(fn, capture: bool, grid: str, model, x, rows, cache, *extra):
     args = (x, rows, cache, *extra)
     if capture and not captures(model, rows.pos.device):
         return fn(model, *args)
     spare = cache.k.shape[1] - 1
-    # Padded shape: rows in all (buckets), rows per sequence (powers of two), keys (multiples of KEY_STEP).
-    # Every slot with the same rows and keys, and no row padded (lockstep batches: probes, equal prompts):
-    # the exact key count, so no attention mask is needed and SDPA's flash kernel runs (one graph per
-    # context length).
+    # Padded shape: rows in all (buckets), rows per sequence (powers of two), keys (multiples of KEY_STEP),
+    # and with grid="sequences" the sequences (powers of two). Every slot with the same rows and keys, and no
+    # row padded (lockstep batches: probes, equal prompts): the exact key count, so no attention mask is
+    # needed and SDPA's flash kernel runs (one graph per context length).
     padded_rows, per_seq = _bucket(rows.num_rows), 1 << (rows.q_max - 1).bit_length()
-    dense = rows.dense and len(rows.active) == spare and (padded_rows, per_seq) == (rows.num_rows, rows.q_max)
+    lines = 1 << (len(rows.active) - 1).bit_length() if grid == "sequences" else None
+    dense = (lines is None and rows.dense and len(rows.active) == spare
+             and (padded_rows, per_seq) == (rows.num_rows, rows.q_max))
     keys = rows.kv_max if dense else min(cache.max_len, -(-rows.kv_max // KEY_STEP) * KEY_STEP)
-    shape = (padded_rows, per_seq, keys)
+    shape = (padded_rows, per_seq, keys, lines)
     key = (fn, capture, dense, shape, tuple(a for a in extra if not isinstance(a, torch.Tensor)),
            tuple((a.shape[1:], a.dtype) for a in args if isinstance(a, torch.Tensor)))
     store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {}})
@@ -285,16 +292,19 @@ class _Graph:
     """One captured graph: static input buffers (the padded rows and row tensors), the graph, its outputs."""
 
     def __init__(self, fn, model, args, rows, cache, shape, dense: bool, pool, capture: bool = True):
-        padded, per_seq, keys = shape
+        padded, per_seq, keys, self.lines = shape
         dev = rows.pos.device
         self.spare = cache.k.shape[1] - 1
-        self.seq, self.pos, self.place, self.key_end = (torch.zeros(padded, dtype=torch.long, device=dev)
-                                                        for _ in range(4))
-        # Every cache slot has a line of the attention grid (line = slot), the spare one too unless dense.
-        lines = torch.arange(self.spare if dense else self.spare + 1, device=dev)
-        self.rows = dataclasses.replace(rows, seq=self.seq, pos=self.pos, line=self.seq, place=self.place,
-                                        key_end=self.key_end, active=lines, q_max=per_seq, kv_max=keys,
-                                        all_slots=True, dense=dense, _masks={})
+        self.seq, self.pos, self.line, self.place, self.key_end = (
+            torch.zeros(padded, dtype=torch.long, device=dev) for _ in range(5))
+        if self.lines is None:  # every cache slot has a line (line = slot), the spare one too unless dense
+            layout = dict(line=self.seq, active=torch.arange(self.spare if dense else self.spare + 1, device=dev),
+                          all_slots=True)
+        else:                   # a line per sequence, then one for the padding rows (lines without rows: unused)
+            self.active = torch.full((self.lines + 1,), self.spare, dtype=torch.long, device=dev)
+            layout = dict(line=self.line, active=self.active, all_slots=False)
+        self.rows = dataclasses.replace(rows, seq=self.seq, pos=self.pos, place=self.place, key_end=self.key_end,
+                                        q_max=per_seq, kv_max=keys, dense=dense, _masks={}, **layout)
         # The cache only weakly: it keys the store this graph lives in, which must not keep it alive.
         self.args = [self.rows if a is rows else a.new_zeros((padded, *a.shape[1:])) if isinstance(a, torch.Tensor)
                      else weakref.proxy(a) if a is cache else a for a in args]
@@ -326,6 +336,9 @@ class _Graph:
                                 (self.place, rows.place, 0), (self.key_end, rows.key_end, 1)):
             buf[:n] = value
             buf[n:] = pad
+        if self.lines is not None:  # padding rows in the last line
+            self.line[:n], self.line[n:] = rows.line, self.lines
+            self.active[:len(rows.active)] = rows.active
         for buf, a in zip(self.args, args):
             if isinstance(a, torch.Tensor):
                 buf[:n] = a

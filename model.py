@@ -445,11 +445,13 @@ class SDAR(nn.Module):
             x = layer.finish(x, attn.transpose(1, 2))
         return self.lm_head(self.norm(x))
 
-    def forward_rows(self, input_ids, rows: Rows, cache: KVCache, logits_for=None, graphs: bool = False):
+    def forward_rows(self, input_ids, rows: Rows, cache: KVCache, logits_for=None, graphs: bool = False,
+                     grid: str = "slots"):
         """The decode path. input_ids (T,) at rows -> logits (R, vocab) for the rows indexed by logits_for
         (all rows when None). Every layer writes the rows' keys/values into the cache, then attends.
-        graphs: the layers as a CUDA graph (kernels.graphed; on CUDA, for a cache with a spare slot)."""
-        layers = kernels.graphed(SDAR.decode_layers) if graphs else SDAR.decode_layers
+        graphs: the layers as a CUDA graph (kernels.graphed, with its attention `grid`; on CUDA, for a cache
+        with a spare slot)."""
+        layers = kernels.graphed(SDAR.decode_layers, grid=grid) if graphs else SDAR.decode_layers
         x = layers(self, self.embed_tokens(input_ids), rows, cache, 0, len(self.layers))
         return self.logits(x, logits_for)
 

@@ -107,6 +107,29 @@ def test_padded_focus_layers_equal_the_plain_ones(net):
     torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lengths,slots,padding", [([64, 40, 32], [1, 3, 4], 8), ([32], [2], 0), ([8, 8], [0, 5], 0)])
+def test_padded_prefill_equals_the_plain_prefill(net, lengths, slots, padding):
+    """A prefill through graphed(grid="sequences") (capture=False): a line per sequence with rows, their number
+    padded to a power of two, and one for the padding rows == the plain prefill: the same outputs, the same keys
+    and values in every slot but the spare."""
+    num_slots, bs = 6, net.config.block_size
+    seq = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)])
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    rows = model.Rows.build(seq, pos, (pos // bs + 1) * bs, num_slots)                # block-causal, as admit builds
+    x = torch.randn(rows.num_rows, net.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    plain_cache = filled_cache(net.config, num_slots, 64, seed=9)
+    padded_cache = clone(plain_cache)
+    with torch.no_grad():
+        want = net.decode_layers(x, rows, plain_cache, 0, 4)
+        got = kernels.graphed(model.SDAR.decode_layers, capture=False, grid="sequences")(net, x, rows, padded_cache, 0, 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded_cache.v[:, :num_slots], plain_cache.v[:, :num_slots], atol=1e-5, rtol=0)
+    (shape,) = [key[3] for key in kernels._STORES[padded_cache]["graphs"]]
+    assert shape[3] == 1 << (len(slots) - 1).bit_length()                               # lines: a power of two
+    assert shape[0] - rows.num_rows == padding                                         # rows padded to a bucket
+
+
 def test_a_dropped_cache_frees_its_graphs(net):
     """The graphs live in a store keyed weakly by their cache; they must not keep it (and its memory) alive."""
     import weakref

@@ -206,7 +206,7 @@ _GRAPHED = {}
 _STORES = weakref.WeakKeyDictionary()  # KV cache -> its graphs and their memory pool
 _CACHES = weakref.WeakKeyDictionary()  # model -> (arguments, the KV cache made with them)
 KEY_STEP = 256                         # keys per sequence are padded to a multiple of this
-_CAPTURE_SECONDS = [0.0]               # wall time spent capturing graphs (warm-up run, capture), all so far
+_CAPTURE_SECONDS = {"slots": 0.0, "sequences": 0.0}  # wall time spent capturing graphs (warm-up, capture), by grid
 
 
 def reused_cache(model, make, *args):
@@ -224,9 +224,10 @@ def graph_count() -> int:
     return sum(sum(g.graph is not None for g in store["graphs"].values()) for store in _STORES.values())
 
 
-def capture_seconds() -> float:
-    """Seconds spent capturing CUDA graphs so far (bench.py reports the share of a timed run)."""
-    return _CAPTURE_SECONDS[0]
+def capture_seconds(grid: str | None = None) -> float:
+    """Seconds spent capturing CUDA graphs so far, of one grid ("slots": decode steps, "sequences": prefills) or
+    all (bench.py reports the share of a timed run)."""
+    return _CAPTURE_SECONDS[grid] if grid else sum(_CAPTURE_SECONDS.values())
 
 
 def release(model):
@@ -326,7 +327,7 @@ class _Graph:
             out = fn(model, *self.args)
         self.out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         torch.cuda.synchronize()
-        _CAPTURE_SECONDS[0] += time.perf_counter() - t0
+        _CAPTURE_SECONDS["slots" if self.lines is None else "sequences"] += time.perf_counter() - t0
 
     def fill(self, args, rows):
         """Copy a step's rows and row tensors into the buffers; padding rows go to the spare slot, position 0,

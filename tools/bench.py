@@ -292,7 +292,8 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 print(f"  served {name} concurrency {b} context {ctx}: {row['tokens_per_s']:.0f} tokens/s "
                       f"x{row['speedup']:.2f} (steady {row['steady_tokens_per_s']:.0f} x{row['steady_speedup']:.2f}), "
                       f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}, "
-                      f"{row['graphs_captured_while_timed']} graphs captured while timed in {row['capture_s']:.1f} s",
+                      f"{row['graphs_captured_while_timed']} graphs captured while timed in {row['capture_s']:.1f} s "
+                      f"(and in the prefill {row['prefill_capture_s']:.1f} s)",
                       file=sys.stderr)
     return rows
 
@@ -333,7 +334,7 @@ def real_size_table(res: dict) -> str:
                      f"{r['decode_tokens_per_s']:.0f} | {r['decode_speedup']:.2f} | {r['computed_deep_per_step']:.1f} |")
     if res.get("replayed"):
         lines += ["", "| mode | threshold | concurrency | context | sequences | tokens/s | x first mode | steady tokens/s "
-                  "| x first mode | prefill s / decode s (graph capture s) | steps | decoded/step | ms/step (without capture) "
+                  "| x first mode | prefill s / decode s (graph capture s in each) | steps | decoded/step | ms/step (without capture) "
                   "| computed/step L2..L |",
                   "|" + " --- |" * 14]
         for r in res["replayed"]:
@@ -344,7 +345,7 @@ def real_size_table(res: dict) -> str:
             lines.append(f"| {r['mode']} | {r['threshold']} | {r['batch']} | {r['context']} | {r['queue']} "
                          f"| {r['tokens_per_s']:.0f} | {r['speedup']:.2f} | {r['steady_tokens_per_s']:.0f} "
                          f"| {r['steady_speedup']:.2f} | {r['prefill_s']:.1f} / {r['decode_s']:.1f} "
-                         f"({r.get('capture_s', 0):.1f}) | {r['steps']} "
+                         f"({r.get('prefill_capture_s', 0):.1f} / {r.get('capture_s', 0):.1f}) | {r['steps']} "
                          f"| {r['decoded_per_step']:.2f} | {r['ms_per_step']:.1f} "
                          f"({r.get('ms_per_step_without_capture', r['ms_per_step']):.1f}) | {r['computed_deep_per_step']:.1f} |")
     if res.get("profile"):

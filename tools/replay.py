@@ -196,7 +196,8 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
         decoded = int(dec.last_step.decoded.sum()) if hasattr(dec, "last_step") else 0
         marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
 
-    graphs_before, capture_before = kernels.graph_count(), kernels.capture_seconds()
+    graphs_before, grids = kernels.graph_count(), ("slots", "sequences")   # decode steps' graphs, prefills'
+    capture_before = [kernels.capture_seconds(grid) for grid in grids]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -204,7 +205,7 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
     out = replay(model, queue, context, opts, clock=clock, step_hook=mark)
     sync(device)
     seconds = time.perf_counter() - t0
-    capture_s = kernels.capture_seconds() - capture_before
+    capture_s, prefill_capture_s = (kernels.capture_seconds(g) - before for g, before in zip(grids, capture_before))
     tokens = sum(len(ids) for ids, _ in out)
     decoded = sum(sum(st["decoded"]) for _, st in out)
     steps = len(marks)
@@ -221,6 +222,7 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
             "steady_steps": end, "steady_tokens_per_s": window_decoded * tokens / decoded / window,
             "graphs_captured_while_timed": kernels.graph_count() - graphs_before,   # shapes the warm-up missed
             "capture_s": capture_s,                                                 # their capture, inside decode_s
+            "prefill_capture_s": prefill_capture_s,                                 # the prefill's, inside prefill_s
             "graphs": kernels.graph_count(),                                        # alive, every mode's so far
             "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "computed_deep_per_step": sum(sum(st["computed_deep"]) for _, st in out)

@@ -18,7 +18,8 @@ option `compile`:
   selection (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid,
   fused by torch.compile: fused(fn)), then, after the compaction, layer 1's attention and layers 2..L on the
   kept rows, as the reference implementation splits it. The logits are computed outside, for the masked
-  rows only. With use_flex(True) (bench.py --flex), ragged rows inside a graph attend through FlexAttention
+  rows only. A small prefill (a few prompts admitted together) runs as a graph too, its attention grid with a
+  line per prompt instead of one per cache slot (grid="sequences"). With use_flex(True) (bench.py --flex), ragged rows inside a graph attend through FlexAttention
   (ragged_attention: each row's key range applied to the scores in one generated kernel) instead of SDPA with
   a mask.
 

@@ -373,13 +373,13 @@ class Recorder:
         self.steps, self.prefills, self.pending = [], [], None
         original = net.forward_rows
 
-        def forward_rows(ids, rows, cache, logits_for=None, graphs=False):
+        def forward_rows(ids, rows, cache, logits_for=None, graphs=False, grid="slots"):
             call = dict(ids=ids.tolist(), seq=rows.seq.tolist(), pos=rows.pos.tolist(), key_end=rows.key_end.tolist())
             if self.pending is not None:
                 self.pending["rows"], self.pending = call, None
             else:
                 self.prefills.append(call)
-            return original(ids, rows, cache, logits_for, graphs)
+            return original(ids, rows, cache, logits_for, graphs, grid)
 
         monkeypatch.setattr(net, "forward_rows", forward_rows)
 

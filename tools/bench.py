@@ -382,6 +382,9 @@ REAL_SIZE_ONLY = ("real_size_config", "replay_problems", "replay_workload", "rep
 SHIPPED_ONLY = ("batch_sizes", "num_prompts", "repeats", "modes")  # and those it ignores
 
 
+MAX_REAL_BATCH = 65536  # --real-batches: a sequence's KV cache at SDAR-1.7B's shape, context 512, is ~0.12 GB: 8 TB
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description="Full block vs delayed cache vs FOCUS, side by side.")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -451,9 +454,12 @@ def parse_args(argv=None):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name, most in (("num_prompts", data.MAX_PROBLEMS), ("replay_problems", data.MAX_PROBLEMS),
-                       ("queue_factor", 1000)):  # more: hours to build the prompts, or to serve the queue
+                       ("queue_factor", 1000), ("repeats", 1000)):  # more: hours to build, serve or repeat
         if getattr(args, name) > most:
             p.error(f"--{name.replace('_', '-')} must be at most {most:,}, got {getattr(args, name)}")
+    if max(args.real_batches) > MAX_REAL_BATCH:
+        p.error(f"--real-batches must be at most {MAX_REAL_BATCH:,} (the KV cache of more sequences fits no GPU at "
+                f"these shapes), got {max(args.real_batches):,}")
     shape = shapes.REAL_SIZE[args.real_size_config]
     # after its context a part decodes a block (probe), 64 tokens (random), or a workload's 512 at most (replay)
     room = shape["block_size"] + (512 if "replay" in args.parts and args.replay_problems else 64)

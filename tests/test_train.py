@@ -211,11 +211,21 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, mon
         loss, ce = real(*args, **kwargs)
         return (loss * float("nan"), ce) if len(calls) == 2 else (loss, ce)
 
+    import tqdm as tqdm_module
+    bars = []
+
+    class Recorded(tqdm_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
     monkeypatch.setattr(train, "loss_fn", diverging)
+    monkeypatch.setattr(tqdm_module, "tqdm", Recorded)
     out = tmp_path / "m"
     assert train.main(["--out", str(out)] + ARGS) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: diffusion step 2: the loss is nan") and "lower --lr" in err[-1], err
+    assert bars[-1].disable and not bars[-1].leave  # the stopped phase's bar is closed and cleared
     saved = torch.load(out / "train_state.pt", weights_only=True)
     assert json.loads(saved["history"])["phase"] == "diffusion"  # as the autoregressive phase left it
     assert all(torch.isfinite(t).all() for t in saved["model"].values())

@@ -262,10 +262,13 @@ def run_phase(phase, model, opt, tensors, args, cfg, history, device, state_path
             if s["minutes"] and history["elapsed_phase"] > s["minutes"] * 60:
                 print(f"{phase}: time limit of {s['minutes']} minutes reached after step {step + 1}", flush=True)
                 break
-    except KeyboardInterrupt:
-        save_state(state_path, model, opt, history, rng)
+    except BaseException as e:
+        bar.leave = False  # the bar goes, so the error's one line is what the terminal shows
+        if isinstance(e, KeyboardInterrupt):
+            save_state(state_path, model, opt, history, rng)
         raise
-    bar.close()
+    finally:
+        bar.close()
     model.eval()
     history["steps"][phase], history["elapsed"][phase] = history["step"], history["elapsed_phase"]
 

@@ -168,7 +168,7 @@ class Tokenizer:
         the variables such templates read: messages, add_generation_prompt, enable_thinking
         (self.enable_thinking, False unless set), bos_token, eos_token. Without jinja2: the ChatML format that
         Qwen/SDAR chat checkpoints use."""
-        if not self.chat_template:
+        if self.chat_template is None:  # none given (an empty one is a template, and renders nothing)
             return CHATML.format(prompt=prompt)
         try:
             import jinja2  # noqa: F401

@@ -229,6 +229,7 @@ CASES = {
     "template join bomb": ("generate", hi("t-join"), ["chat_template.jinja", "memory"]),
     "template that never ends": ("generate", hi("t-loops"), ["chat_template.jinja", "took more than"]),
     "template not a string": ("generate", hi("t-number"), ["tokenizer_config.json", "chat_template", "string"]),
+    "template empty": ("generate", hi("t-empty"), ["tokenizer_config.json", "does not show the user's message"]),
     "named templates without a default": ("generate", hi("t-named"), ["tokenizer_config.json", "no \"default\"",
                                                                         "['tool_use']"]),
     # The device, one check for every entry point.
@@ -430,6 +431,7 @@ BROKEN = {
     "t-loops": write_file("chat_template.jinja", "{% for i in range(10000) %}{% for j in range(10000) %}"
                                                  "{% endfor %}{% endfor %}"),
     "t-number": edit_json("tokenizer_config.json", chat_template=5),
+    "t-empty": edit_json("tokenizer_config.json", chat_template=""),  # not ChatML in its place
     "t-named": edit_json("tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "{{ messages }}"}]),
     "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
     os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8

@@ -35,8 +35,9 @@ def prompt_problem(prompt) -> str | None:
 
 
 def _one_prompt_key(pairs: list) -> dict:
-    """A JSON object; a second "prompt" key (which json would let win silently) is a KeyError."""
-    if [k for k, _ in pairs].count("prompt") > 1:
+    """A JSON object; a second "prompt" key (which json would let win silently), or one in other letters
+    ("Prompt"), is a KeyError."""
+    if [k.lower() for k, _ in pairs].count("prompt") > 1:
         raise KeyError("prompt")
     return dict(pairs)
 
@@ -79,10 +80,10 @@ def read_prompts(path: str) -> list[str]:
             raise ValueError(f"{path}, line {n}: \"prompt\" is given twice; keep one") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"prompt\" field")
-        setting = next((k for k in obj if k in settings), None)
+        setting = next((k for k in obj if k.lower().replace("-", "_") in settings), None)  # Max-New-Tokens too
         if setting:  # a per-prompt setting would be ignored: every prompt runs with the command line's
             raise ValueError(f"{path}, line {n}: \"{setting}\" is a setting, which a prompts file cannot give "
-                             f"per prompt; pass --{setting.replace('_', '-')} on the command line")
+                             f"per prompt; pass --{setting.lower().replace('_', '-')} on the command line")
         problem = prompt_problem(obj["prompt"])
         if problem:
             raise ValueError(f"{path}, line {n}: the prompt {problem}")
@@ -211,8 +212,9 @@ class ResultsFile:
     def commit(self):
         """Every prompt finished: OUTPUT gets them all in prompt order, by a rename (--overwrite) or a link
         that fails if OUTPUT appeared meanwhile (without it); then the partial file goes."""
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
+        tmp = None
+        try:  # the folder too may be gone by now
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
                 _write_all(fd, "".join(self.lines[i] + "\n" for i in sorted(self.lines)).encode("utf-8"))
                 os.fchmod(fd, _new_file_mode())
@@ -221,15 +223,16 @@ class ResultsFile:
             if self.overwrite:
                 os.replace(tmp, self.path)
             else:
-                _place_new(tmp, self.path)
+                place_new(tmp, self.path)
         except FileExistsError:
             raise ValueError(f"{self.path} appeared while this run was going and is kept; the results are in "
                              f"{self.partial}") from None
         except OSError as e:
-            raise ValueError(f"cannot write {self.path}: {e.strerror or e}; the results are in "
-                             f"{self.partial}") from None
+            kept = f"the results are in {self.partial}" if _same_inode(self.fd, self.partial) else \
+                f"{self.partial} is gone too"
+            raise ValueError(f"cannot write {self.path}: {e.strerror or e}; {kept}") from None
         finally:
-            if os.path.lexists(tmp):
+            if tmp and os.path.lexists(tmp):
                 os.unlink(tmp)
         if _same_inode(self.fd, self.partial):
             self.partial.unlink()
@@ -247,7 +250,7 @@ class ResultsFile:
         self.close()
 
 
-def _place_new(tmp: str, path: Path):
+def place_new(tmp: str, path: Path):
     """tmp takes the name path, which must not exist: a hard link fails if it does (FileExistsError)."""
     try:
         os.link(tmp, path)

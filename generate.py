@@ -394,6 +394,7 @@ def main(argv=None) -> int:
         print(interrupted_line(len(finished), total, results_file), file=sys.stderr)
         return 130
     except (CheckpointError, ValueError) as e:
+        print_results(finished, always_headed=True)  # what finished before the error (none for bad input)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:

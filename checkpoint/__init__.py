@@ -40,6 +40,9 @@ def _weight_files(folder: Path) -> list[Path]:
     bad = [v for v in weight_map.values() if not isinstance(v, str)]
     if bad:
         raise CheckpointError(f"{index}: weight_map values must be file names (strings), got {bad[0]!r}; fix the file")
+    if "model.safetensors" not in weight_map.values() and inside_file(folder, "model.safetensors", required=False):
+        raise CheckpointError(f"{folder} holds two sets of weights, model.safetensors and the shards {index} names; "
+                              "keep one")
     what = f"{index}'s weight_map names a shard"
     return [inside_file(folder, name, what) for name in sorted(set(weight_map.values()))]
 
@@ -181,7 +184,7 @@ def resolve_device(name: str, flag: str = "--device ") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+    if name == "cuda" or re.fullmatch(r"cuda:(0|[1-9][0-9]*)", name):  # as torch reads them: not cuda:01 or cuda:٣
         if not torch.cuda.is_available():
             raise ValueError(f"{flag}{name}: no CUDA device is available; use {flag}cpu")
         if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
@@ -216,9 +219,17 @@ def load(path, device="cpu", dtype=None):
     if "block_size" not in raw and "block_size" in gen_cfg:
         cfg.block_size = gen_cfg["block_size"]
         check_config(cfg, "generation_config.json")
+    elif gen_cfg.get("block_size") not in (None, cfg.block_size):  # one would be ignored without a word
+        raise CheckpointError(f"config.json: block_size {cfg.block_size} and generation_config.json: block_size "
+                              f"{gen_cfg['block_size']!r} disagree; keep one")
     inside_file(folder, "tokenizer.json")
     dtype = _resolve_dtype(dtype, cfg, device)
+    unsaid = "tie_word_embeddings" not in raw  # then the files say: tied unless an lm_head.weight is stored
+    if unsaid:
+        cfg.tie_word_embeddings = False
     headers = read_headers(_weight_files(folder), cfg)
+    if unsaid:
+        cfg.tie_word_embeddings = "lm_head.weight" not in headers
     check_size(cfg, sum(math.prod(shape) for _, shape, _ in headers.values()), device, dtype)
     with torch.device("meta"):
         model = SDAR(cfg)

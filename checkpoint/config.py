@@ -26,6 +26,7 @@ REQUIRED_MOE = {
                    "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "score_function",
                    "moe_router_enable_expert_bias", "head_dim"),
 }
+TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")  # the weights' dtype, as transformers writes it
 # transformers 5 writes some fields under new names: field -> ours.
 RENAMED = {"num_local_experts": "num_experts", "dtype": "torch_dtype"}
 
@@ -41,6 +42,9 @@ def _rope_fields(d: dict) -> dict:
             raise CheckpointError(f"config.json: {name} must be an object or null, got {v!r}")
         if any(isinstance(x, dict) for x in v.values()):
             raise CheckpointError(f"config.json: {name} per attention type is not supported (one plain RoPE only)")
+        if "rope_type" not in v and "type" not in v and v.get("factor") not in (None, 1):  # a scaling, unnamed
+            raise CheckpointError(f"config.json: {name} has factor {v['factor']!r} but no rope_type, so its scaling "
+                                  "is unknown; only plain RoPE is supported (no factor)")
         kind = v.get("rope_type", v.get("type", "default"))
         if kind != "default":
             raise CheckpointError(f"config.json: {name} has rope_type {kind!r}, which is not supported "
@@ -135,8 +139,8 @@ def check_config(cfg: ModelConfig, source: str = "config.json"):
         raise bad("rms_norm_eps", "a small positive number (below 1)")
     if cfg.rope_theta <= 1:  # a base below 1 makes the rotary frequencies huge (past float32's range, NaN logits)
         raise bad("rope_theta", "a RoPE base above 1")
-    if not isinstance(cfg.torch_dtype, str):
-        raise bad("torch_dtype", "a string such as \"bfloat16\"")
+    if cfg.torch_dtype not in TORCH_DTYPES:  # --dtype auto reads it: another name would load as bfloat16
+        raise bad("torch_dtype", f"one of {', '.join(TORCH_DTYPES)}")
     for name in ("tie_word_embeddings", "attention_bias"):
         if not isinstance(getattr(cfg, name), bool):
             raise bad(name, "true or false")

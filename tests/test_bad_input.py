@@ -110,6 +110,9 @@ CASES = {
     "eval max-new-tokens 0": ("eval", ["--max-new-tokens", "0"], ["max-new-tokens must be positive"]),
     "eval max-new-tokens 0 with workloads": ("eval", ["--workloads", "arith", "--max-new-tokens", "0"],
                                              ["max-new-tokens must be positive"]),
+    "eval fit-probe with nothing to fit": ("eval", ["--model", "{ckpt}", "--fit-probe", "-n", "1", "--max-new-tokens",
+                                                    "1", "--device", "cpu"], ["probe fit found no step",
+                                                                              "--max-new-tokens"]),
     # Numbers.
     "alpha nan": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "nan"], ["alpha", "finite", "nan"]),
     "alpha 1e19": ("generate", ["--prompt", "Hi", "--focus", "--alpha", "1e19"], ["alpha must be in [1, 1e+06]"]),
@@ -156,6 +159,10 @@ CASES = {
     "prompt line with a setting": ("generate", ["--prompts-file", "{dir}/setting.jsonl"],
                                    ["line 2", '"max_new_tokens" is a setting', "--max-new-tokens"]),
     "prompt key given twice": ("generate", ["--prompts-file", "{dir}/two-keys.jsonl"], ["line 2", '"prompt" is given twice']),
+    "prompt key given twice in other letters": ("generate", ["--prompts-file", "{dir}/two-keys-case.jsonl"],
+                                                ["line 2", '"prompt" is given twice']),
+    "prompt line with a setting spelled as its flag": ("generate", ["--prompts-file", "{dir}/setting-flag.jsonl"],
+                                                       ["line 2", '"Max-New-Tokens" is a setting', "--max-new-tokens"]),
     # config.json.
     "num_key_value_heads 0": ("generate", hi("kv0"), ["num_key_value_heads", "0"]),
     "config is a list": ("generate", hi("list"), ["config.json", "object", "list"]),
@@ -179,6 +186,12 @@ CASES = {
     "rms_norm_eps 1e308": ("generate", hi("eps-huge"), ["config.json", "rms_norm_eps", "below 1"]),
     "layer_types a string": ("generate", hi("layer-types"), ["config.json", "layer_types", "list"]),
     "config key given twice": ("generate", hi("block-twice"), ["config.json", '"block_size" is given twice']),
+    "torch_dtype not a float type's name": ("generate", hi("dtype-float8"), ["config.json", "torch_dtype", "'float8'"]),
+    "rope_scaling with a factor and no type": ("generate", hi("rope-factor"), ["config.json", "rope_scaling",
+                                                                               "factor 4.0", "no rope_type"]),
+    "block_size of generation_config disagrees": ("generate", hi("gen-block"), ["config.json: block_size 4",
+                                                                                "generation_config.json: block_size 8",
+                                                                                "disagree"]),
     # generation_config.json, tokenizer_config.json, tokenizer.json.
     "generation_config a list": ("generate", hi("gen-list"), ["generation_config.json", "object", "list"]),
     "tokenizer_config a list": ("generate", hi("tok-list"), ["tokenizer_config.json", "object", "list"]),
@@ -215,6 +228,8 @@ CASES = {
     "NaN weight": ("generate", hi("nan-weight"), ["model.layers.0.mlp.up_proj.weight", "NaN"]),
     "weights that overflow": ("generate", hi("huge-weight"), ["logits are not finite", "check the checkpoint"]),
     "tied head of another shape": ("generate", hi("tied-head"), ["lm_head.weight", "(7, 3)", "tied"]),
+    "one weights file beside an index of shards": ("generate", hi("two-weight-sets"), ["two sets of weights",
+                                                                                        "keep one"]),
     # The chat template: every failure is one line naming its file.
     "template include": ("generate", hi("t-include"), ["chat_template.jinja", "cannot be rendered"]),
     "template division by zero": ("generate", hi("t-zero"), ["chat_template.jinja", "ZeroDivisionError"]),
@@ -236,12 +251,18 @@ CASES = {
     "generate device tpu": ("generate", ["--prompt", "Hi", "--device", "tpu"], ["unknown device 'tpu'"]),
     "eval device tpu": ("eval", ["--device", "tpu"], ["unknown device 'tpu'"]),
     "bench device tpu": ("bench", ["--device", "tpu"], ["unknown device 'tpu'"]),
+    "generate device cuda:01": ("generate", ["--prompt", "Hi", "--device", "cuda:01"], ["unknown device 'cuda:01'"]),
+    "eval device with a digit torch does not read": ("eval", ["--device", "cuda:\u0663"], ["unknown device"]),
     "train device tpu": ("train", ["--out", "{dir}/t", "--device", "tpu"], ["unknown device 'tpu'"]),
     "train out not makeable": ("train", ["--out", "/proc/no-such-folder/t"], ["--out", "cannot make the folder"]),
     "train out name too long": ("train", ["--out", "{dir}/" + "a" * 300], ["File name too long"]),
     "train usage error": ("train", ["--out", "{dir}/t", "--steps", "ten"], ["--steps", "'ten'"]),
     "train seed 10^23": ("train", ["--out", "{dir}/t", "--seed", str(10**23)], ["--seed", "2^63"]),
     "train lr 1e308": ("train", ["--out", "{dir}/t", "--lr", "1e308", "--device", "tpu"], ["--lr", "at most 1"]),
+    "train vocab-size below the bytes": ("train", ["--out", "{dir}/t", "--vocab-size", "5", "--device", "tpu"],
+                                         ["--vocab-size", "at least 260"]),  # it trained with 260 without a word
+    "train shard-mb 1e308": ("train", ["--out", "{dir}/t", "--shard-mb", "1e308", "--device", "tpu"],
+                             ["--shard-mb", "at most"]),  # it failed at the save, after the training
     "train out empty": ("train", ["--out", ""], ["--out is empty"]),
     "train out the checkpoints folder": ("train", ["--out", str(ROOT / "checkpoints"), "--overwrite", "--device", "tpu"],
                                          ["shipped checkpoint"]),  # tpu: were it let through, no training starts
@@ -360,6 +381,13 @@ def tensors(change):
     return rewrite
 
 
+def two_weight_sets(folder, root):
+    """Shards with their index beside the single model.safetensors of other weights."""
+    single = (folder / "model.safetensors").read_bytes()
+    save(random_model(tiny_config(), seed=1), folder, max_shard_bytes=12_000, dtype=torch.float32)
+    (folder / "model.safetensors").write_bytes(single)
+
+
 def config_folder(folder, root):
     (folder / "config.json").unlink()
     (folder / "config.json").mkdir()
@@ -392,6 +420,10 @@ BROKEN = {
     "layer-types": edit_json("config.json", layer_types="sliding_attention"),
     "block-twice": lambda f, r: (f / "config.json").write_text(  # json would keep the second without a word
         (f / "config.json").read_text().replace('"block_size": 4', '"block_size": 4, "block_size": 8')),
+    "dtype-float8": edit_json("config.json", torch_dtype="float8"),  # --dtype auto read it as bfloat16
+    "rope-factor": edit_json("config.json", rope_scaling={"factor": 4.0}),
+    "gen-block": edit_json("generation_config.json", block_size=8),
+    "two-weight-sets": two_weight_sets,
     "gen-list": write_file("generation_config.json", "[2, 0]"),
     "tok-list": write_file("tokenizer_config.json", "[]"),
     "eos-9999": edit_json("generation_config.json", eos_token_id=9999),
@@ -462,6 +494,8 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
     (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')
     (tmp_path / "setting.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "short", "max_new_tokens": 3}\n')
+    (tmp_path / "setting-flag.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "short", "Max-New-Tokens": 3}\n')
+    (tmp_path / "two-keys-case.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "Prompt": "second"}\n')
     (tmp_path / "plot.png").write_bytes(b"an earlier plot")
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
@@ -524,6 +558,22 @@ def test_checkpoint_quirks_change_nothing(name, tmp_path, checkpoint, loaded):
     tok, prompt = load(tmp_path / name)[1], "the quick brown fox " * 5
     for chat in (True, False):
         assert tok.encode_prompt(prompt, chat) == loaded[1].encode_prompt(prompt, chat)
+
+
+def test_a_config_without_tie_word_embeddings_loads_the_head_the_files_hold(tmp_path, hf_tokenizer):
+    """Without the field the weight files decide: a stored lm_head.weight is the head, none means the embeddings.
+    (The head was tied to the embeddings, and a stored lm_head.weight dropped without a word.)"""
+    ids = torch.randint(4, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    for tied in (False, True):
+        net = random_model(tiny_config(tie_word_embeddings=tied), seed=0)
+        folder = write_checkpoint(tmp_path / f"tied-{tied}", net, hf_tokenizer).path
+        cfg = json.loads((folder / "config.json").read_text())
+        del cfg["tie_word_embeddings"]
+        (folder / "config.json").write_text(json.dumps(cfg))
+        loaded, _ = load(folder)
+        assert loaded.config.tie_word_embeddings == tied
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids, block_size=4), net(ids, block_size=4))
 
 
 def test_a_checkpoint_without_an_end_of_text_token_says_so(tmp_path, checkpoint, capsys):
@@ -695,6 +745,39 @@ def test_an_output_that_appears_during_the_run_is_kept(checkpoint, tmp_path, cap
     assert out.read_text() == "the other run's results\n"
     assert json.loads((tmp_path / "out.jsonl.partial").read_text())["index"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.partial"]
+
+
+def test_an_output_folder_removed_during_the_run_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    """The folder of --output is removed while the run goes: one error line that says the partial file went
+    with it, and the texts that finished on stdout."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    original = generate.generate
+
+    def generate_then_the_folder_goes(*args, **kwargs):
+        results = original(*args, **kwargs)
+        shutil.rmtree(folder)
+        return results
+
+    monkeypatch.setattr(generate, "generate", generate_then_the_folder_goes)
+    code = generate.main(["--model", str(checkpoint.path), "--prompt", "Hi", "--output", str(folder / "o.jsonl"),
+                          "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, err, ["cannot write", "No such file or directory", "o.jsonl.partial is gone too"])
+    assert out.startswith("### Hi\n")
+
+
+def test_a_results_file_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+    """eval.py and bench.py's results where os.link fails (exFAT, some network shares): a checked rename."""
+    out = partial.PartialJSON(tmp_path / "r.json")
+
+    def no_links(*args, **kwargs):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    out.commit({"modes": []})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"modes": []}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
 def test_a_full_disk_keeps_whole_lines_and_says_so(checkpoint, tmp_path, capsys, monkeypatch):

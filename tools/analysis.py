@@ -285,6 +285,9 @@ def fit_probe(model, tok, prompts: list[str], opts: Options, steps: int = 2000, 
     ids = encode_prompts(tok, prompts, chat=True)
     with torch.inference_mode():
         generate_ids(model, ids, tok.mask_id, tok.eos_ids, opts, step_hook=hook)
+    if not sum(len(f) for f in features):  # no mask set of more than one token: no example, NaN weights
+        raise ValueError("the probe fit found no step with more than one masked token to rank; raise "
+                         "--max-new-tokens or give more problems")
     x, y = torch.cat(features).float(), torch.cat(labels)
     w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros((), requires_grad=True)
     for _ in range(steps):

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from files import place_new
+
 
 class PartialJSON:
     def __init__(self, path: str | Path):
@@ -50,11 +52,11 @@ class PartialJSON:
         """Everything finished: OUTPUT holds it, the partial file is gone."""
         self.save(res)
         try:
-            os.link(self.partial, self.path)
+            place_new(str(self.partial), self.path)  # a link, or on a file system without links a checked rename
         except FileExistsError:
             raise ValueError(f"{self.path} appeared while this run was going and is kept; the results are in "
                              f"{self.partial}") from None
-        os.unlink(self.partial)
+        self.partial.unlink(missing_ok=True)
         return self.path
 
     def abandon(self) -> str:

@@ -396,6 +396,8 @@ def check_args(args) -> Path:
         if getattr(args, name) > 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at most 1 (AdamW moves every weight by about the "
                              f"learning rate a step), got {getattr(args, name)}")
+    if args.shard_mb > 1 << 20:  # past float's range in bytes, the save after the training would fail
+        raise ValueError(f"--shard-mb must be at most 1,048,576 (a shard of 1 TB), got {args.shard_mb}")
     if args.seq_len % BLOCK_SIZE:
         raise ValueError(f"--seq-len must be a multiple of the block size {BLOCK_SIZE}, got {args.seq_len}")
     if args.seq_len > MAX_SEQ_LEN:  # the two-copy diffusion mask is (2 seq_len)^2 per row of the batch
@@ -405,6 +407,10 @@ def check_args(args) -> Path:
                          f"got {args.problems:,}")
     if args.batch_size > 4096 or args.vocab_size > 1 << 20:
         raise ValueError("--batch-size must be at most 4096 and --vocab-size at most 1,048,576")
+    least = 256 + len(data.SPECIAL_TOKENS)  # byte-level BPE: every byte, and the special tokens
+    if args.vocab_size < least:  # the tokenizer would get `least` tokens without a word
+        raise ValueError(f"--vocab-size must be at least {least} (the 256 bytes and {least - 256} special tokens), "
+                         f"got {args.vocab_size}")
     for name in ("out", "init_from"):
         if getattr(args, name) == "":  # Path("") is the current folder
             raise ValueError(f"--{name.replace('_', '-')} is empty; name a folder")

@@ -244,15 +244,27 @@ def load(path, device="cpu", dtype=None):
 
 def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bfloat16):
     """Write config.json and model.safetensors (or shards plus model.safetensors.index.json). Weight files
-    of an earlier save that this one does not write are removed, so the folder holds one consistent set."""
+    of an earlier save that this one does not write are removed, so the folder holds one consistent set.
+    Bad arguments raise ValueError (CheckpointError for a path that is not a folder) before anything is written."""
     from safetensors.torch import save_file
+    if not isinstance(model, SDAR):
+        raise ValueError(f"model must be an SDAR model, got a {type(model).__name__}")
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):  # Path("") is the current folder
+        raise ValueError(f"folder must be a folder's name (a non-empty str or Path), got {folder!r}")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):  # what load reads back
+        raise ValueError(f"dtype must be torch.bfloat16, float16, float32 or float64, got {dtype!r}")
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
+                                        or max_shard_bytes < 0):
+        raise ValueError(f"max_shard_bytes must be an integer >= 0 or None, got {max_shard_bytes!r}")
     folder = Path(folder)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise CheckpointError(f"{folder} exists and is not a folder; name a folder to save the checkpoint in")
+    tensors = {name: torch.cat([p.detach().to("cpu", dtype) for p in params]).contiguous()
+               for name, params in hf_layout(model).items()}  # before any write: a model that fails leaves the folder
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors = {name: torch.cat([p.detach().to("cpu", dtype) for p in params]).contiguous()
-               for name, params in hf_layout(model).items()}
     shards = _shards(tensors, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 and max_shard_bytes is None else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

@@ -24,7 +24,7 @@ import decoder
 import eval as evaluate
 import files
 import generate
-from checkpoint import CHATML, Tokenizer, load, save
+from checkpoint import CHATML, CheckpointError, Tokenizer, load, save
 import model
 import partial
 import plots
@@ -317,6 +317,14 @@ CASES = {
     # eval.py's --only.
     "eval only without oracle": ("eval", ["--only", "saturation"], ["--only goes with --oracle"]),
     "eval only matching nothing": ("eval", ["--oracle", "arith", "--only", "zzz"], ["--only 'zzz'", "no entry"]),
+    "eval only empty": ("eval", ["--oracle", "arith", "--only", ""], ["--only is empty"]),  # ran every entry
+    # Results files read back by --plot.
+    "bench plot nested too deeply": ("bench", ["--plot", "{dir}/deep.json"], ["--plot", "not a results file"]),
+    "eval plot nested too deeply": ("eval", ["--plot", "{dir}/deep.json"], ["--plot", "not a results file"]),
+    "bench plot with a 5001-digit number": ("bench", ["--plot", "{dir}/long-number.json"], ["long-number.json",
+                                                                                           "not a results file"]),
+    "eval plot with a 5001-digit number": ("eval", ["--plot", "{dir}/long-number.json"], ["long-number.json",
+                                                                                         "not a results file"]),
 }
 if torch.cuda.is_available():
     del CASES["generate device tpu"]  # still runs; only the cuda case below needs a machine without a GPU
@@ -497,6 +505,9 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "setting-flag.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "short", "Max-New-Tokens": 3}\n')
     (tmp_path / "two-keys-case.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "Prompt": "second"}\n')
     (tmp_path / "plot.png").write_bytes(b"an earlier plot")
+    (tmp_path / "deep.json").write_text('{"modes": ' + NESTED + '}')
+    (tmp_path / "long-number.json").write_text('{"modes": [{"mode": "full", "batch_size": 1' + "0" * 5000 +
+                                               ', "tokens_per_s": 1}]}')
     os.mkfifo(tmp_path / "fifo")
     shutil.copytree(checkpoint.path, tmp_path / "outside")  # good files that no checkpoint folder may reach
     (tmp_path / "outside" / "chat_template.jinja").write_text("{{ messages[0].content }}")
@@ -628,6 +639,19 @@ def test_plot_draws_what_the_file_has_or_refuses_it(workspace, monkeypatch, caps
     assert MAINS[entry](["--plot", str(path)]) == code
     if code:
         assert_one_line_error(code, capsys.readouterr().err, ["not a results file"])
+
+
+def test_plot_of_a_file_that_cannot_be_read_is_one_line(workspace, monkeypatch, capsys):
+    path = workspace / "res.json"
+    path.write_text("{}")
+
+    def denied(*args, **kwargs):  # a file without read permission (root reads it anyway)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    for entry in ("bench", "eval"):
+        assert_one_line_error(MAINS[entry](["--plot", str(path)]), capsys.readouterr().err,
+                              ["--plot", "res.json", "cannot read it", "Permission denied"])
 
 
 def test_frontier_plot_never_replaces_its_results(workspace, monkeypatch, capsys):
@@ -1066,6 +1090,28 @@ def test_a_save_leaves_one_set_of_weight_files(tmp_path, hf_tokenizer, first, se
     loaded, _ = load(tmp_path)
     for (name, a), (_, b) in zip(loaded.named_parameters(), new.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("change,error,words", [
+    (dict(dtype=torch.int8), ValueError, "dtype must be"),          # wrote integer weights load refuses
+    (dict(dtype="bfloat16"), ValueError, "dtype must be"),          # a TypeError once config.json was rewritten
+    (dict(dtype=None), ValueError, "dtype must be"),                # config.json said torch_dtype "None"
+    (dict(max_shard_bytes="10"), ValueError, "max_shard_bytes"),
+    (dict(model="model"), ValueError, "model must be an SDAR model"),
+    (dict(folder=""), ValueError, "non-empty"),                     # wrote into the current folder
+    (dict(folder=b"ckpt"), ValueError, "folder must be"),
+    (dict(folder="a-file"), CheckpointError, "is not a folder"),
+], ids=lambda v: repr(v)[:40])
+def test_save_checks_its_arguments_before_writing(tmp_path, hf_tokenizer, monkeypatch, change, error, words):
+    folder = write_checkpoint(tmp_path / "ckpt", random_model(tiny_config()), hf_tokenizer).path
+    (tmp_path / "a-file").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    args = {"model": random_model(tiny_config(), seed=1), "folder": folder, "dtype": torch.float32} | change
+    with pytest.raises(error) as e:
+        save(args.pop("model"), args.pop("folder"), **args)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "ckpt"]
 
 
 def test_bench_never_overwrites_a_results_file(tmp_path):

@@ -1,5 +1,8 @@
 """train.py: the two objectives against literal references, and a run that resumes exactly in either phase."""
 import json
+import pickle
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,10 +183,27 @@ def test_mixes_hold_their_families_and_plain_text_past_its_first_block(monkeypat
         assert sum(t in plain for t in data.long_texts(int(400 * share["long_plain"]), 0)) == int(400 * share["long_plain"])
 
 
-@pytest.mark.parametrize("damage", ["cut", "foreign", "no tokenizer"])
+class RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickled, it would make the file
+        return (Path.touch, (self.path,))
+
+
+def edit_state(state, **changes):
+    """train_state.pt with some entries replaced; history=dict(...) changes entries of its history."""
+    saved = torch.load(state, weights_only=True)
+    saved["history"] = json.dumps({**json.loads(saved["history"]), **changes.pop("history", {})})
+    torch.save({**saved, **changes}, state)
+
+
+@pytest.mark.parametrize("damage", ["cut", "foreign", "no tokenizer", "pickle that runs code", "weights a list",
+                                    "history without its steps", "another optimizer mid-phase"])
 def test_resume_from_a_damaged_folder_is_a_one_line_error(tmp_path, small_data, capsys, damage):
-    """A train_state.pt cut short, another program's file in its place, or the tokenizer gone: one line,
-    exit 2, and the folder as it was."""
+    """A train_state.pt cut short, another program's file in its place (one that would run code when unpickled,
+    or one that holds a state's keys but not its contents), or the tokenizer gone: one line, exit 2, no warning,
+    and the folder as it was."""
     out = tmp_path / "m"
     assert train.main(["--out", str(out)] + ARGS) == 0
     state = out / "train_state.pt"
@@ -191,14 +211,27 @@ def test_resume_from_a_damaged_folder_is_a_one_line_error(tmp_path, small_data, 
         state.write_bytes(state.read_bytes()[:1000])
     elif damage == "foreign":
         torch.save({"weights": torch.zeros(3)}, state)
-    else:
+    elif damage == "no tokenizer":
         (out / "tokenizer.json").unlink()
+    elif damage == "pickle that runs code":
+        state.write_bytes(pickle.dumps({"model": RunsCode(tmp_path / "ran")}))
+    elif damage == "weights a list":  # was a TypeError from load_state_dict
+        edit_state(state, model=[1, 2])
+    elif damage == "history without its steps":  # was a KeyError
+        torch.save({**torch.load(state, weights_only=True),
+                    "history": json.dumps({"phase": "ar", "shape": "2x64", "mix": "long"})}, state)
+    else:  # mid-phase, so the optimizer is read: was a KeyError from AdamW.load_state_dict
+        edit_state(state, optimizer={}, history={"phase": "diffusion", "step": 1})
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
-    assert train.main(["--out", str(out), "--resume"] + ARGS) == 2
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        assert train.main(["--out", str(out), "--resume"] + ARGS) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --resume") and "Traceback" not in err[0]
+    assert len(err) == 1 and err[0].startswith("error: --resume") and "Traceback" not in err[0], err
+    assert not [w for w in warned if "pickle" in str(w.message)]  # torch's warning is no second line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, monkeypatch, small_data, capsys):

@@ -302,9 +302,10 @@ def main(argv=None) -> int:
     sweeping = args.study or args.frontier or args.ablation or args.workloads or args.oracle
     out = card = None
     try:
-        for name in ("output", "workloads", "oracle"):
-            if getattr(args, name) == "":  # not a silent run of something else
-                raise ValueError(f"--{name} is empty; give {'a file name' if name == 'output' else 'workload names'}")
+        for name, what in (("output", "a file name"), ("workloads", "workload names"), ("oracle", "workload names"),
+                           ("only", "part of an entry's name")):
+            if getattr(args, name) == "":  # not a silent run of something else (--only "": every entry)
+                raise ValueError(f"--{name} is empty; give {what}")
         device = resolve_device(args.device)
         if args.num_problems is None:
             args.num_problems = 64 if args.workloads or args.oracle or args.fit_probe else 500

@@ -36,6 +36,9 @@ def plot_command(path: str, draw) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable (permissions), or gone since the check
+        print(f"error: --plot {path}: cannot read it ({e.strerror or e})", file=sys.stderr)
+        return 2
 
 
 def _numbers(*values) -> bool:
@@ -56,7 +59,7 @@ def plot_bench(path: Path) -> bool:
             isinstance(p.get("roc"), list) and all(isinstance(xy, list) and len(xy) == 2 and _numbers(*xy)
                                                    for xy in p["roc"]) and _numbers(p.get("auc_pooled"))
             for p in curves)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+    except (ValueError, RecursionError, AttributeError, TypeError):  # bad JSON or UTF-8, too deep, a 5000-digit number
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of bench.py with throughput or predictor results")
@@ -102,7 +105,7 @@ def plot_frontier(path: Path) -> bool:
         ok = all(isinstance(r, dict) and isinstance(r.get("mode"), str) and  # every field it reads, of its type
                  _numbers(r.get("accuracy"), r.get("row_layers_per_token")) for r in rows) and \
             any(r["mode"].startswith("delayed cache") for r in rows)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with one line, not a traceback
@@ -62,6 +64,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     }
     BLOCK_SIZE = 32
     PHASES = ("ar", "diffusion")
+    HISTORY_KEYS = ("commands", "step", "elapsed_phase", "settings", "log", "steps", "elapsed", "batch_size",
+                    "seq_len")  # what a resumed run reads of a state's history (older ones lack shape, mix)
     MAX_SEQ_LEN = 2048          # the model's context (max_position_embeddings)
     MAX_PROBLEMS = 5_000_000
     ROOT = Path(__file__).resolve().parents[1]
@@ -452,13 +456,19 @@ def check_args(args) -> Path:
 def read_state(path: Path, device: str):
     """train_state.pt -> (its dict, the run's history); a file that is not one is a one-line CheckpointError."""
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it then refuses: the error says why
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location=device, weights_only=True)
         history = json.loads(saved["history"])
-        if not (isinstance(history, dict) and history.get("phase") in (*PHASES, "done") and "model" in saved
-                and "optimizer" in saved):
+        if not (isinstance(history, dict) and history.get("phase") in (*PHASES, "done") and
+                all(k in history for k in HISTORY_KEYS) and isinstance(saved.get("model"), dict)
+                and isinstance(saved.get("optimizer"), dict) and isinstance(saved.get("rng"), dict)):
             raise ValueError("not a training state of this script")
         return saved, history
-    except Exception as e:  # a cut file, another program's pickle, a JSON that is not ours
+    except pickle.UnpicklingError:  # weights_only: torch's message runs for lines; what it means is short
+        raise CheckpointError(f"--resume: {path} is not a training state this script wrote (UnpicklingError: not a "
+                              "pickle of tensors and plain data, so it is not unpickled); start a new folder") from None
+    except Exception as e:  # a cut file, another program's file, a JSON that is not ours
         raise CheckpointError(f"--resume: {path} is not a training state this script wrote "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); start a "
                               "new folder") from None
@@ -566,8 +576,12 @@ def train(args, out: Path, device: str):
         s = phase_settings(args, phase)
         history["settings"][phase] = {"lr": s["lr"], "warmup": s["warmup"]}
         opt = new_optimizer(model, s["lr"], device)          # each phase starts with a fresh AdamW ...
-        if saved is not None and history["step"] > 0:
-            opt.load_state_dict(saved["optimizer"])           # ... unless it resumes mid-phase
+        if saved is not None and history["step"] > 0:        # ... unless it resumes mid-phase
+            try:
+                opt.load_state_dict(saved["optimizer"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"--resume: {state_path} does not hold the optimizer of this model "
+                                      f"({first_line(e)}); start a new folder") from None
         if s["steps"] > history["step"]:
             if tensors is None:
                 examples = build_examples(tok, args.problems, args.seed, args.mix)

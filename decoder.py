@@ -216,6 +216,7 @@ class Decoder:
         self.last_target = torch.zeros(S, dtype=torch.long, device=dev)   # FOCUS's target at the last step
         self.saturated = torch.zeros(S, dtype=torch.bool, device=dev)     # and whether it capped the decoding
         self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
+        self.refilling = False                                            # admit: after the first fill
 
     # -- admission and prefill ------------------------------------------------------------------------
     def admit(self, slots: list[int], prompts: list[list[int]]):
@@ -242,12 +243,15 @@ class Decoder:
             order = torch.argsort(seq, stable=True)
             seq, pos = seq[order], pos[order]
             rows = Rows.build(seq, pos, (pos // bs + 1) * bs, self.num_slots)  # block-causal prefill
-            # With --compile a small prefill runs as a CUDA graph: eagerly, one prompt of 512 tokens took 73-78 ms
-            # of host time at the SDAR-8B shape where its kernels take 15-20; from 8 such prompts on, the
-            # kernels outlast the launches (results/README.md, "Prefill").
-            graphs = self.opts.compile and len(seq) <= PREFILL_GRAPH_ROWS
+            # With --compile a small refill (prompts taking the slots of ended sequences, as a server admits them)
+            # runs as a CUDA graph: eagerly, one prompt of 512 tokens took 73-78 ms of host time at the SDAR-8B
+            # shape where its kernels take 15-20; from 8 such prompts on, the kernels outlast the launches
+            # (results/README.md, "Small prefills as CUDA graphs"). The first fill runs eagerly: a graph
+            # captured for one use costs more than it saves.
+            graphs = self.opts.compile and self.refilling and len(seq) <= PREFILL_GRAPH_ROWS
             self.model.forward_rows(self.tokens[seq, pos], rows, self.cache, logits_for=pos[:0], graphs=graphs,
                                     grid="sequences")
+        self.refilling = True
 
     def _new_block(self, slots):
         # The last block ends at the token budget: positions past it are not part of the sequence, so a run's

@@ -13,15 +13,16 @@ option `compile`:
   by `graphs=True` of model.forward_rows and focus.forward_focus. A step's rows are ragged (each sequence
   computes its own number of block positions), a graph's shapes are fixed, so the rows are padded to a few
   buckets (rows in all, rows per sequence, keys per sequence) and one graph is captured per bucket, on first
-  use, then replayed. Padding rows write their keys and values into a spare cache slot that no sequence
-  reads. A plain step runs layers 0..L-1 as one graph. A FOCUS step runs two: layers 0-1 with the whole
-  selection (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid,
-  fused by torch.compile: fused(fn)), then, after the compaction, layer 1's attention and layers 2..L on the
-  kept rows, as the reference implementation splits it. The logits are computed outside, for the masked
-  rows only. A small prefill (a few prompts admitted together) runs as a graph too, its attention grid with a
-  line per prompt instead of one per cache slot (grid="sequences"). With use_flex(True) (bench.py --flex), ragged rows inside a graph attend through FlexAttention
-  (ragged_attention: each row's key range applied to the scores in one generated kernel) instead of SDPA with
-  a mask.
+  use, then replayed. Padding rows write their keys and values into a spare cache slot that no sequence reads. A
+  plain step runs layers 0..L-1 as one graph. A FOCUS step runs two: layers 0-1 with the whole selection
+  (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid, fused by
+  torch.compile: fused(fn)), then, after the compaction, layer 1's attention and layers 2..L on the kept rows, as
+  the reference implementation splits it. The logits are computed outside, for the masked rows only. A small
+  prefill (a few prompts refilling the slots of ended sequences) runs as a graph too, its attention grid with a
+  line per prompt instead of one per cache slot (grid="sequences"), captured the second time its shape is met (a
+  shape met once runs as it is). With use_flex(True) (bench.py --flex), ragged rows inside a graph attend through
+  FlexAttention (ragged_attention: each row's key range applied to the scores in one generated kernel) instead of
+  SDPA with a mask.
 
 - reused_cache(model, make, *args): the decoder's KV cache, made once and handed to the next decoder of the same
   shape, so that the graphs captured on it (which hold its addresses) serve later runs too; release(model)
@@ -277,8 +278,12 @@ def _graphed_call(fn, capture: bool, grid: str, model, x, rows, cache, *extra):
     shape = (padded_rows, per_seq, keys, lines)
     key = (fn, capture, dense, shape, tuple(a for a in extra if not isinstance(a, torch.Tensor)),
            tuple((a.shape[1:], a.dtype) for a in args if isinstance(a, torch.Tensor)))
-    store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {}})
+    store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {},
+                                       "met": set()})
     graph = store["graphs"].get(key)
+    if graph is None and capture and lines is not None and key not in store["met"]:
+        store["met"].add(key)  # a prefill's shape is captured when it comes back; met once, it runs as it is
+        return fn(model, *args)
     if graph is None or graph.model() is not model:
         graph = store["graphs"][key] = _Graph(fn, model, args, rows, cache, shape, dense, store["pool"], capture)
     return graph.run(args, rows)

@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 
+import decoder
 import focus
 import generate
 import kernels
@@ -128,6 +129,57 @@ def test_padded_prefill_equals_the_plain_prefill(net, lengths, slots, padding):
     (shape,) = [key[3] for key in kernels._STORES[padded_cache]["graphs"]]
     assert shape[3] == 1 << (len(slots) - 1).bit_length()                               # lines: a power of two
     assert shape[0] - rows.num_rows == padding                                         # rows padded to a bucket
+
+
+def test_a_prefill_shape_is_captured_when_it_comes_back(net, monkeypatch):
+    """With capture (CUDA), a prefill's shape met for the first time runs as it is; met again, it is captured
+    once and replayed after. A decode step's shape is captured at once. (Capture stood in for on the CPU.)"""
+    import weakref
+    made = []
+
+    class Captured:
+        def __init__(self, fn, model, args, rows, cache, shape, *rest):
+            made.append(shape)
+            self.model = weakref.ref(model)
+
+        def run(self, args, rows):
+            return "replayed"
+
+    monkeypatch.setattr(kernels, "captures", lambda model, device: True)
+    monkeypatch.setattr(kernels, "_Graph", Captured)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    seq, pos = torch.tensor([1] * 16), torch.arange(16)
+    rows = model.Rows.build(seq, pos, (pos // 8 + 1) * 8, 4)
+    cache = filled_cache(net.config, 4, 64, seed=10)
+    x = torch.randn(16, net.config.hidden_size)
+    prefill = kernels.graphed(model.SDAR.decode_layers, grid="sequences")
+    with torch.no_grad():
+        first = prefill(net, x, rows, cache, 0, 4)
+        assert isinstance(first, torch.Tensor) and made == []                 # met once: run as it is
+        assert prefill(net, x, rows, cache, 0, 4) == "replayed" and len(made) == 1
+        assert prefill(net, x, rows, cache, 0, 4) == "replayed" and len(made) == 1
+        step = ragged_rows([3, 2], [8, 16], 4)
+        kernels.graphed(model.SDAR.decode_layers)(net, torch.randn(5, net.config.hidden_size), step, cache, 0, 4)
+    assert len(made) == 2                                                     # a decode step: at once
+
+
+def test_the_first_fill_runs_eagerly_and_refills_through_graphs(net, monkeypatch):
+    """--compile: the decoder's first fill is prefilled as it is (a graph used once costs more than it saves),
+    a refill of ended sequences' slots through graphed prefill (which off CUDA runs as it is)."""
+    asked, original = [], net.forward_rows
+
+    def forward_rows(ids, rows, cache, logits_for=None, graphs=False, grid="slots"):
+        if grid == "sequences":
+            asked.append(graphs)
+        return original(ids, rows, cache, logits_for, graphs, grid)
+
+    monkeypatch.setattr(net, "forward_rows", forward_rows)
+    prompts = [[random.Random(i).randint(10, 299) for _ in range(20)] for i in range(3)]  # two whole blocks each
+    dec = decoder.Decoder(net, 3, [2], decoder.Options(max_new_tokens=8, batch_size=2, compile=True), 2, 64)
+    with torch.no_grad():
+        dec.admit([0, 1], prompts[:2])
+        dec.admit([1], prompts[2:])     # the slot of a sequence that ended
+    assert asked == [False, True]
 
 
 def test_a_dropped_cache_frees_its_graphs(net):

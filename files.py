@@ -309,7 +309,8 @@ def check_output(output: str, prompts_file: str | None, overwrite: bool, model: 
         if _inside(target, SHIPPED_DIR):
             raise ValueError(f"{what} would replace a file of the shipped checkpoints in checkpoints/; name a new "
                              "file")
-    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+    # output, not path: /dev/stdout on a pipe resolves to a name that is not there ("pipe:[...]")
+    if os.path.exists(output) and not stat.S_ISREG(os.stat(output).st_mode):
         raise ValueError(f"--output {output} is not a regular file (a device, fifo or socket); name a file")
     if os.path.lexists(partial) and not stat.S_ISREG(partial.lstat().st_mode):
         raise ValueError(f"{partial} exists and is not a regular file; move it away")

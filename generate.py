@@ -357,6 +357,9 @@ def main(argv=None) -> int:
     try:
         if args.prompts_file == "":  # not a silent run without it
             raise ValueError("--prompts-file is empty; name a JSONL file")
+        if args.prompts_file == "-" and not os.path.exists("-"):  # read by many tools as stdin, here a file name
+            raise ValueError("--prompts-file - names a file \"-\", which is not there; for standard input pass "
+                             "--prompts-file /dev/stdin")
         if not args.prompt and args.prompts_file is None:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         prompts = (args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
@@ -470,6 +473,8 @@ def summary(results: list[Result], elapsed: float, block_size: int) -> str:
 
 
 if __name__ == "__main__":
+    if sys.stderr is None:  # started with stderr closed (2>&-): its lines go nowhere, not into a crash
+        sys.stderr = open(os.devnull, "w")
     if hasattr(signal, "SIGXFSZ"):  # past a file-size limit: a failed write (one line), not a killed process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     sys.exit(main())

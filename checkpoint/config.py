@@ -98,9 +98,14 @@ def config_from_dict(d) -> ModelConfig:
                 raise CheckpointError(f"config.json: {name} {d[name]!r} is not supported (false only)")
         if d.get("use_qk_norm", True) is not True:
             raise CheckpointError(f"config.json: use_qk_norm {d['use_qk_norm']!r} is not supported (true only)")
-        if "rotary_dim" in d and "partial_rotary_factor" not in d and is_int(d["rotary_dim"]) and \
-                is_int(d.get("head_dim")) and d["head_dim"] > 0:
-            d["partial_rotary_factor"] = d["rotary_dim"] / d["head_dim"]
+        if "rotary_dim" in d and is_int(d.get("head_dim")) and d["head_dim"] > 0:
+            if not is_int(d["rotary_dim"]) or d["rotary_dim"] <= 0:  # read as no rotary_dim: RoPE on every dimension
+                raise CheckpointError(f"config.json: rotary_dim must be a positive integer, got {d['rotary_dim']!r}; "
+                                      "fix the file")
+            f = d.setdefault("partial_rotary_factor", d["rotary_dim"] / d["head_dim"])
+            if isinstance(f, (int, float)) and math.isfinite(f) and int(d["head_dim"] * f) != d["rotary_dim"]:
+                raise CheckpointError(f"config.json: rotary_dim {d['rotary_dim']} and partial_rotary_factor "
+                                      f"{d['partial_rotary_factor']!r} disagree (head_dim {d['head_dim']}); keep one")
         d.setdefault("mask_token_id", LLADA2_MASK_ID)
         d.setdefault("norm_topk_prob", True)  # its modeling code always renormalises the top-k weights
     elif model_type == "sdar":
@@ -175,6 +180,9 @@ def check_moe_config(cfg: ModelConfig, bad, is_int):
             cfg.n_group > 1 and cfg.num_experts // cfg.n_group < 2):
         raise bad("n_group", f"a divisor of num_experts ({cfg.num_experts}) with topk_group <= n_group and at "
                              "least 2 experts per group")
+    allowed = cfg.topk_group * (cfg.num_experts // cfg.n_group)  # the experts of the groups a token may use
+    if cfg.num_experts_per_tok > allowed:  # the rest would be picked among -inf scores, at random
+        raise bad("num_experts_per_tok", f"at most topk_group x experts per group ({allowed})")
     v = cfg.routed_scaling_factor
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
         raise bad("routed_scaling_factor", "a positive number")

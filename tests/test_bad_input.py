@@ -37,6 +37,11 @@ RESULTS_FILE = ROOT / "results" / "cpu-2026-11-30.json"  # a published result th
 SHIPPED_CARD = ROOT / "checkpoints" / "sdar-tiny" / "README.md"  # nor a file of a shipped checkpoint
 
 
+SHAPE_2X64 = train.SHAPES["2x64"]
+TRAIN_2X64 = ["--shape", "2x64", "--problems", "60", "--seq-len", "64", "--batch-size", "2", "--ar-steps", "1",
+              "--steps", "1", "--ar-minutes", "0", "--minutes", "0", "--device", "cpu"]  # short, were it let through
+
+
 def hi(folder):
     """argv that loads the checkpoint {dir}/folder and renders the chat template for one prompt."""
     return ["--model", "{dir}/" + folder, "--prompt", "Hi"]
@@ -153,6 +158,7 @@ CASES = {
                                               ["line 2", "not valid JSON"]),
     "prompts file named by an empty string": ("generate", ["--prompt", "Hi", "--prompts-file", ""],
                                               ["--prompts-file is empty"]),
+    "prompts file -": ("generate", ["--prompts-file", "-"], ["--prompts-file -", "/dev/stdin"]),
     "prompts file given twice": ("generate", ["--prompts-file", "{dir}/prompts.jsonl", "--prompts-file",
                                               "{dir}/empty.jsonl"], ["--prompts-file is given twice"]),
     "focus and no-focus": ("generate", ["--prompt", "Hi", "--focus", "--no-focus"], ["--focus/--no-focus is given twice"]),
@@ -279,6 +285,10 @@ CASES = {
                                          ["--init-from", "hidden_size 32, --shape 8x384 has 384"]),
     "train init-from with byte-order marks": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/bom"],
                                               ["--init-from", "hidden_size 32, --shape 8x384 has 384"]),  # read past
+    "train init-from with an untied head": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/untied-2x64",
+                                                      *TRAIN_2X64], ["--init-from", "tie_word_embeddings False"]),
+    "train init-from of another rope_theta": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/theta-2x64",
+                                                        *TRAIN_2X64], ["--init-from", "rope_theta 1000000.0"]),
     "train init-from with resume": ("train", ["--out", "{dir}/t", "--resume", "--init-from", "{ckpt}"],
                                     ["--init-from goes without --resume"]),
     "train resume with a broken tokenizer": ("train", ["--out", "{dir}/resume-tok", "--resume"],
@@ -477,6 +487,9 @@ BROKEN = {
     os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8
     "no-mask-token": lambda f, r: (f / "tokenizer.json").write_text(
         (f / "tokenizer.json").read_text().replace('"<|MASK|>"', '"<|NOMASK|>"')),
+    "untied-2x64": lambda f, r: save(random_model(tiny_config(**SHAPE_2X64, tie_word_embeddings=False)), f,
+                                     dtype=torch.float32),
+    "theta-2x64": lambda f, r: save(random_model(tiny_config(**SHAPE_2X64, rope_theta=1e6)), f, dtype=torch.float32),
     "init-copy": lambda f, r: None,  # the good checkpoint, which train.py must not write over
     "bom": byte_order_marks,
     "resume-fifo": lambda f, r: os.mkfifo(f / "train_state.pt"),
@@ -880,6 +893,23 @@ def test_a_closed_pipe_ends_quietly(checkpoint, script, args):
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     if script == "generate.py":
         assert stderr.strip().splitlines()[-1].startswith("2 sequences")
+
+
+@pytest.mark.parametrize("script,args", [("generate.py", ["--prompt", "Hi", "--prompt", "The lazy dog"]),
+                                         ("tools/eval.py", ["-n", "1"])])
+def test_a_closed_stderr_is_no_crash(checkpoint, script, args):
+    """Started with stderr closed (2>&-), sys.stderr is None: the run crashed at its first use (exit 1)."""
+    proc = run_script([str(ROOT / script), "--model", str(checkpoint.path), *args, "--max-new-tokens", "4",
+                       "--device", "cpu"], preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 0 and proc.stdout.strip()
+
+
+def test_output_dev_stdout_on_a_pipe_is_refused_before_any_work(tmp_path):
+    """/dev/stdout on a pipe resolves to "pipe:[...]", a name that is not there: it was let through, and the
+    run failed with "cannot write /proc/.../pipe:[...].partial"."""
+    proc = run_script([str(ROOT / "generate.py"), "--prompt", "Hi", "--output", "/dev/stdout", "--overwrite",
+                       "--model", str(tmp_path / "no-model")])
+    assert_one_line_error(proc.returncode, proc.stderr, ["--output /dev/stdout is not a regular file"])
 
 
 @pytest.mark.parametrize("script,args,line", [("generate.py", ["--prompt", "Hi"], "interrupted before generation began"),

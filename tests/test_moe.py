@@ -314,6 +314,9 @@ def test_batched_experts_match_the_loop(moe_net):
     ("llada2_moe", {"score_function": "relu"}, ["score_function", "sigmoid"]),
     ("llada2_moe", {"use_qkv_bias": True}, ["use_qkv_bias"]),
     ("llada2_moe", {"routed_scaling_factor": "2.5"}, ["routed_scaling_factor", "positive number"]),
+    ("llada2_moe", {"num_experts_per_tok": 6}, ["num_experts_per_tok", "topk_group x experts per group (4)"]),
+    ("llada2_moe", {"rotary_dim": 16}, ["rotary_dim 16 and partial_rotary_factor 0.5 disagree"]),
+    ("llada2_moe", {"rotary_dim": "8", "partial_rotary_factor": None}, ["rotary_dim", "'8'"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_moe_config_is_a_checkpoint_error(tmp_path, hf_tokenizer, kind, change, words):
     cfg = sdar_moe_config() if kind == "sdar_moe" else llada2_config()

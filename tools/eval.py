@@ -439,4 +439,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.stderr is None:  # started with stderr closed (2>&-): its lines go nowhere, not into a crash
+        sys.stderr = open(os.devnull, "w")
     sys.exit(main())

@@ -531,6 +531,13 @@ def train(args, out: Path, device: str):
             raise CheckpointError(f"--init-from {args.init_from}: its config.json has {wrong} {getattr(given, wrong)}, "
                                   f"--shape {args.shape} has {SHAPES[args.shape][wrong]}; pass the --shape it was "
                                   "trained with")
+        built = ModelConfig(vocab_size=tok.get_vocab_size())  # what this script builds, past --shape
+        for k in ("vocab_size", "model_type", "tie_word_embeddings", "attention_bias", "rope_theta", "rms_norm_eps"):
+            if getattr(given, k) != getattr(built, k):  # its weights would load into another model, or a tensor dropped
+                raise CheckpointError(f"--init-from {args.init_from}: its config.json has {k} {getattr(given, k)!r}, "
+                                      f"the model train.py builds has {getattr(built, k)!r}"
+                                      f"{' (its tokenizer.json)' if k == 'vocab_size' else ''}; start from a "
+                                      "checkpoint train.py wrote")
     else:
         texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
         texts += data.natural_text() + data.stories(5000, args.seed)

@@ -1,4 +1,5 @@
-"""train.py: the two objectives against literal references, and a run that resumes exactly in either phase."""
+"""train.py and objectives.py: the two objectives against literal references, and a run that resumes exactly in
+either phase."""
 import json
 import pickle
 import warnings
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
+import objectives
 import train
 from conftest import random_model, tiny_config
 
@@ -24,7 +26,7 @@ def packed_rows():
 
 def test_causal_mask_literal():
     _, doc, pos = packed_rows()
-    mask = train.causal_mask(doc, pos)
+    mask = objectives.causal_mask(doc, pos)
     for b in range(doc.shape[0]):
         for i in range(doc.shape[1]):
             for j in range(doc.shape[1]):
@@ -40,7 +42,7 @@ def test_ar_loss_matches_one_example_at_a_time():
     torch.manual_seed(0)
     net = random_model(tiny_config(), seed=1)
     ids, doc, pos = packed_rows()
-    loss, _ = train.ar_loss_fn(net, ids, doc, pos)
+    loss, _ = objectives.ar_loss_fn(net, ids, doc, pos)
     total, count = 0.0, 0
     for b in range(doc.shape[0]):
         for d in doc[b].unique():
@@ -57,7 +59,7 @@ def test_ar_loss_matches_one_example_at_a_time():
 def test_two_copy_mask_literal():
     _, doc, pos = packed_rows()
     bs, S = 4, doc.shape[1]
-    mask = train.two_copy_mask(doc, pos, bs)
+    mask = objectives.two_copy_mask(doc, pos, bs)
     for b in range(doc.shape[0]):
         for i in range(2 * S):
             for j in range(2 * S):

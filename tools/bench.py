@@ -382,7 +382,7 @@ REAL_SIZE_ONLY = ("real_size_config", "replay_problems", "replay_workload", "rep
 SHIPPED_ONLY = ("batch_sizes", "num_prompts", "repeats", "modes")  # and those it ignores
 
 
-MAX_REAL_BATCH = 65536  # --real-batches: a sequence's KV cache at SDAR-1.7B's shape, context 512, is ~0.12 GB: 8 TB
+MAX_REAL_BATCH = 65536  # --real-batches: at ~0.12 GB of KV cache a sequence (SDAR-1.7B, context 512), 8 TB
 
 
 def parse_args(argv=None):

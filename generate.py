@@ -32,7 +32,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import kernels
     from checkpoint import CheckpointError, load, resolve_device
     from decoder import MAX_INT, Decoder, Options, flag
-    from files import ResultsFile, check_output, prompt_problem, read_prompts
+    from files import ResultsFile, check_output, interrupted_status, prompt_problem, read_prompts, start_command
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -392,10 +392,10 @@ def main(argv=None) -> int:
         if results_file:
             results_file.commit()
             results_file = None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
         print_results(finished, always_headed=True)
         print(interrupted_line(len(finished), total, results_file), file=sys.stderr)
-        return 130
+        return interrupted_status(e)
     except (CheckpointError, ValueError) as e:
         print_results(finished, always_headed=True)  # what finished before the error (none for bad input)
         print(f"error: {e}", file=sys.stderr)
@@ -473,8 +473,7 @@ def summary(results: list[Result], elapsed: float, block_size: int) -> str:
 
 
 if __name__ == "__main__":
-    if sys.stderr is None:  # started with stderr closed (2>&-): its lines go nowhere, not into a crash
-        sys.stderr = open(os.devnull, "w")
+    start_command()
     if hasattr(signal, "SIGXFSZ"):  # past a file-size limit: a failed write (one line), not a killed process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     sys.exit(main())

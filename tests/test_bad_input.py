@@ -87,6 +87,12 @@ CASES = {
                                                           "--max-new-tokens", "4"], ["README.md", "leads outside"]),
     # The output path, checked before the model is loaded.
     "output folder missing": ("generate", ["--prompt", "Hi", "--output", "{dir}/nodir/x.jsonl"], ["nodir", "does not exist"]),
+    "output folder a file": ("generate", ["--prompt", "Hi", "--output", "{dir}/good.jsonl/x.jsonl"],
+                             ["good.jsonl is a file, not a folder"]),  # it said the folder does not exist
+    "output folder under a file": ("generate", ["--prompt", "Hi", "--output", "{dir}/good.jsonl/sub/x.jsonl"],
+                                   ["good.jsonl is a file, not a folder"]),
+    "eval output folder a file": ("eval", ["--study", "--output", "{dir}/good.jsonl/x.json"],
+                                  ["good.jsonl is a file, not a folder"]),
     "output is a folder": ("generate", ["--prompt", "Hi", "--output", "{dir}"], ["is a folder"]),
     "eval output folder missing": ("eval", ["--study", "--output", "{dir}/nodir/x.json"], ["nodir", "does not exist"]),
     "eval output without a sweep": ("eval", ["--output", "{dir}/x.json"], ["--output goes with"]),
@@ -679,7 +685,10 @@ def test_frontier_plot_never_replaces_its_results(workspace, monkeypatch, capsys
 # ---------------------------------------------------------------------------------------------------
 # Results are kept: an interrupt, a failed run, a good run with --overwrite.
 
-def test_interrupt_keeps_the_finished_results(checkpoint, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "kill", "hang-up"])
+def test_interrupt_keeps_the_finished_results(checkpoint, tmp_path, signum):
+    """Ctrl-C, kill -TERM and a closed terminal (SIGHUP) alike: the finished results kept, one line, exit 128 + the
+    signal's number (kill and hang-up ended the process at once, and the partial file's lines went unnamed)."""
     n = 400
     prompts = [f"Prompt number {i}: the quick brown fox" for i in range(n)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -693,9 +702,9 @@ def test_interrupt_keeps_the_finished_results(checkpoint, tmp_path):
     while not (partial.exists() and partial.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr
     kept = [json.loads(line) for line in partial.read_text().splitlines()]
     assert 2 <= len(kept) < n
@@ -704,6 +713,43 @@ def test_interrupt_keeps_the_finished_results(checkpoint, tmp_path):
                                                f"their results are in {partial}")
     assert not out.exists()  # the output's name is given only to a complete set of results
     assert stdout.count("### ") == len(kept)
+
+
+def test_eval_killed_keeps_what_finished(checkpoint, tmp_path):
+    """kill -TERM once eval.py has saved its first piece: one line naming the partial file, exit 143."""
+    out, partial = tmp_path / "w.json", tmp_path / "w.json.partial"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "eval.py"), "--model", str(checkpoint.path),
+                             "--workloads", "arith,multistep,story,long", "-n", "64", "--output", str(out),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted; what finished is in {partial}"
+    assert json.loads(partial.read_text())["workloads"] and not out.exists()
+
+
+def test_a_signal_ignored_when_started_stays_ignored():
+    """Under nohup SIGHUP is ignored: a closed terminal must not stop the run. SIGTERM, not ignored, stops it."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        files.start_command()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)  # else the kill ends pytest
+        with pytest.raises(KeyboardInterrupt) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
+        assert files.interrupted_status(e.value) == 143
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second kill ends the process at once
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_a_failed_run_leaves_the_output_as_it_was(checkpoint, tmp_path, capsys):
@@ -902,6 +948,16 @@ def test_a_closed_stderr_is_no_crash(checkpoint, script, args):
     proc = run_script([str(ROOT / script), "--model", str(checkpoint.path), *args, "--max-new-tokens", "4",
                        "--device", "cpu"], preexec_fn=lambda: os.close(2))
     assert proc.returncode == 0 and proc.stdout.strip()
+
+
+@pytest.mark.parametrize("script", ["tools/train.py", "tools/bench.py", "generate.py", "tools/eval.py"])
+def test_a_closed_stderr_keeps_errors_off_stdout(tmp_path, script):
+    """print(file=None) writes to stdout: with stderr closed an error line went into the command's output (and
+    bench.py's and train.py's progress bars crashed, as generate.py's did)."""
+    args = ["--out", str(tmp_path / "t")] if script == "tools/train.py" else ["--prompt", "Hi"] if script == \
+        "generate.py" else []
+    proc = run_script([str(ROOT / script), *args, "--device", "tpu"], preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 2 and proc.stdout == ""
 
 
 def test_output_dev_stdout_on_a_pipe_is_refused_before_any_work(tmp_path):

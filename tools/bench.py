@@ -34,6 +34,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import replay
     import shapes
     import workloads
+    from files import interrupted_status, start_command
     from partial import PartialJSON, error_line, new_results_path
     from analysis import figure, predictor_probe
     from decoder import Options
@@ -533,10 +534,10 @@ def main(argv=None) -> int:
         print(out_of_memory_message(e, "--real-batches, --contexts or --batch-sizes") + kept, file=sys.stderr)
         out = None
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
         print(f"interrupted; {out.abandon() if out else 'nothing was written'}", file=sys.stderr)
         out = None
-        return 130
+        return interrupted_status(e)
     finally:
         if out:
             out.abandon()
@@ -574,4 +575,5 @@ def run(args, device, res: dict, out: PartialJSON) -> int:
 
 
 if __name__ == "__main__":
+    start_command()
     sys.exit(main())

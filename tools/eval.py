@@ -35,6 +35,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import data
     import plots
     import workloads
+    from files import interrupted_status, start_command
     from partial import PartialJSON, error_line
     from decoder import Options, flag
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
@@ -408,9 +409,9 @@ def main(argv=None) -> int:
         print(out_of_memory_message(e, "--batch-size or --num-problems") + kept, file=sys.stderr)
         out = None
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
         print(f"interrupted; {out.abandon() if out else 'no --output was asked for'}", file=sys.stderr)
-        return 130
+        return interrupted_status(e)
     finally:
         if out:  # an error after the output was made: keep what finished
             out.abandon()
@@ -439,6 +440,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.stderr is None:  # started with stderr closed (2>&-): its lines go nowhere, not into a crash
-        sys.stderr = open(os.devnull, "w")
+    start_command()
     sys.exit(main())

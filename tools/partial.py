@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from files import place_new
+from files import folder_problem, place_new
 
 
 class PartialJSON:
@@ -19,8 +19,9 @@ class PartialJSON:
             raise ValueError(f"{path} ends with / (a folder); name a file")
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        if not self.path.parent.is_dir():
-            raise ValueError(f"{self.path}: the folder {self.path.parent} does not exist; create it first")
+        missing = folder_problem(self.path.parent)
+        if missing:
+            raise ValueError(f"{self.path}: {missing}")
         if os.path.lexists(self.path):
             raise ValueError(f"{self.path} exists; results are never overwritten: name a new file")
         try:

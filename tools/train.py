@@ -38,6 +38,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from checkpoint import (CheckpointError, config_from_dict, first_line, inside_file, load_state, read_json,
                             resolve_device, save)
     from checkpoint.folder import MAX_JSON_BYTES, read_bytes
+    from files import interrupted_status, start_command
     from generate import ArgumentParser
     from model import SDAR, ModelConfig, num_params
     from objectives import ar_loss_fn, loss_fn
@@ -425,11 +426,11 @@ def main(argv=None) -> int:
     except (CheckpointError, Diverged, OSError) as e:  # OSError: a full disk, a folder that went away
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
         state = out / "train_state.pt"
         print(f"interrupted; training so far is saved in {state} (continue with --resume)" if state.exists()
               else "interrupted before the first training step; nothing was saved", file=sys.stderr)
-        return 130
+        return interrupted_status(e)
     return 0
 
 
@@ -531,4 +532,5 @@ def _init(model):
 
 
 if __name__ == "__main__":
+    start_command()
     sys.exit(main())

@@ -11,6 +11,7 @@ Words: a cache slot holds one sequence (S slots, one row of every (S, block) ten
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -72,8 +73,8 @@ class Options:
     def check(self):
         """Raise ValueError with a one-line message for a bad value. Run when an Options is made and again by
         generate_ids, since a field can be changed after that."""
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type, f.metadata["choices"])
+        for f in fields(self):  # numpy's and other number types become plain int and float
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), f.type, f.metadata["choices"]))
         for name in ("max_new_tokens", "batch_size", "tokens_per_step"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
@@ -112,20 +113,33 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _check_type(name: str, value, kind: str, choices):
-    """kind is the field's annotation as written: int, int | None, float, bool or str."""
+def _checked(name: str, value, kind: str, choices):
+    """value, of the right type (an integer of any type as int, a real number as float), or a ValueError. kind is
+    the field's annotation as written: int, int | None, float, bool or str."""
     if value is None and kind.endswith("| None"):
-        return
-    if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ValueError(f"{flag(name)} must be an integer, got {value!r}")
-    if kind.startswith("int") and abs(value) > MAX_INT:  # past int64 a tensor op or the seed overflows
-        raise ValueError(f"{flag(name)} must be below 2^63, got {value}")
-    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
-        raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
+        return value
+    if kind.startswith("int"):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # numpy.int64 too
+            raise ValueError(f"{flag(name)} must be an integer, got {value!r}")
+        if abs(int(value)) > MAX_INT:  # past int64 a tensor op or the seed overflows
+            raise ValueError(f"{flag(name)} must be below 2^63, got {value}")
+        return int(value)
+    if kind == "float":
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not _finite(value):  # numpy.float32 too
+            raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
+        return float(value)
     if kind == "bool" and not isinstance(value, bool):
         raise ValueError(f"{flag(name)} must be True or False, got {value!r}")
     if kind == "str" and value not in choices:
         raise ValueError(f"unknown {flag(name)} {value!r}; use one of {', '.join(choices)}")
+    return value
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 class StepRecord(NamedTuple):

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import io
 import math
+import numbers
 import os
 import signal
 import sys
@@ -84,13 +85,15 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
         raise ValueError("no prompts given")
     if not _token_id(mask_id, cfg.vocab_size):
         raise ValueError(f"mask_id must be a token id below the vocabulary size {cfg.vocab_size}, got {mask_id!r}")
-    if not isinstance(eos_ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                          and abs(i) <= MAX_INT for i in eos_ids):  # int64
+    if not isinstance(eos_ids, (list, tuple)) or not all(_token_id(i, MAX_INT + 1, low=-MAX_INT) for i in eos_ids):
         raise ValueError(f"eos_ids must be a list of token ids (an id no token has, such as -1, never ends a "
                          f"sequence), got {eos_ids!r}")
     for i, ids in enumerate(prompt_ids):
         if not isinstance(ids, (list, tuple)) or not all(_token_id(t, cfg.vocab_size) for t in ids):
             raise ValueError(f"prompt {i + 1} must be a list of token ids below the vocabulary size {cfg.vocab_size}")
+    # numpy's integers as plain ints
+    mask_id, eos_ids, prompt_ids = int(mask_id), [int(i) for i in eos_ids], [[int(t) for t in p] for p in prompt_ids]
+    for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {i + 1} is empty; give some text")
         if len(ids) + opts.max_new_tokens > cfg.max_position_embeddings:
@@ -163,8 +166,8 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     return results
 
 
-def _token_id(t, vocab_size: int) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+def _token_id(t, vocab_size: int, low: int = 0) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and low <= t < vocab_size
 
 
 def check_model(model, tokenizer=None, with_tokenizer: bool = False):

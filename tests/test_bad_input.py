@@ -2,6 +2,7 @@
 that existed before is changed; an untrusted checkpoint folder makes the loader read nothing outside it; an
 interrupt keeps what finished; the Python API checks at its boundary; user text never becomes special tokens;
 a save leaves one set of weight files; bench.py never overwrites results."""
+import dataclasses
 import errno
 import json
 import os
@@ -1084,6 +1085,32 @@ def test_generate_api_checks_its_arguments(loaded, prompts, options, words):
     with pytest.raises(ValueError) as e:
         generate.generate(net, tok, prompts, **options)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_numpy_and_other_number_types_are_plain_numbers(loaded):
+    """numpy.float64 was taken and kept, numpy.float32 and numpy.int64 refused as not numbers: every integral and
+    real type is taken now and stored as a plain int or float; bools and non-finite values are still refused."""
+    import fractions
+    import numpy as np
+    net, tok = loaded
+    opts = generate.Options(alpha=np.float32(2.0), focus=True, max_new_tokens=np.int64(8), block_size=np.int32(4),
+                            threshold=fractions.Fraction(1, 2), temperature=np.float64(0.0), seed=np.uint8(3))
+    assert opts == generate.Options(alpha=2.0, focus=True, max_new_tokens=8, block_size=4, threshold=0.5, seed=3)
+    assert [type(getattr(opts, k)) for k in ("alpha", "max_new_tokens", "block_size", "threshold", "temperature",
+                                             "seed")] == [float, int, int, float, float, int]
+    json.dumps(dataclasses.asdict(opts))  # a numpy.float32 would not serialise
+    ids = generate.generate_ids(net, [np.array([5, 6, 7]).tolist(), [np.int64(8), np.int32(9)]], np.int64(tok.mask_id),
+                                [np.int64(i) for i in tok.eos_ids], generate.Options(max_new_tokens=8))
+    assert ids[1][0] == generate.generate_ids(net, [[8, 9]], tok.mask_id, tok.eos_ids,
+                                              generate.Options(max_new_tokens=8))[0][0]
+    for bad, words in [({"max_new_tokens": np.bool_(True)}, "max-new-tokens must be an integer"),
+                       ({"max_new_tokens": True}, "max-new-tokens must be an integer"),
+                       ({"threshold": np.float32("nan")}, "threshold must be a finite number"),
+                       ({"threshold": True}, "threshold must be a finite number"),
+                       ({"threshold": 10**400}, "threshold must be a finite number"),  # was an OverflowError
+                       ({"seed": np.uint64(2**64 - 1)}, "seed must be below 2^63"),
+                       ({"max_new_tokens": 8.0}, "max-new-tokens must be an integer")]:
+        api_error(lambda: generate.Options(**bad), words)
 
 
 def test_options_are_checked_when_made_and_are_the_cli_defaults():

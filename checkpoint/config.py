@@ -26,6 +26,12 @@ REQUIRED_MOE = {
                    "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "score_function",
                    "moe_router_enable_expert_bias", "head_dim"),
 }
+# LLaDA2.0's own routing and RoPE fields, at the values that leave a Qwen3-MoE layer as it is (checkpoint.save writes
+# them so): an sdar_moe config that sets another value describes a model Qwen3-MoE's code would not run.
+LLADA2_ONLY = {"first_k_dense_replace": 0, "num_shared_experts": 0, "score_function": "softmax",
+               "moe_router_enable_expert_bias": False, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+               "partial_rotary_factor": 1.0}
+MAX_ROUTED_SCALING = 1000  # LLaDA2.0 uses 2.5; far past it, the routed weights overflow (NaN logits)
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")  # the weights' dtype, as transformers writes it
 # transformers 5 writes some fields under new names: field -> ours.
 RENAMED = {"num_local_experts": "num_experts", "dtype": "torch_dtype"}
@@ -108,6 +114,12 @@ def config_from_dict(d) -> ModelConfig:
                                       f"{d['partial_rotary_factor']!r} disagree (head_dim {d['head_dim']}); keep one")
         d.setdefault("mask_token_id", LLADA2_MASK_ID)
         d.setdefault("norm_topk_prob", True)  # its modeling code always renormalises the top-k weights
+    elif model_type == "sdar_moe":
+        changed = next((k for k, v in LLADA2_ONLY.items() if d.get(k, v) != v), None)
+        if changed:  # honoured, it would route (or rotate) as no SDAR-MoE model does
+            raise CheckpointError(f"config.json: {changed} {d[changed]!r} is a field of LLaDA2.0 (model_type "
+                                  "llada2_moe), which model_type sdar_moe (Qwen3-MoE) does not have; remove it, or "
+                                  "set model_type llada2_moe if the model is LLaDA2.0")
     elif model_type == "sdar":
         if d.get("partial_rotary_factor", 1.0) != 1.0:  # the dense model drops the expert fields, this one too
             raise CheckpointError(f"config.json: partial_rotary_factor {d['partial_rotary_factor']!r} is not "
@@ -186,11 +198,14 @@ def check_moe_config(cfg: ModelConfig, bad, is_int):
     v = cfg.routed_scaling_factor
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
         raise bad("routed_scaling_factor", "a positive number")
+    if v > MAX_ROUTED_SCALING:  # refused here, not as NaN logits once the model runs
+        raise bad("routed_scaling_factor", f"at most {MAX_ROUTED_SCALING:,} (LLaDA2.0 uses 2.5)")
     if cfg.mlp_only_layers is not None and not (isinstance(cfg.mlp_only_layers, list) and all(is_int(i) for i in cfg.mlp_only_layers)):
         raise bad("mlp_only_layers", "a list of layer indices")
     f = cfg.partial_rotary_factor
-    if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1 or int(cfg.head_dim * f) % 2:
-        raise bad("partial_rotary_factor", "in (0, 1], giving an even number of rotary dimensions")
+    if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1 or int(cfg.head_dim * f) % 2 or \
+            int(cfg.head_dim * f) == 0:  # none: a model without positions
+        raise bad("partial_rotary_factor", "in (0, 1], giving an even number of rotary dimensions (at least 2)")
 
 
 def parameter_count(cfg: ModelConfig) -> int:

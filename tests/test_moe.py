@@ -317,6 +317,15 @@ def test_batched_experts_match_the_loop(moe_net):
     ("llada2_moe", {"num_experts_per_tok": 6}, ["num_experts_per_tok", "topk_group x experts per group (4)"]),
     ("llada2_moe", {"rotary_dim": 16}, ["rotary_dim 16 and partial_rotary_factor 0.5 disagree"]),
     ("llada2_moe", {"rotary_dim": "8", "partial_rotary_factor": None}, ["rotary_dim", "'8'"]),
+    # LLaDA2.0's routing fields were honoured in an sdar_moe config (Qwen3-MoE has none of them)
+    ("sdar_moe", {"n_group": 4, "topk_group": 2}, ["n_group 4", "field of LLaDA2.0", "sdar_moe", "remove it"]),
+    ("sdar_moe", {"score_function": "sigmoid"}, ["score_function 'sigmoid'", "field of LLaDA2.0"]),
+    ("sdar_moe", {"routed_scaling_factor": 2.5}, ["routed_scaling_factor 2.5", "field of LLaDA2.0"]),
+    ("sdar_moe", {"partial_rotary_factor": 0.5}, ["partial_rotary_factor 0.5", "field of LLaDA2.0"]),
+    # refused only once generating, as logits that are not finite
+    ("llada2_moe", {"routed_scaling_factor": 1e308}, ["config.json", "routed_scaling_factor", "at most 1,000"]),
+    ("llada2_moe", {"routed_scaling_factor": 1e30}, ["routed_scaling_factor", "at most 1,000"]),  # empty answers
+    ("llada2_moe", {"partial_rotary_factor": 0.01}, ["partial_rotary_factor", "at least 2"]),  # no RoPE at all
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_moe_config_is_a_checkpoint_error(tmp_path, hf_tokenizer, kind, change, words):
     cfg = sdar_moe_config() if kind == "sdar_moe" else llada2_config()

@@ -2,15 +2,12 @@
 lost or overwritten: --output is checked before any work and never replaces an input (the prompts file under
 any name, a file of --model, the project's results/ and shipped checkpoints/) or anything but a regular file;
 results go to OUTPUT.partial as each prompt finishes, whole lines only, and OUTPUT receives them all at the end.
-A stopped command keeps what finished: Ctrl-C, kill -TERM and a closed terminal take the same path (start_command).
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,37 +19,6 @@ except ImportError:
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the project's published measurements
 SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"  # the shipped models, whichever --model is used
 MAX_PROMPTS_BYTES = 256 << 20
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt, so that the commands' Ctrl-C handling
-    keeps what finished for these too."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _stop(signum, frame):
-    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
-    raise Stopped(signum)
-
-
-def start_command():
-    """What each command does first when run as a script: a stderr closed at start (2>&-) takes its lines to
-    /dev/null instead of crashing at the first one; kill -TERM and a closed terminal (SIGHUP) stop the command as
-    Ctrl-C does, unless the signal is ignored (nohup)."""
-    if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w")
-    for name in ("SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, _stop)
-
-
-def interrupted_status(e: KeyboardInterrupt) -> int:
-    """The exit status of a command stopped by Ctrl-C or by a signal Stopped stands for: 128 + its number."""
-    return 128 + getattr(e, "signum", signal.SIGINT)
 
 
 def folder_problem(folder: Path) -> str | None:

@@ -33,7 +33,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import kernels
     from checkpoint import CheckpointError, load, resolve_device
     from decoder import MAX_INT, Decoder, Options, flag
-    from files import ResultsFile, check_output, interrupted_status, prompt_problem, read_prompts, start_command
+    from files import ResultsFile, check_output, prompt_problem, read_prompts
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -284,6 +284,31 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
+class Stopped(KeyboardInterrupt):
+    """kill -TERM or a closed terminal (SIGHUP), raised where Ctrl-C raises KeyboardInterrupt, so that a command's
+    Ctrl-C handling keeps what finished for these too; args[0]: the signal's number."""
+
+
+def _stop(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    raise Stopped(signum)
+
+
+def start_command():
+    """What each command does first when run as a script: a stderr closed at start (2>&-) takes its lines to
+    /dev/null instead of crashing at the first; SIGTERM and SIGHUP raise Stopped, unless ignored (nohup)."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    for signum in filter(None, (signal.SIGTERM, getattr(signal, "SIGHUP", None))):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _stop)
+
+
+def interrupted_status(e: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by Ctrl-C or by Stopped's signal: 128 + the signal's number."""
+    return 128 + (e.args[0] if isinstance(e, Stopped) else signal.SIGINT)
+
+
 class _Once:
     """A flag that sets one value is given once: argparse would let a second --prompts-file replace the first, or
     --no-focus undo --focus."""
@@ -377,9 +402,7 @@ def main(argv=None) -> int:
             results_file = ResultsFile(path, args.overwrite)
         torch.manual_seed(args.seed)
         model, tok = load(args.model, device=device, dtype=args.dtype)
-        if not tok.eos_ids:  # not an error (a base model may have none), but it changes every answer
-            print(f"note: {args.model} names no end-of-text token (eos_token_id): every answer runs to "
-                  "--max-new-tokens", file=sys.stderr)
+        print_notes(model, tok, args.model, opts.block_size)
         t0 = time.perf_counter()
 
         def on_result(i, r):
@@ -395,7 +418,7 @@ def main(argv=None) -> int:
         if results_file:
             results_file.commit()
             results_file = None
-    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (start_command)
         print_results(finished, always_headed=True)
         print(interrupted_line(len(finished), total, results_file), file=sys.stderr)
         return interrupted_status(e)
@@ -414,6 +437,18 @@ def main(argv=None) -> int:
     print_results(results)
     print(summary(results, elapsed, args.block_size or model.config.block_size), file=sys.stderr)
     return 0
+
+
+def print_notes(model, tok, name: str, block_size: int | None):
+    """Notes on stderr, not errors, for what a checkpoint leaves unsaid that changes every answer: no end-of-text
+    token (a base model may have none), no block size (checkpoint.read_config)."""
+    if not tok.eos_ids:
+        print(f"note: {name} names no end-of-text token (eos_token_id): every answer runs to --max-new-tokens",
+              file=sys.stderr)
+    if not model.config.block_size_named and block_size is None:
+        print(f"note: {name} names no block_size (config.json, generation_config.json): decoding uses blocks of "
+              f"{model.config.block_size}; pass --block-size with the block size the model was trained with",
+              file=sys.stderr)
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -69,6 +69,7 @@ class ModelConfig:
     topk_group: int = 1                   # topk_group best groups (by the sum of each group's top 2 scores)
     routed_scaling_factor: float = 1.0
     partial_rotary_factor: float = 1.0    # RoPE on the first head_dim x factor dimensions only
+    block_size_named = True  # not a field: False where a checkpoint's files name no block_size (checkpoint.read_config)
 
     MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                   "decoder_sparse_step", "mlp_only_layers", "first_k_dense_replace", "num_shared_experts",

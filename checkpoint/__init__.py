@@ -193,6 +193,23 @@ def resolve_device(name: str, flag: str = "--device ") -> str:
     raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
 
 
+def read_config(folder: Path) -> tuple[ModelConfig, dict]:
+    """The folder's config as a ModelConfig, and config.json as read. The block size is config.json's, else
+    generation_config.json's; where neither names one, LLaDA2.0's is 32 (its generate's), and an SDAR model's is not
+    known (they are trained at 4 to 64): 32 is used, with block_size_named False so that the commands say so."""
+    raw = read_json(folder, "config.json")
+    cfg = config_from_dict(raw)
+    gen_cfg = read_json(folder, "generation_config.json", required=False)
+    if "block_size" not in raw and "block_size" in gen_cfg:
+        cfg.block_size = gen_cfg["block_size"]
+        check_config(cfg, "generation_config.json")
+    elif gen_cfg.get("block_size") not in (None, cfg.block_size):  # one would be ignored without a word
+        raise CheckpointError(f"config.json: block_size {cfg.block_size} and generation_config.json: block_size "
+                              f"{gen_cfg['block_size']!r} disagree; keep one")
+    cfg.block_size_named = "block_size" in raw or "block_size" in gen_cfg or cfg.model_type == "llada2_moe"
+    return cfg, raw
+
+
 def load(path, device="cpu", dtype=None):
     """Load an SDAR checkpoint folder (Hugging Face layout) -> (model, tokenizer). Raises CheckpointError for
     the folder, ValueError for the arguments."""
@@ -213,15 +230,7 @@ def load(path, device="cpu", dtype=None):
     if name != str(folder):  # safetensors opens UTF-8 paths only
         raise CheckpointError(f"checkpoint folder {name} has a name that is not UTF-8, which safetensors cannot "
                               "open; rename it")
-    raw = read_json(folder, "config.json")
-    cfg = config_from_dict(raw)
-    gen_cfg = read_json(folder, "generation_config.json", required=False)
-    if "block_size" not in raw and "block_size" in gen_cfg:
-        cfg.block_size = gen_cfg["block_size"]
-        check_config(cfg, "generation_config.json")
-    elif gen_cfg.get("block_size") not in (None, cfg.block_size):  # one would be ignored without a word
-        raise CheckpointError(f"config.json: block_size {cfg.block_size} and generation_config.json: block_size "
-                              f"{gen_cfg['block_size']!r} disagree; keep one")
+    cfg, raw = read_config(folder)
     inside_file(folder, "tokenizer.json")
     dtype = _resolve_dtype(dtype, cfg, device)
     unsaid = "tie_word_embeddings" not in raw  # then the files say: tied unless an lm_head.weight is stored

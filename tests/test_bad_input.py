@@ -621,6 +621,28 @@ def test_a_checkpoint_without_an_end_of_text_token_says_so(tmp_path, checkpoint,
         assert ("names no end-of-text token" in capsys.readouterr().err) == noted
 
 
+def test_a_checkpoint_without_a_block_size_says_so(tmp_path, checkpoint, capsys):
+    """Neither config.json nor generation_config.json names block_size: 32 is used and generate.py and eval.py say
+    so, once, unless --block-size is given (it decoded in blocks of 32 without a word, whatever the model's)."""
+    folder = tmp_path / "no-block-size"
+    shutil.copytree(checkpoint.path, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["block_size"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert load(folder)[0].config.block_size == 32
+    note = "note: {} names no block_size (config.json, generation_config.json): decoding uses blocks of 32; pass " \
+        "--block-size with the block size the model was trained with\n"
+    for args, noted in (([], True), (["--block-size", "4"], False)):
+        assert MAINS["generate"](["--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "4", *args]) == 0
+        err = capsys.readouterr().err
+        assert (note.format(folder) in err) == noted and err.count("note:") == noted, err
+    assert MAINS["eval"](["--model", str(folder), "-n", "1", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().err.count(note.format(folder)) == 1
+    edit_json("generation_config.json", block_size=4)(folder, tmp_path)  # named there: no note
+    assert MAINS["generate"](["--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsys):
     """A good results file but no matplotlib: one line with the fix, exit 1, no file written."""
     frontier = workspace / "frontier.json"
@@ -740,13 +762,13 @@ def test_a_signal_ignored_when_started_stays_ignored():
     try:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        files.start_command()
+        generate.start_command()
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)  # else the kill ends pytest
         with pytest.raises(KeyboardInterrupt) as e:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs at the next bytecode
-        assert files.interrupted_status(e.value) == 143
+        assert generate.interrupted_status(e.value) == 143
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second kill ends the process at once
     finally:
         for s, handler in before.items():

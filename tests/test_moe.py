@@ -303,6 +303,16 @@ def test_batched_experts_match_the_loop(moe_net):
 # ---------------------------------------------------------------------------------------------------
 # Config errors: a missing or unusable expert field is a CheckpointError naming it.
 
+def test_a_llada2_config_without_a_block_size_decodes_in_blocks_of_32(tmp_path, hf_tokenizer):
+    """LLaDA2.0's config.json names no block size; its generate decodes in blocks of 32, so no note is due."""
+    folder = write_checkpoint(tmp_path / "llada2", random_model(llada2_config(block_size=32)), hf_tokenizer).path
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["block_size"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    cfg = load(folder)[0].config
+    assert cfg.block_size == 32 and cfg.block_size_named
+
+
 @pytest.mark.parametrize("kind,change,words", [
     ("sdar_moe", {"num_experts": None}, ["num_experts is missing", "sdar_moe"]),
     ("sdar_moe", {"norm_topk_prob": None}, ["norm_topk_prob is missing"]),

@@ -166,6 +166,27 @@ def test_resume_with_another_mix_is_a_one_line_error(tmp_path, small_data, capsy
     assert err.startswith("error:") and "--mix long-heavy" in err
 
 
+def test_init_from_keeps_the_checkpoints_block_size_and_context(tmp_path, small_data, hf_tokenizer, capsys):
+    """--init-from a checkpoint of blocks of 4 and a context of 512: trained and saved with them, resumed too (the
+    run reset them to train.py's 32 and 2048 without a word); a --seq-len they do not fit is one line."""
+    from conftest import write_checkpoint
+    init = write_checkpoint(tmp_path / "init", random_model(tiny_config(**train.SHAPES["2x64"])), hf_tokenizer).path
+    out = tmp_path / "m"
+    assert train.main(["--out", str(out), "--init-from", str(init)] + ARGS) == 0
+    saved = lambda name: json.loads((out / name).read_text())
+    assert (saved("config.json")["block_size"], saved("config.json")["max_position_embeddings"]) == (4, 512)
+    assert saved("generation_config.json")["block_size"] == 4 and "block size 4" in (out / "README.md").read_text()
+    assert train.main(["--out", str(out), "--resume"] + ARGS) == 0
+    assert (saved("config.json")["block_size"], saved("config.json")["max_position_embeddings"]) == (4, 512)
+    capsys.readouterr()
+    small = write_checkpoint(tmp_path / "small", random_model(tiny_config(**train.SHAPES["2x64"],
+                                                                           max_position_embeddings=32)), hf_tokenizer)
+    assert train.main(["--out", str(tmp_path / "m2"), "--init-from", str(small.path)] + ARGS) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --init-from") and "context (max_position_embeddings) 32" in err[-1] and \
+        "--seq-len 64" in err[-1] and "Traceback" not in "".join(err)
+
+
 def test_mixes_hold_their_families_and_plain_text_past_its_first_block(monkeypatch):
     # Docstring paragraphs trained one by one mostly end inside their first block, and a plain prompt was
     # then answered with end-of-text at once (data.documents); the long mixes train them as documents.
@@ -201,7 +222,8 @@ def edit_state(state, **changes):
 
 
 @pytest.mark.parametrize("damage", ["cut", "foreign", "no tokenizer", "pickle that runs code", "weights a list",
-                                    "history without its steps", "another optimizer mid-phase"])
+                                    "history without its steps", "block size not a number",
+                                    "another optimizer mid-phase"])
 def test_resume_from_a_damaged_folder_is_a_one_line_error(tmp_path, small_data, capsys, damage):
     """A train_state.pt cut short, another program's file in its place (one that would run code when unpickled,
     or one that holds a state's keys but not its contents), or the tokenizer gone: one line, exit 2, no warning,
@@ -222,6 +244,8 @@ def test_resume_from_a_damaged_folder_is_a_one_line_error(tmp_path, small_data, 
     elif damage == "history without its steps":  # was a KeyError
         torch.save({**torch.load(state, weights_only=True),
                     "history": json.dumps({"phase": "ar", "shape": "2x64", "mix": "long"})}, state)
+    elif damage == "block size not a number":
+        edit_state(state, history={"block_size": "4"})
     else:  # mid-phase, so the optimizer is read: was a KeyError from AdamW.load_state_dict
         edit_state(state, optimizer={}, history={"phase": "diffusion", "step": 1})
     before = {p.name: p.read_bytes() for p in out.iterdir()}

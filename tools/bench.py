@@ -34,12 +34,12 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import replay
     import shapes
     import workloads
-    from files import interrupted_status, start_command
     from partial import PartialJSON, error_line, new_results_path
     from analysis import figure, predictor_probe
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
-                          out_of_memory, out_of_memory_message, show)
+                          interrupted_status, out_of_memory, out_of_memory_message, print_notes, show,
+                          start_command)
     from checkpoint import CheckpointError, load, resolve_device
     from model import ModelConfig, flops_per_token
 
@@ -534,7 +534,7 @@ def main(argv=None) -> int:
         print(out_of_memory_message(e, "--real-batches, --contexts or --batch-sizes") + kept, file=sys.stderr)
         out = None
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (generate.start_command)
         print(f"interrupted; {out.abandon() if out else 'nothing was written'}", file=sys.stderr)
         out = None
         return interrupted_status(e)
@@ -550,6 +550,7 @@ def run(args, device, res: dict, out: PartialJSON) -> int:
         report = real_size_table(res["real_size"])
     else:
         model, tok = load(args.model, device=device, dtype=args.dtype)
+        print_notes(model, tok, args.model, None)
         problems = data.make_problems("heldout", args.num_prompts)
         res["modes"] = bench_modes(model, tok, problems, args)
         out.save(res)

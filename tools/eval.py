@@ -35,11 +35,11 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import data
     import plots
     import workloads
-    from files import interrupted_status, start_command
     from partial import PartialJSON, error_line
     from decoder import Options, flag
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
-                          out_of_memory, out_of_memory_message, show)
+                          interrupted_status, out_of_memory, out_of_memory_message, print_notes, show,
+                          start_command)
     from checkpoint import CheckpointError, inside_file, load, resolve_device
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -364,6 +364,7 @@ def main(argv=None) -> int:
             folder = Path(args.model).resolve()
             card = inside_file(folder, "README.md", required=False) or folder / "README.md"
         model, tok = load(args.model, device=device, dtype=args.dtype)
+        print_notes(model, tok, args.model, opts.block_size)
         if args.fit_probe:
             probe_opts = Options(**(asdict(opts) | {"max_new_tokens": budget or 512}))
             weights, bias, n = analysis.fit_probe(model, tok, analysis.probe_prompts(args.num_problems), probe_opts)
@@ -409,7 +410,7 @@ def main(argv=None) -> int:
         print(out_of_memory_message(e, "--batch-size or --num-problems") + kept, file=sys.stderr)
         out = None
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (generate.start_command)
         print(f"interrupted; {out.abandon() if out else 'no --output was asked for'}", file=sys.stderr)
         return interrupted_status(e)
     finally:

@@ -35,11 +35,10 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
     import data
-    from checkpoint import (CheckpointError, config_from_dict, first_line, inside_file, load_state, read_json,
-                            resolve_device, save)
+    from checkpoint import (CheckpointError, first_line, inside_file, load_state, read_config, resolve_device,
+                            save)
     from checkpoint.folder import MAX_JSON_BYTES, read_bytes
-    from files import interrupted_status, start_command
-    from generate import ArgumentParser
+    from generate import ArgumentParser, interrupted_status, start_command
     from model import SDAR, ModelConfig, num_params
     from objectives import ar_loss_fn, loss_fn
 
@@ -379,6 +378,7 @@ def read_state(path: Path, device: str):
         history = json.loads(saved["history"])
         if not (isinstance(history, dict) and history.get("phase") in (*PHASES, "done") and
                 all(k in history for k in HISTORY_KEYS) and isinstance(saved.get("model"), dict)
+                and all(type(history.get(k, 1)) is int and history.get(k, 1) > 0 for k in ("block_size", "context"))
                 and isinstance(saved.get("optimizer"), dict) and isinstance(saved.get("rng"), dict)):
             raise ValueError("not a training state of this script")
         return saved, history
@@ -426,7 +426,7 @@ def main(argv=None) -> int:
     except (CheckpointError, Diverged, OSError) as e:  # OSError: a full disk, a folder that went away
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (files.start_command)
+    except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (generate.start_command)
         state = out / "train_state.pt"
         print(f"interrupted; training so far is saved in {state} (continue with --resume)" if state.exists()
               else "interrupted before the first training step; nothing was saved", file=sys.stderr)
@@ -438,11 +438,22 @@ def train(args, out: Path, device: str):
     torch.manual_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)   # main made it; train() can be called on its own too
     t0 = time.time()
+    state_path = out / "train_state.pt"
+    saved = None
+    block_size, context = BLOCK_SIZE, MAX_SEQ_LEN  # the model's: train.py's, or --init-from's (kept)
     if args.resume:
         tok = read_tokenizer(out / "tokenizer.json", "--resume")
+        saved, history = read_state(state_path, device)
+        if history.get("shape", args.shape) != args.shape:
+            raise CheckpointError(f"--resume: {state_path} was trained with --shape {history['shape']}, "
+                                  f"not {args.shape}; pass --shape {history['shape']}")
+        if history.get("mix", "short") != args.mix:  # runs from before --mix trained on the "short" data
+            raise CheckpointError(f"--resume: {state_path} was trained with --mix {history.get('mix', 'short')}, "
+                                  f"not {args.mix}; pass --mix {history.get('mix', 'short')}")
+        block_size, context = history.get("block_size", block_size), history.get("context", context)
     elif args.init_from:  # continue from a checkpoint's weights and tokenizer, with a fresh optimizer
         tok = read_tokenizer(Path(args.init_from) / "tokenizer.json", "--init-from")
-        given = config_from_dict(read_json(Path(args.init_from).resolve(), "config.json"))
+        given = read_config(Path(args.init_from).resolve())[0]
         wrong = next((k for k, v in SHAPES[args.shape].items() if getattr(given, k) != v), None)
         if wrong:  # its weights would not fit: named here, not as a tensor's shape "config.json implies"
             raise CheckpointError(f"--init-from {args.init_from}: its config.json has {wrong} {getattr(given, wrong)}, "
@@ -455,6 +466,7 @@ def train(args, out: Path, device: str):
                                       f"the model train.py builds has {getattr(built, k)!r}"
                                       f"{' (its tokenizer.json)' if k == 'vocab_size' else ''}; start from a "
                                       "checkpoint train.py wrote")
+        block_size, context = given.block_size, given.max_position_embeddings  # were reset to train.py's
     else:
         texts = [data.chat_sample(p.question, p.solution) for p in data.make_problems("train", min(args.problems, 20000))]
         texts += data.natural_text() + data.stories(5000, args.seed)
@@ -463,29 +475,27 @@ def train(args, out: Path, device: str):
                       for p in data.make_problems("train", min(args.problems, 5000), family="multistep")]
             texts += [data.chat_sample(q, a) for q, a in data.story_samples(min(args.problems, 3000), args.seed)]
         tok = data.train_tokenizer(texts, args.vocab_size)
-    data.write_tokenizer_files(tok, out, block_size=BLOCK_SIZE)
+    if args.seq_len % block_size or args.seq_len > context:  # check_args checked train.py's own
+        source = f"--init-from {args.init_from}" if args.init_from else f"--resume: {state_path}"
+        raise CheckpointError(f"{source}: its block_size {block_size} and context (max_position_embeddings) "
+                              f"{context}, which the training keeps, do not fit --seq-len {args.seq_len}: pass a "
+                              f"multiple of {block_size} of at most {context}")
+    data.write_tokenizer_files(tok, out, block_size=block_size)
     mask_id, pad_id = tok.token_to_id(data.MASK_TOKEN), tok.token_to_id(data.END_OF_TEXT)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), mask_token_id=mask_id, block_size=BLOCK_SIZE,
-                      max_position_embeddings=2048, **SHAPES[args.shape])
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), mask_token_id=mask_id, block_size=block_size,
+                      max_position_embeddings=context, **SHAPES[args.shape])
     model = SDAR(cfg).to(device)
     _init(model)
     if args.init_from:
         load_state(model, Path(args.init_from), device, torch.float32)
     print(f"tokenizer ready ({time.time() - t0:.0f} s); model {num_params(model) / 1e6:.1f}M parameters", flush=True)
 
-    state_path = out / "train_state.pt"
-    history = {"commands": [], "phase": PHASES[0], "step": 0, "elapsed_phase": 0.0, "settings": {},
-               "log": {p: [] for p in PHASES}, "steps": {p: 0 for p in PHASES}, "elapsed": {p: 0.0 for p in PHASES},
-               "batch_size": args.batch_size, "seq_len": args.seq_len, "shape": args.shape, "mix": args.mix}
-    saved = None
-    if args.resume:
-        saved, history = read_state(state_path, device)
-        if history.get("shape", args.shape) != args.shape:
-            raise CheckpointError(f"--resume: {state_path} was trained with --shape {history['shape']}, "
-                                  f"not {args.shape}; pass --shape {history['shape']}")
-        if history.get("mix", "short") != args.mix:  # runs from before --mix trained on the "short" data
-            raise CheckpointError(f"--resume: {state_path} was trained with --mix {history.get('mix', 'short')}, "
-                                  f"not {args.mix}; pass --mix {history.get('mix', 'short')}")
+    if not args.resume:
+        history = {"commands": [], "phase": PHASES[0], "step": 0, "elapsed_phase": 0.0, "settings": {},
+                   "log": {p: [] for p in PHASES}, "steps": {p: 0 for p in PHASES}, "elapsed": {p: 0.0 for p in PHASES},
+                   "batch_size": args.batch_size, "seq_len": args.seq_len, "shape": args.shape, "mix": args.mix,
+                   "block_size": block_size, "context": context}
+    else:
         try:
             model.load_state_dict(saved["model"])
         except RuntimeError as e:

@@ -329,14 +329,21 @@ class _BooleanOnce(_Once, argparse.BooleanOptionalAction):
     pass
 
 
+def _path(text: str) -> str:
+    if "\0" in text:  # os refuses it deep inside as "embedded null byte", naming no flag
+        raise argparse.ArgumentTypeError(f"{text!r} holds a NUL character, which no file name can; remove it")
+    return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its usage errors as one line, `error: ...`, exit 2, like every other error here, and each
-    flag that takes a value given at most once."""
+    flag that takes a value given at most once. type="path" marks a file or folder name."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for name in (None, "store"):
             self.register("action", name, _StoreOnce)
+        self.register("type", "path", _path)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -363,10 +370,11 @@ def options_from(args, **extra) -> Options:
 def parse_args(argv=None):
     p = ArgumentParser(description="Block-diffusion generation with an SDAR checkpoint (optionally FOCUS).")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--prompts-file", help="JSONL file, one {\"prompt\": ...} object per line")
-    p.add_argument("--output", help="write results as JSONL (index, prompt, text, stats) as each finishes")
+    p.add_argument("--prompts-file", type="path", help="JSONL file, one {\"prompt\": ...} object per line")
+    p.add_argument("--output", type="path", help="write results as JSONL (index, prompt, text, stats) as each finishes")
     p.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: the shipped model)")
+    p.add_argument("--model", type="path", default=str(DEFAULT_MODEL),
+                   help="checkpoint folder (default: the shipped model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     add_options(p)

@@ -220,6 +220,8 @@ def load(path, device="cpu", dtype=None):
         raise ValueError(f"path must be a checkpoint folder (a str or Path), got a {type(path).__name__}")
     if not os.fspath(path):  # Path("") is the current folder
         raise CheckpointError("the checkpoint folder's name is empty; pass --model DIR")
+    if "\0" in os.fsdecode(path):
+        raise ValueError(f"path {os.fsdecode(path)!r} holds a NUL character, which no folder's name can")
     folder = Path(path)
     if not os.path.isdir(folder):  # Path.is_dir raises for a name too long
         problem = "is not a folder" if os.path.lexists(folder) else "does not exist"
@@ -258,7 +260,8 @@ def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bf
     from safetensors.torch import save_file
     if not isinstance(model, SDAR):
         raise ValueError(f"model must be an SDAR model, got a {type(model).__name__}")
-    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):  # Path("") is the current folder
+    # Path("") is the current folder; no name holds a NUL
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder) or "\0" in os.fsdecode(folder):
         raise ValueError(f"folder must be a folder's name (a non-empty str or Path), got {folder!r}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):  # what load reads back
         raise ValueError(f"dtype must be torch.bfloat16, float16, float32 or float64, got {dtype!r}")

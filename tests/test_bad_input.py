@@ -189,6 +189,17 @@ CASES = {
     "model empty": ("generate", ["--model", "", "--prompt", "Hi"], ["checkpoint folder's name is empty"]),
     "model a file": ("generate", ["--model", "{ckpt}/config.json", "--prompt", "Hi"], ["config.json is not a folder"]),
     "model name not UTF-8": ("generate", hi(os.fsdecode(b"caf\xe9")), ["not UTF-8", "rename it"]),
+    # A NUL in a file's name (main(argv) only: a real command line cannot hold one): "embedded null byte", no flag
+    "model name with a NUL": ("generate", ["--model", "{dir}/a\0b", "--prompt", "Hi"], ["--model", "NUL character"]),
+    "output with a NUL": ("generate", ["--prompt", "Hi", "--output", "{dir}/x\0y"], ["--output", "NUL character"]),
+    "prompts file with a NUL": ("generate", ["--prompts-file", "{dir}/p\0q"], ["--prompts-file", "NUL character"]),
+    "eval output with a NUL": ("eval", ["--study", "--output", "{dir}/x\0y"], ["--output", "NUL character"]),
+    "eval plot with a NUL": ("eval", ["--plot", "{dir}/x\0y"], ["--plot", "NUL character"]),
+    "bench out with a NUL": ("bench", ["--out", "{dir}/x\0y"], ["--out", "NUL character"]),
+    "bench plot with a NUL": ("bench", ["--plot", "{dir}/x\0y"], ["--plot", "NUL character"]),
+    "train out with a NUL": ("train", ["--out", "{dir}/x\0y"], ["--out", "NUL character"]),
+    "train init-from with a NUL": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/a\0b"],
+                                   ["--init-from", "NUL character"]),
     "rope_scaling a string": ("generate", hi("rope-string"), ["config.json", "rope_scaling", "'yarn'"]),
     "rope_theta and rope_parameters disagree": ("generate", hi("rope-conflict"), ["rope_theta", "rope_parameters",
                                                                                    "disagree"]),
@@ -1175,6 +1186,7 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
               "prompt_ids must be a list of lists of token ids, got a Tensor")
     api_error(lambda: generate.generate_ids(net, [[5, 6]], tok.mask_id, [2, 10**30], generate.Options()), "eos_ids")
     api_error(lambda: load(None), "path must be a checkpoint folder", "NoneType")
+    api_error(lambda: load(str(checkpoint.path) + "\0"), "NUL character")  # was "does not exist", the NUL printed
     api_error(lambda: load(checkpoint.path, dtype=torch.int8), "dtype must be", "torch.int8")
     api_error(lambda: load(checkpoint.path, dtype=["bfloat16"]), "unknown dtype ['bfloat16']")
 
@@ -1235,6 +1247,7 @@ def test_a_save_leaves_one_set_of_weight_files(tmp_path, hf_tokenizer, first, se
     (dict(model="model"), ValueError, "model must be an SDAR model"),
     (dict(folder=""), ValueError, "non-empty"),                     # wrote into the current folder
     (dict(folder=b"ckpt"), ValueError, "folder must be"),
+    (dict(folder="a\0b"), ValueError, "folder must be"),           # "embedded null byte"
     (dict(folder="a-file"), CheckpointError, "is not a folder"),
 ], ids=lambda v: repr(v)[:40])
 def test_save_checks_its_arguments_before_writing(tmp_path, hf_tokenizer, monkeypatch, change, error, words):

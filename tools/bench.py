@@ -388,7 +388,7 @@ MAX_REAL_BATCH = 65536  # --real-batches: at ~0.12 GB of KV cache a sequence (SD
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Full block vs delayed cache vs FOCUS, side by side.")
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--model", type="path", default=str(DEFAULT_MODEL))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-sizes", default="32")
@@ -424,8 +424,8 @@ def parse_args(argv=None):
                         "profile (torch.profiler: where a step's time goes, per mode)")
     p.add_argument("--real-batches", default="32,64,128,256", help="--real-size: batches (concurrency when serving)")
     p.add_argument("--contexts", default="256,512")
-    p.add_argument("--out", default="results")
-    p.add_argument("--plot", metavar="JSON", help="only draw the plots of a results file")
+    p.add_argument("--out", type="path", default="results")
+    p.add_argument("--plot", type="path", metavar="JSON", help="only draw the plots of a results file")
     args = p.parse_args(argv)
     given = [name for name in REAL_SIZE_ONLY if getattr(args, name) != p.get_default(name)]
     if given and not args.real_size:  # without it they would be ignored without a word

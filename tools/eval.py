@@ -265,7 +265,7 @@ def predictor_table(probe: dict) -> str:
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Accuracy and decoding statistics on held-out problems.")
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--model", type="path", default=str(DEFAULT_MODEL))
     p.add_argument("-n", "--num-problems", type=int, help="problems (default 500), or prompts per workload (64)")
     p.add_argument("--split", default="heldout", choices=("heldout", "heldout-phrasing"))
     add_options(p, ["batch_size", "max_new_tokens", "threshold", "delayed_cache", "focus", "alpha", "focus_rank",
@@ -287,8 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
                    "delayed cache, the unit)")
     p.add_argument("--probe-problems", type=int, help="--study: problems for the predictor analysis (default 200)")
-    p.add_argument("--output", help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
-    p.add_argument("--plot", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
+    p.add_argument("--output", type="path", help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
+    p.add_argument("--plot", type="path", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
     p.set_defaults(max_new_tokens=None)  # --workloads: each workload's own budget unless given
     return p.parse_args(argv)
 

@@ -270,7 +270,7 @@ def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Train a small SDAR-layout model: autoregressive, then block diffusion.")
-    p.add_argument("--out", required=True, help="checkpoint folder to write (a new one, unless --resume or --overwrite)")
+    p.add_argument("--out", type="path", required=True, help="checkpoint folder to write (a new one, unless --resume or --overwrite)")
     p.add_argument("--shape", default="8x384", choices=SHAPES, help="layers x hidden size")
     p.add_argument("--ar-steps", type=int, default=100_000, help="phase 1 (autoregressive): at most this many steps")
     p.add_argument("--ar-minutes", type=float, default=3.0, help="phase 1: stop after this many minutes (0: no limit)")
@@ -290,7 +290,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty OUT")
-    p.add_argument("--init-from", help="start from this checkpoint folder's weights and tokenizer")
+    p.add_argument("--init-from", type="path", help="start from this checkpoint folder's weights and tokenizer")
     p.add_argument("--shard-mb", type=float, default=15, help="shard weights into files of at most this size")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -88,6 +88,8 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     if not isinstance(eos_ids, (list, tuple)) or not all(_token_id(i, MAX_INT + 1, low=-MAX_INT) for i in eos_ids):
         raise ValueError(f"eos_ids must be a list of token ids (an id no token has, such as -1, never ends a "
                          f"sequence), got {eos_ids!r}")
+    if mask_id in eos_ids:  # never an output, it would never end a sequence
+        raise ValueError(f"eos_ids {eos_ids!r} hold mask_id {mask_id}, which is never generated; leave it out")
     for i, ids in enumerate(prompt_ids):
         if not isinstance(ids, (list, tuple)) or not all(_token_id(t, cfg.vocab_size) for t in ids):
             raise ValueError(f"prompt {i + 1} must be a list of token ids below the vocabulary size {cfg.vocab_size}")
@@ -347,6 +349,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+    def changed(self, args) -> list[str]:
+        """The flags whose values are not their defaults, by their long names."""
+        return [max(a.option_strings, key=len) for a in self._actions
+                if a.option_strings and a.dest != "help" and getattr(args, a.dest, a.default) != a.default]
 
 
 def add_options(p: argparse.ArgumentParser, names=None):

@@ -148,6 +148,8 @@ def check_config(cfg: ModelConfig, source: str = "config.json"):
             raise bad(name, "a positive integer")
     if cfg.block_size > MAX_BLOCK_SIZE:  # a step computes a whole block: the decoder's own bound
         raise bad("block_size", f"in 1..{MAX_BLOCK_SIZE}")
+    if cfg.head_dim % 2 and cfg.partial_rotary_factor == 1:  # was a RuntimeError in RoPE, once generating
+        raise bad("head_dim", "even (RoPE turns pairs of dimensions)")
     for name in ("rms_norm_eps", "rope_theta"):
         v = getattr(cfg, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:

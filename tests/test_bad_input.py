@@ -110,6 +110,12 @@ CASES = {
                                             ["ends with /", "not a folder"]),
     "eval output with a trailing slash": ("eval", ["--study", "--output", "{dir}/new.json/"], ["ends with /"]),
     "eval frontier output named .png": ("eval", ["--frontier", "--output", "{dir}/f.png"], ["plot would replace it"]),
+    "eval frontier output named .PNG": ("eval", ["--frontier", "--output", "{dir}/f.PNG"],  # the same file, where
+                                        ["plot would replace it"]),                       # case is ignored
+    "eval plot with a sweep flag": ("eval", ["--plot", "{dir}/good.jsonl", "--study"], ["--plot only draws",
+                                                                                          "drop --study"]),
+    "bench plot with a run flag": ("bench", ["--plot", "{dir}/good.jsonl", "--modes", "full", "--repeats", "2"],
+                                   ["--plot only draws", "drop --repeats, --modes"]),  # were ignored
     "eval frontier plot's name taken": ("eval", ["--frontier", "--output", "{dir}/plot.json"],
                                         ["plot.png exists and would be replaced"]),
     "output -": ("generate", ["--prompt", "Hi", "--output", "-"], ["--output -", "name a file"]),
@@ -206,6 +212,7 @@ CASES = {
     "hidden_size 10^9": ("generate", hi("hidden-1e9"), ["config.json", "parameters", "memory", "hidden_size"]),
     "num_hidden_layers 10^5": ("generate", hi("layers-1e5"), ["config.json", "parameters", "num_hidden_layers"]),
     "block_size 10^6": ("generate", hi("block-1e6"), ["config.json", "block_size", "1..256", "1000000"]),
+    "head_dim odd": ("generate", hi("head-dim-15"), ["config.json", "head_dim must be even", "15"]),  # a RuntimeError
     "rope_theta 1e-300": ("generate", hi("rope-tiny"), ["config.json", "rope_theta", "above 1"]),
     "rms_norm_eps 1e308": ("generate", hi("eps-huge"), ["config.json", "rms_norm_eps", "below 1"]),
     "layer_types a string": ("generate", hi("layer-types"), ["config.json", "layer_types", "list"]),
@@ -295,6 +302,10 @@ CASES = {
     "train out in results": ("train", ["--out", str(ROOT / "results" / "study"), "--overwrite", "--device", "tpu"],
                              ["is in or holds the project's results"]),
     "train init-from empty": ("train", ["--out", "{dir}/t", "--init-from", ""], ["--init-from is empty"]),
+    "train init-from missing": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/nothere"],
+                                ["--init-from", "nothere does not exist"]),  # said "no tokenizer.json there"
+    "train init-from a file": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/good.jsonl"],
+                               ["--init-from", "good.jsonl is not a folder"]),
     "train init-from the out folder": ("train", ["--out", "{dir}/init-copy", "--init-from", "{dir}/init-copy/",
                                                  "--overwrite"], ["--init-from", "is the --out folder"]),
     "train init-from a tokenizer without a mask": ("train", ["--out", "{dir}/t", "--init-from", "{dir}/no-mask-token"],
@@ -449,6 +460,7 @@ BROKEN = {
     "hidden-1e9": edit_json("config.json", hidden_size=10**9),
     "layers-1e5": edit_json("config.json", num_hidden_layers=10**5),
     "block-1e6": edit_json("config.json", block_size=10**6),
+    "head-dim-15": lambda f, r: save(random_model(tiny_config(head_dim=15)), f, dtype=torch.float32),
     "long-number": lambda f, r: (f / "config.json").write_text(
         (f / "config.json").read_text().replace('"vocab_size": 300', '"vocab_size": 1' + "0" * 5000)),
     "rope-tiny": edit_json("config.json", rope_theta=1e-300),
@@ -679,8 +691,11 @@ def test_plot_without_matplotlib_says_so_and_fails(workspace, monkeypatch, capsy
     ("bench", {"predictors": {"I0": {"roc": 5, "auc_pooled": 0.5}}}, 2),
     ("bench", {"modes": [{"mode": ["full"], "batch_size": 1, "tokens_per_s": 9.0}]}, 2),
     ("eval", {"modes": [{"mode": "delayed cache 0.9", "accuracy": None, "row_layers_per_token": 50.0}]}, 2),
+    ("bench", {"modes": [{"mode": "full", "batch_size": 1, "tokens_per_s": float("nan")}]}, 2),  # drawn as nothing
+    ("eval", {"modes": [{"mode": "delayed cache 0.9", "accuracy": float("inf"), "row_layers_per_token": 50.0}]}, 2),
 ], ids=["no delayed mode", "fewer predictors", "a mode without figures", "a frontier row without accuracy",
-        "an ROC curve of a number", "a mode named by a list", "a frontier row's accuracy null"])
+        "an ROC curve of a number", "a mode named by a list", "a frontier row's accuracy null", "a NaN speed",
+        "an infinite accuracy"])
 def test_plot_draws_what_the_file_has_or_refuses_it(workspace, monkeypatch, capsys, entry, res, code):
     """With matplotlib (a stand-in here): a results file of a partial run is drawn, a malformed one is one line."""
     from unittest.mock import MagicMock
@@ -1185,6 +1200,7 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     api_error(lambda: generate.generate_ids(net, torch.tensor([[5, 6]]), tok.mask_id, tok.eos_ids, generate.Options()),
               "prompt_ids must be a list of lists of token ids, got a Tensor")
     api_error(lambda: generate.generate_ids(net, [[5, 6]], tok.mask_id, [2, 10**30], generate.Options()), "eos_ids")
+    api_error(lambda: generate.generate_ids(net, [[5, 6]], 3, [2, 3], generate.Options()), "eos_ids", "mask_id 3")
     api_error(lambda: load(None), "path must be a checkpoint folder", "NoneType")
     api_error(lambda: load(str(checkpoint.path) + "\0"), "NUL character")  # was "does not exist", the NUL printed
     api_error(lambda: load(checkpoint.path, dtype=torch.int8), "dtype must be", "torch.int8")
@@ -1260,6 +1276,14 @@ def test_save_checks_its_arguments_before_writing(tmp_path, hf_tokenizer, monkey
         save(args.pop("model"), args.pop("folder"), **args)
     assert words in str(e.value) and "\n" not in str(e.value)
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "ckpt"]
+
+
+@pytest.mark.parametrize("name", [None, "", 5], ids=repr)
+def test_a_results_file_needs_a_name(name, tmp_path, monkeypatch):
+    """partial.PartialJSON: a TypeError from os for None or 5, "PosixPath('.') has an empty name" for ""."""
+    monkeypatch.chdir(tmp_path)
+    api_error(lambda: partial.PartialJSON(name), "results file's name must be a non-empty str or Path")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_never_overwrites_a_results_file(tmp_path):

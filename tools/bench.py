@@ -427,6 +427,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type="path", default="results")
     p.add_argument("--plot", type="path", metavar="JSON", help="only draw the plots of a results file")
     args = p.parse_args(argv)
+    ignored = [f for f in p.changed(args) if f not in ("--plot", "--model", "--device", "--dtype")]
+    if args.plot is not None and ignored:  # --plot only draws: they would be ignored without a word
+        p.error(f"--plot only draws the plots of a results file; drop {', '.join(ignored)}, which it would ignore")
     given = [name for name in REAL_SIZE_ONLY if getattr(args, name) != p.get_default(name)]
     if given and not args.real_size:  # without it they would be ignored without a word
         p.error(f"--{given[0].replace('_', '-')} goes with --real-size")
@@ -471,11 +474,7 @@ def parse_args(argv=None):
         p.error("--plot is empty; name a results file")
     if not args.out:
         p.error("--out is empty; name a folder")
-    try:
-        out_is_file = os.path.exists(args.out) and not os.path.isdir(args.out)   # os.path: no error for a long name
-    except ValueError:  # a NUL in the name
-        p.error(f"--out {args.out!r} is not a folder name")
-    if out_is_file:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):   # os.path: no error for a long name
         p.error(f"--out {args.out} is a file; name a folder for the results")
     Options(threshold=args.threshold, max_new_tokens=args.max_new_tokens)  # the shared checks, before any work
     return args

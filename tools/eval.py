@@ -287,10 +287,16 @@ def parse_args(argv=None):
     p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
                    "delayed cache, the unit)")
     p.add_argument("--probe-problems", type=int, help="--study: problems for the predictor analysis (default 200)")
-    p.add_argument("--output", type="path", help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
-    p.add_argument("--plot", type="path", metavar="JSON", help="only draw the accuracy-compute plot of a --frontier file")
+    p.add_argument("--output", type="path",
+                   help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
+    p.add_argument("--plot", type="path", metavar="JSON",
+                   help="only draw the accuracy-compute plot of a --frontier file")
     p.set_defaults(max_new_tokens=None)  # --workloads: each workload's own budget unless given
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    ignored = [f for f in p.changed(args) if f not in ("--plot", "--model", "--device", "--dtype")]
+    if args.plot is not None and ignored:  # --plot only draws: they would be ignored without a word
+        p.error(f"--plot only draws the plot of a results file; drop {', '.join(ignored)}, which it would ignore")
+    return args
 
 
 def main(argv=None) -> int:
@@ -337,7 +343,7 @@ def main(argv=None) -> int:
                              "--ablation, --workloads, --oracle or --fit-probe)")
         if args.output and not sweeping:
             raise ValueError("--output goes with --study, --frontier, --ablation, --workloads or --oracle")
-        if args.frontier and args.output and Path(args.output).suffix == ".png":  # its plot's name: the plot
+        if args.frontier and args.output and Path(args.output).suffix.lower() == ".png":  # its plot's name: the plot
             raise ValueError(f"--output {args.output}: the frontier's plot would replace it; name a .json file")
         if args.frontier and args.output and os.path.lexists(Path(args.output).with_suffix(".png")):
             raise ValueError(f"--output {args.output}: its plot {Path(args.output).with_suffix('.png')} exists and "

@@ -15,6 +15,8 @@ from files import folder_problem, place_new
 
 class PartialJSON:
     def __init__(self, path: str | Path):
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # Path("") is the current folder
+            raise ValueError(f"a results file's name must be a non-empty str or Path, got {path!r}")
         if str(path).endswith("/"):  # Path would drop the slash and write a file where a folder was meant
             raise ValueError(f"{path} ends with / (a folder); name a file")
         self.path = Path(path)

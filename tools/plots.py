@@ -3,6 +3,7 @@ note). `python tools/bench.py --plot FILE` and `python tools/eval.py --plot FILE
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def plot_command(path: str, draw) -> int:
 
 
 def _numbers(*values) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    """Plain finite numbers (JSON reads NaN and Infinity, which would be drawn as nothing)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 def plot_bench(path: Path) -> bool:
@@ -109,7 +111,8 @@ def plot_frontier(path: Path) -> bool:
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
-    if path.suffix == ".png":  # the plot's name: it would be written over the results
+    if path.suffix.lower() == ".png":  # the plot's name: it would be written over the results (f.PNG too, on a
+        # file system that ignores case)
         raise ValueError(f"--plot {path}: the plot would replace this file; rename it to .json")
     plt = pyplot()
     if plt is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import random
 import sys
@@ -270,7 +271,8 @@ def write_model_card(out: Path, cfg: ModelConfig, n_params: int, history: dict):
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Train a small SDAR-layout model: autoregressive, then block diffusion.")
-    p.add_argument("--out", type="path", required=True, help="checkpoint folder to write (a new one, unless --resume or --overwrite)")
+    p.add_argument("--out", type="path", required=True,
+                   help="checkpoint folder to write (a new one, unless --resume or --overwrite)")
     p.add_argument("--shape", default="8x384", choices=SHAPES, help="layers x hidden size")
     p.add_argument("--ar-steps", type=int, default=100_000, help="phase 1 (autoregressive): at most this many steps")
     p.add_argument("--ar-minutes", type=float, default=3.0, help="phase 1: stop after this many minutes (0: no limit)")
@@ -356,6 +358,9 @@ def check_args(args) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise ValueError(f"--out {out} already holds files; choose a new folder, or pass --resume to continue "
                          "its training or --overwrite to replace it")
+    if args.init_from and not os.path.isdir(args.init_from):  # not "no tokenizer.json there" for a typo
+        problem = "is not a folder" if os.path.lexists(args.init_from) else "does not exist"
+        raise ValueError(f"--init-from {args.init_from} {problem}; name a checkpoint folder")
     if args.init_from and not (Path(args.init_from) / "tokenizer.json").exists():
         raise ValueError(f"--init-from {args.init_from}: no tokenizer.json there")
     if args.resume or args.init_from:  # regular files inside their folder: a fifo would hang the read

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -265,9 +266,10 @@ def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bf
         raise ValueError(f"folder must be a folder's name (a non-empty str or Path), got {folder!r}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):  # what load reads back
         raise ValueError(f"dtype must be torch.bfloat16, float16, float32 or float64, got {dtype!r}")
-    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
-                                        or max_shard_bytes < 0):
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, numbers.Integral)  # numpy.int64 too
+                                        or isinstance(max_shard_bytes, bool) or max_shard_bytes < 0):
         raise ValueError(f"max_shard_bytes must be an integer >= 0 or None, got {max_shard_bytes!r}")
+    max_shard_bytes = None if max_shard_bytes is None else int(max_shard_bytes)
     folder = Path(folder)
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise CheckpointError(f"{folder} exists and is not a folder; name a folder to save the checkpoint in")

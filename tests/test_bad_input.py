@@ -1238,11 +1238,15 @@ def test_prompt_spelling_special_tokens_gets_no_special_ids(loaded, chat, which)
 # ---------------------------------------------------------------------------------------------------
 # Files that are rewritten: checkpoint.save, bench.py's results.
 
-@pytest.mark.parametrize("first,second", [(12_000, None), (None, 12_000), (8_000, 30_000)],
-                         ids=["shards then one file", "one file then shards", "more shards then fewer"])
+@pytest.mark.parametrize("first,second", [(12_000, None), (None, 12_000), (8_000, 30_000), (None, "numpy")],
+                         ids=["shards then one file", "one file then shards", "more shards then fewer",
+                              "a numpy integer"])  # numpy.int64 was refused as not an integer
 def test_a_save_leaves_one_set_of_weight_files(tmp_path, hf_tokenizer, first, second):
     old, new = random_model(tiny_config(), seed=1), random_model(tiny_config(), seed=2)
     write_checkpoint(tmp_path, old, hf_tokenizer, max_shard_bytes=first)
+    if second == "numpy":
+        import numpy as np
+        second = np.int64(12_000)
     save(new, tmp_path, max_shard_bytes=second, dtype=torch.float32)
     files = sorted(p.name for p in tmp_path.glob("model*"))
     if second is None:

@@ -462,8 +462,8 @@ def print_notes(model, tok, name: str, block_size: int | None):
               file=sys.stderr)
     if not model.config.block_size_named and block_size is None:
         print(f"note: {name} names no block_size (config.json, generation_config.json): decoding uses blocks of "
-              f"{model.config.block_size}; pass --block-size with the block size the model was trained with",
-              file=sys.stderr)
+              f"{model.config.block_size}; pass --block-size with the block size the model was trained with, or "
+              "add it to config.json", file=sys.stderr)
 
 
 def out_of_memory(e: BaseException) -> bool:

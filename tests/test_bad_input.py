@@ -654,7 +654,7 @@ def test_a_checkpoint_without_a_block_size_says_so(tmp_path, checkpoint, capsys)
     (folder / "config.json").write_text(json.dumps(cfg))
     assert load(folder)[0].config.block_size == 32
     note = "note: {} names no block_size (config.json, generation_config.json): decoding uses blocks of 32; pass " \
-        "--block-size with the block size the model was trained with\n"
+        "--block-size with the block size the model was trained with, or add it to config.json\n"
     for args, noted in (([], True), (["--block-size", "4"], False)):
         assert MAINS["generate"](["--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "4", *args]) == 0
         err = capsys.readouterr().err

@@ -111,8 +111,7 @@ def plot_frontier(path: Path) -> bool:
         ok = False
     if not ok:
         raise ValueError(f"--plot {path}: not a results file of eval.py --frontier")
-    if path.suffix.lower() == ".png":  # the plot's name: it would be written over the results (f.PNG too, on a
-        # file system that ignores case)
+    if path.suffix.lower() == ".png":  # the plot's name (f.PNG too, where case is ignored): written over the results
         raise ValueError(f"--plot {path}: the plot would replace this file; rename it to .json")
     plt = pyplot()
     if plt is None:

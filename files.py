@@ -5,6 +5,7 @@ results go to OUTPUT.partial as each prompt finishes, whole lines only, and OUTP
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -19,6 +20,14 @@ except ImportError:
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the project's published measurements
 SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"  # the shipped models, whichever --model is used
 MAX_PROMPTS_BYTES = 256 << 20
+
+
+def file_name(text: str) -> str:
+    """A flag's file or folder name (ArgumentParser's type "path"). One with a NUL, which os refuses deep inside as
+    "embedded null byte", is a usage error that names the flag."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a NUL character, which no file name can; remove it")
+    return text
 
 
 def folder_problem(folder: Path) -> str | None:

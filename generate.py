@@ -33,7 +33,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import kernels
     from checkpoint import CheckpointError, load, resolve_device
     from decoder import MAX_INT, Decoder, Options, flag
-    from files import ResultsFile, check_output, prompt_problem, read_prompts
+    from files import ResultsFile, check_output, file_name, prompt_problem, read_prompts
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -93,15 +93,14 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
     for i, ids in enumerate(prompt_ids):
         if not isinstance(ids, (list, tuple)) or not all(_token_id(t, cfg.vocab_size) for t in ids):
             raise ValueError(f"prompt {i + 1} must be a list of token ids below the vocabulary size {cfg.vocab_size}")
-    # numpy's integers as plain ints
-    mask_id, eos_ids, prompt_ids = int(mask_id), [int(i) for i in eos_ids], [[int(t) for t in p] for p in prompt_ids]
-    for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {i + 1} is empty; give some text")
         if len(ids) + opts.max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt {i + 1} has {len(ids)} tokens; with --max-new-tokens {opts.max_new_tokens} "
                              f"that exceeds the model's context of {cfg.max_position_embeddings}: shorten the prompt "
                              "or lower --max-new-tokens")
+    # numpy's integers as plain ints
+    mask_id, eos_ids, prompt_ids = int(mask_id), [int(i) for i in eos_ids], [[int(t) for t in p] for p in prompt_ids]
     if opts.stop_repeats > -(-opts.max_new_tokens // bs):  # never that many blocks: off, without the checks
         opts = dataclasses.replace(opts, stop_repeats=0)
     max_len = max(math.ceil((len(p) + opts.max_new_tokens) / bs) * bs + bs for p in prompt_ids)
@@ -286,19 +285,16 @@ def generate(model, tokenizer, prompts: list[str], opts: Options | None = None, 
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
-class Stopped(KeyboardInterrupt):
-    """kill -TERM or a closed terminal (SIGHUP), raised where Ctrl-C raises KeyboardInterrupt, so that a command's
-    Ctrl-C handling keeps what finished for these too; args[0]: the signal's number."""
-
-
 def _stop(signum, frame):
+    """kill -TERM or a closed terminal (SIGHUP) raises Ctrl-C's KeyboardInterrupt, whose handling keeps what
+    finished, with the signal's number."""
     signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
-    raise Stopped(signum)
+    raise KeyboardInterrupt(signum)
 
 
 def start_command():
     """What each command does first when run as a script: a stderr closed at start (2>&-) takes its lines to
-    /dev/null instead of crashing at the first; SIGTERM and SIGHUP raise Stopped, unless ignored (nohup)."""
+    /dev/null instead of crashing at the first; SIGTERM and SIGHUP stop it as Ctrl-C does, unless ignored (nohup)."""
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")
     for signum in filter(None, (signal.SIGTERM, getattr(signal, "SIGHUP", None))):
@@ -307,8 +303,8 @@ def start_command():
 
 
 def interrupted_status(e: KeyboardInterrupt) -> int:
-    """The exit status of a command stopped by Ctrl-C or by Stopped's signal: 128 + the signal's number."""
-    return 128 + (e.args[0] if isinstance(e, Stopped) else signal.SIGINT)
+    """The exit status of a command stopped by Ctrl-C or by _stop's signal: 128 + the signal's number."""
+    return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
 
 
 class _Once:
@@ -331,12 +327,6 @@ class _BooleanOnce(_Once, argparse.BooleanOptionalAction):
     pass
 
 
-def _path(text: str) -> str:
-    if "\0" in text:  # os refuses it deep inside as "embedded null byte", naming no flag
-        raise argparse.ArgumentTypeError(f"{text!r} holds a NUL character, which no file name can; remove it")
-    return text
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its usage errors as one line, `error: ...`, exit 2, like every other error here, and each
     flag that takes a value given at most once. type="path" marks a file or folder name."""
@@ -345,7 +335,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         for name in (None, "store"):
             self.register("action", name, _StoreOnce)
-        self.register("type", "path", _path)
+        self.register("type", "path", file_name)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -455,8 +445,7 @@ def main(argv=None) -> int:
 
 
 def print_notes(model, tok, name: str, block_size: int | None):
-    """Notes on stderr, not errors, for what a checkpoint leaves unsaid that changes every answer: no end-of-text
-    token (a base model may have none), no block size (checkpoint.read_config)."""
+    """Notes (not errors) for what a checkpoint leaves unsaid that changes every answer: eos, block size."""
     if not tok.eos_ids:
         print(f"note: {name} names no end-of-text token (eos_token_id): every answer runs to --max-new-tokens",
               file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import math
 import numbers
@@ -307,6 +308,35 @@ def interrupted_status(e: KeyboardInterrupt) -> int:
     return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
 
 
+def command(main):
+    """A command's main: an interrupt it does not handle itself (its argument checks, its start-up, its last
+    prints) is one line and the interrupted status, not a traceback."""
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt as e:
+            say("interrupted")
+            return interrupted_status(e)
+    return run
+
+
+def say(line: str):
+    """A line on stderr. A terminal that went away (SIGHUP: EIO) changes neither the exit status nor the output:
+    the line is dropped, and stderr goes to /dev/null from here on."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        _to_devnull(sys.stderr)
+
+
+def _to_devnull(stream):
+    try:  # the flush at exit would fail again (and exit 120)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+
+
 class _Once:
     """A flag that sets one value is given once: argparse would let a second --prompts-file replace the first, or
     --no-focus undo --focus."""
@@ -381,6 +411,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -425,7 +456,7 @@ def main(argv=None) -> int:
             results_file = None
     except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (start_command)
         print_results(finished, always_headed=True)
-        print(interrupted_line(len(finished), total, results_file), file=sys.stderr)
+        say(interrupted_line(len(finished), total, results_file))
         return interrupted_status(e)
     except (CheckpointError, ValueError) as e:
         print_results(finished, always_headed=True)  # what finished before the error (none for bad input)
@@ -477,11 +508,8 @@ def show(text: str):
     quietly."""
     try:
         print(text, flush=True)
-    except BrokenPipeError:
-        try:  # the flush at exit would fail again: stdout goes nowhere from here on
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, io.UnsupportedOperation):
-            pass
+    except OSError:  # a closed pipe, or a terminal gone (EIO): stdout goes nowhere from here on
+        _to_devnull(sys.stdout)
 
 
 def print_results(results: list[Result], always_headed: bool = False):

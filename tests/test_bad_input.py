@@ -4,6 +4,7 @@ interrupt keeps what finished; the Python API checks at its boundary; user text 
 a save leaves one set of weight files; bench.py never overwrites results."""
 import dataclasses
 import errno
+import io
 import json
 import os
 import shutil
@@ -1054,6 +1055,41 @@ def test_model_load_interrupted_or_out_of_memory_is_one_line(checkpoint, tmp_pat
     for w in words:
         assert w in err
     assert list(tmp_path.iterdir()) == []  # the empty partial file is gone
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "kill", "hang-up"])
+@pytest.mark.parametrize("entry,stage", [("generate", generate), ("eval", evaluate), ("bench", bench), ("train", train),
+                                         ("bench", "resolve_device"), ("train", "check_args")],
+                         ids=["generate", "eval", "bench", "train", "bench device", "train checks"])
+def test_interrupt_during_the_argument_checks_is_one_line(tmp_path, monkeypatch, capsys, entry, stage, signum):
+    """An interrupt before a command's main try-block (its argument checks) printed a traceback."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt(signum) if signum != signal.SIGINT else KeyboardInterrupt()
+    module = {"generate": generate, "eval": evaluate, "bench": bench, "train": train}[entry]
+    monkeypatch.setattr(module, "parse_args" if not isinstance(stage, str) else stage, interrupt)
+    assert MAINS[entry](["--out", str(tmp_path / "t")] if entry == "train" else []) == 128 + signum
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+class GoneTerminal(io.TextIOBase):
+    """A stream whose terminal went away (SIGHUP): every write fails with EIO."""
+    def write(self, text):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("entry,work,argv", [
+    ("generate", "load", ["--prompt", "Hi"]), ("eval", "load", ["-n", "1"]), ("bench", "run", []),
+    ("train", "train", ["--out", "{dir}/t", "--device", "cpu"]), ("generate", "parse_args", [])])
+def test_an_interrupt_with_the_terminal_gone_keeps_its_status(tmp_path, monkeypatch, entry, work, argv):
+    """After SIGHUP the last line's write can fail (EIO): that was exit 1 and a traceback, not 129."""
+    def hang_up(*args, **kwargs):
+        raise KeyboardInterrupt(signal.SIGHUP)
+    module = {"generate": generate, "eval": evaluate, "bench": bench, "train": train}[entry]
+    monkeypatch.setattr(module, work, hang_up)
+    monkeypatch.setattr(sys, "stderr", GoneTerminal())
+    monkeypatch.setattr(sys, "stdout", GoneTerminal())
+    monkeypatch.chdir(tmp_path)  # bench's results folder
+    assert MAINS[entry]([a.format(dir=tmp_path) for a in argv]) == 128 + signal.SIGHUP
 
 
 def test_prompt_lines_end_at_newline_only(tmp_path):

@@ -38,8 +38,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from analysis import figure, predictor_probe
     from decoder import Options
     from generate import (DEFAULT_MODEL, ArgumentParser, add_options, encode_prompts, generate_ids,
-                          interrupted_status, out_of_memory, out_of_memory_message, print_notes, show,
-                          start_command)
+                          command, interrupted_status, out_of_memory, out_of_memory_message, print_notes, say,
+                          show, start_command)
     from checkpoint import CheckpointError, load, resolve_device
     from model import ModelConfig, flops_per_token
 
@@ -493,6 +493,7 @@ def positive_list(p, name: str, text: str) -> list[int]:
     return values
 
 
+@command
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -534,7 +535,7 @@ def main(argv=None) -> int:
         out = None
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (generate.start_command)
-        print(f"interrupted; {out.abandon() if out else 'nothing was written'}", file=sys.stderr)
+        say(f"interrupted; {out.abandon() if out else 'nothing was written'}")
         out = None
         return interrupted_status(e)
     finally:

@@ -38,8 +38,8 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from partial import PartialJSON, error_line
     from decoder import Options, flag
     from generate import (DEFAULT_MODEL, ArgumentParser, Result, add_options, generate, options_from,
-                          interrupted_status, out_of_memory, out_of_memory_message, print_notes, show,
-                          start_command)
+                          command, interrupted_status, out_of_memory, out_of_memory_message, print_notes, say,
+                          show, start_command)
     from checkpoint import CheckpointError, inside_file, load, resolve_device
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -299,6 +299,7 @@ def parse_args(argv=None):
     return args
 
 
+@command
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
         out = None
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (generate.start_command)
-        print(f"interrupted; {out.abandon() if out else 'no --output was asked for'}", file=sys.stderr)
+        say(f"interrupted; {out.abandon() if out else 'no --output was asked for'}")
         return interrupted_status(e)
     finally:
         if out:  # an error after the output was made: keep what finished

@@ -39,7 +39,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     from checkpoint import (CheckpointError, first_line, inside_file, load_state, read_config, resolve_device,
                             save)
     from checkpoint.folder import MAX_JSON_BYTES, read_bytes
-    from generate import ArgumentParser, interrupted_status, start_command
+    from generate import ArgumentParser, command, interrupted_status, say, start_command
     from model import SDAR, ModelConfig, num_params
     from objectives import ar_loss_fn, loss_fn
 
@@ -411,6 +411,7 @@ def read_tokenizer(path: Path, flag: str):
     return tok
 
 
+@command
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -433,8 +434,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or kill -TERM / SIGHUP (generate.start_command)
         state = out / "train_state.pt"
-        print(f"interrupted; training so far is saved in {state} (continue with --resume)" if state.exists()
-              else "interrupted before the first training step; nothing was saved", file=sys.stderr)
+        say(f"interrupted; training so far is saved in {state} (continue with --resume)" if state.exists()
+            else "interrupted before the first training step; nothing was saved")
         return interrupted_status(e)
     return 0
 

@@ -117,6 +117,10 @@ CASES = {
                                                                                           "drop --study"]),
     "bench plot with a run flag": ("bench", ["--plot", "{dir}/good.jsonl", "--modes", "full", "--repeats", "2"],
                                    ["--plot only draws", "drop --repeats, --modes"]),  # were ignored
+    "eval plot with --model": ("eval", ["--plot", "{dir}/good.jsonl", "--model", "{ckpt}"],  # were ignored, as
+                               ["--plot only draws", "drop --model"]),                      # other run flags were not
+    "bench plot with --device and --dtype": ("bench", ["--plot", "{dir}/good.jsonl", "--device", "cpu", "--dtype",
+                                                       "float32"], ["--plot only draws", "drop --device, --dtype"]),
     "eval frontier plot's name taken": ("eval", ["--frontier", "--output", "{dir}/plot.json"],
                                         ["plot.png exists and would be replaced"]),
     "output -": ("generate", ["--prompt", "Hi", "--output", "-"], ["--output -", "name a file"]),
@@ -575,7 +579,7 @@ def test_bad_input_is_one_line_and_changes_no_file(name, workspace, checkpoint, 
     entry, argv, words = CASES[name]
     fill = {"dir": str(workspace), "ckpt": str(checkpoint.path)}
     argv = [a.format(**fill) for a in argv]
-    if "--model" not in argv and entry != "train":
+    if "--model" not in argv and "--plot" not in argv and entry != "train":  # --plot loads no model
         argv += ["--model", NO_MODEL.format(**fill)]  # so a check that waits for the model fails the test
     build_broken(workspace, argv, checkpoint.path)
     monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 0.5)  # the template that never ends

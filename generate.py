@@ -403,7 +403,7 @@ def parse_args(argv=None):
     p.add_argument("--model", type="path", default=str(DEFAULT_MODEL),
                    help="checkpoint folder (default: the shipped model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, float64 or auto")
     add_options(p)
     p.add_argument("--chat", action=_BooleanOnce, default=True,
                    help="wrap prompts in the checkpoint's chat template")

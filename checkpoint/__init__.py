@@ -171,10 +171,11 @@ def _resolve_dtype(dtype, cfg: ModelConfig, device) -> torch.dtype:
         # bf16 matrix products are slow on most CPUs: compute in fp32 there.
         return (torch.float32 if torch.device(device).type == "cpu" else
                 {"float32": torch.float32, "float16": torch.float16}.get(cfg.torch_dtype, torch.bfloat16))
+    # the names torch_dtype and save take (float64 too), and short ones
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
     if not isinstance(dtype, str) or dtype not in names:  # a list would be unhashable: a TypeError
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64")
     return names[dtype]
 
 

@@ -1247,6 +1247,17 @@ def test_the_api_refuses_swapped_or_changed_arguments(loaded, checkpoint):
     api_error(lambda: load(checkpoint.path, dtype=["bfloat16"]), "unknown dtype ['bfloat16']")
 
 
+def test_dtype_float64_loads_as_torch_dtype_float64_does(tmp_path, hf_tokenizer, capsys):
+    """save and config.json's torch_dtype take float64, and load(dtype=torch.float64): --dtype float64 was
+    refused as an unknown dtype."""
+    write_checkpoint(tmp_path, random_model(tiny_config()), hf_tokenizer, dtype=torch.float64)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float64"
+    assert load(tmp_path, dtype="float64")[0].embed_tokens.weight.dtype == torch.float64
+    argv = ["--model", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "8", "--device", "cpu", "--dtype"]
+    assert generate.main(argv + ["float64"]) == 0
+    assert capsys.readouterr().out == (generate.main(argv + ["float32"]), capsys.readouterr().out)[1]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
 def test_load_on_cuda_without_a_gpu_is_a_value_error(checkpoint):
     api_error(lambda: load(checkpoint.path, device="cuda"), "device=cuda", "no CUDA device")

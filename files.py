@@ -75,8 +75,15 @@ def read_prompts(path: str) -> list[str]:
         raise ValueError(f"cannot read prompts file {path}: {e.strerror}") from None
     if len(raw) > MAX_PROMPTS_BYTES:
         raise ValueError(f"prompts file {path} is larger than {MAX_PROMPTS_BYTES >> 20} MB; split it")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows' "Unicode"
+        raise ValueError(f"{path} is UTF-16 or UTF-32 text (it starts with their byte-order mark); save the file "
+                         "as UTF-8")
+    if b"\0" in raw:  # no JSON text holds one; UTF-16 without a mark has one in every ASCII character
+        line = raw[:raw.index(b"\0")].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: a NUL byte, which no JSON text holds (UTF-16 text?); save the file "
+                         "as UTF-8")
     try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason}); "
@@ -86,6 +93,7 @@ def read_prompts(path: str) -> list[str]:
     settings = {f.name for f in fields(Options)} | {"chat", "seed"}
     prompts = []
     for n, line in enumerate(text.split("\n"), 1):
+        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark: each file's first line, also when joined
         if not line.strip():
             continue
         try:

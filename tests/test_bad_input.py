@@ -166,6 +166,10 @@ CASES = {
     # Prompts.
     "lone surrogate in a file": ("generate", ["--prompts-file", "{dir}/surrogate.jsonl"], ["line 2", "not valid Unicode"]),
     "file not UTF-8": ("generate", ["--prompts-file", "{dir}/latin1.jsonl"], ["line 2", "not UTF-8"]),
+    "file UTF-16 with its mark": ("generate", ["--prompts-file", "{dir}/utf16.jsonl"],  # "invalid start byte"
+                                  ["UTF-16", "byte-order mark", "save the file as UTF-8"]),
+    "file UTF-16 without a mark": ("generate", ["--prompts-file", "{dir}/utf16le.jsonl"],  # "not valid JSON"
+                                   ["line 1", "NUL byte", "UTF-16", "save the file as UTF-8"]),
     "undecodable command-line bytes": ("generate", ["--model", "{ckpt}", "--prompt", "Hi", "--prompt",
                                                     os.fsdecode(b"caf\xe9")], ["prompt 2", "not valid Unicode"]),
     "empty prompt in a file": ("generate", ["--prompts-file", "{dir}/empty.jsonl"], ["line 4", "empty"]),
@@ -545,6 +549,8 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "left.jsonl.partial").write_text('{"prompt": "an interrupted run", "text": "keep me too"}\n')
     (tmp_path / "surrogate.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 text"}\n')
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "fine"}\n{"prompt": "café"}\n'.encode("latin-1"))
+    (tmp_path / "utf16.jsonl").write_bytes('{"prompt": "fine"}\r\n'.encode("utf-16"))  # Windows PowerShell's >
+    (tmp_path / "utf16le.jsonl").write_bytes('{"prompt": "fine"}\n'.encode("utf-16-le"))
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n{"prompt": " "}\n')
     (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
@@ -1094,6 +1100,15 @@ def test_an_interrupt_with_the_terminal_gone_keeps_its_status(tmp_path, monkeypa
     monkeypatch.setattr(sys, "stdout", GoneTerminal())
     monkeypatch.chdir(tmp_path)  # bench's results folder
     assert MAINS[entry]([a.format(dir=tmp_path) for a in argv]) == 128 + signal.SIGHUP
+
+
+def test_prompts_files_joined_with_their_marks_and_line_ends_read(tmp_path):
+    """UTF-8 files with byte-order marks and CRLF joined by cat (a mark at a later line's start was "not valid
+    JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))"); blank lines and a last line without a newline."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes('{"prompt": "one"}\r\n\r\n'.encode("utf-8-sig") + '{"prompt": "two"}\r\n'.encode("utf-8-sig") +
+                     b'\n  \n{"prompt": "three"}')
+    assert files.read_prompts(str(path)) == ["one", "two", "three"]
 
 
 def test_prompt_lines_end_at_newline_only(tmp_path):

@@ -27,6 +27,10 @@ from checkpoint.folder import CheckpointError, inside_file, first_line, read_jso
 from checkpoint.tokenizer import CHATML, Tokenizer  # noqa: F401
 from model import SDAR, ModelConfig
 
+__all__ = ["CHATML", "LLADA2_MASK_ID", "MODEL_TYPES", "CheckpointError", "Tokenizer", "check_config", "check_headers",
+           "check_size", "config_from_dict", "first_line", "hf_layout", "inside_file", "load", "load_state",
+           "memory_bytes", "parameter_count", "read_config", "read_headers", "read_json", "resolve_device", "save"]
+
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; an integer "weight" would load as numbers
 

@@ -171,7 +171,8 @@ class Tokenizer:
         if self.chat_template is None:  # none given (an empty one is a template, and renders nothing)
             return CHATML.format(prompt=prompt)
         try:
-            import jinja2  # noqa: F401
+            import jinja2
+            del jinja2  # only whether it is installed
         except ImportError:
             return CHATML.format(prompt=prompt)
         try:

@@ -370,10 +370,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
 
-    def changed(self, args) -> list[str]:
-        """The flags whose values are not their defaults, by their long names."""
-        return [max(a.option_strings, key=len) for a in self._actions
-                if a.option_strings and a.dest != "help" and getattr(args, a.dest, a.default) != a.default]
+    def alone(self, args, name: str, does: str):
+        """Flag `name` (dest), given, takes no other flag: `does` says what it does instead, so the others would be
+        ignored without a word."""
+        if getattr(args, name) is None:
+            return
+        others = [max(a.option_strings, key=len) for a in self._actions if a.option_strings and a.dest
+                  not in ("help", name) and getattr(args, a.dest, a.default) != a.default]
+        if others:
+            self.error(f"--{name} {does}; drop {', '.join(others)}, which it would ignore")
 
 
 def add_options(p: argparse.ArgumentParser, names=None):

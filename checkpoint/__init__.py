@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint.config import (LLADA2_MASK_ID, MODEL_TYPES, check_config, check_size, config_from_dict,  # noqa: F401
+from checkpoint.config import (LLADA2_MASK_ID, MODEL_TYPES, check_config, check_size, config_from_dict,
                                memory_bytes, parameter_count)
-from checkpoint.folder import CheckpointError, inside_file, first_line, read_json  # noqa: F401
-from checkpoint.tokenizer import CHATML, Tokenizer  # noqa: F401
+from checkpoint.folder import CheckpointError, inside_file, first_line, read_json
+from checkpoint.tokenizer import CHATML, Tokenizer
 from model import SDAR, ModelConfig
 
 __all__ = ["CHATML", "LLADA2_MASK_ID", "MODEL_TYPES", "CheckpointError", "Tokenizer", "check_config", "check_headers",

@@ -2,6 +2,7 @@
 generation_config.json say (chat template, EOS ids, mask token). User text never becomes special tokens."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -170,10 +171,7 @@ class Tokenizer:
         Qwen/SDAR chat checkpoints use."""
         if self.chat_template is None:  # none given (an empty one is a template, and renders nothing)
             return CHATML.format(prompt=prompt)
-        try:
-            import jinja2
-            del jinja2  # only whether it is installed
-        except ImportError:
+        if importlib.util.find_spec("jinja2") is None:  # optional: without it, ChatML
             return CHATML.format(prompt=prompt)
         try:
             return render_template(self.chat_template, messages=[{"role": "user", "content": prompt}],

@@ -427,9 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type="path", default="results")
     p.add_argument("--plot", type="path", metavar="JSON", help="only draw the plots of a results file")
     args = p.parse_args(argv)
-    ignored = [f for f in p.changed(args) if f != "--plot"]  # --model, --device, --dtype too: it loads nothing
-    if args.plot is not None and ignored:  # --plot only draws: they would be ignored without a word
-        p.error(f"--plot only draws the plots of a results file; drop {', '.join(ignored)}, which it would ignore")
+    p.alone(args, "plot", "only draws the plots of a results file")  # --model, --device, --dtype too: it loads nothing
     given = [name for name in REAL_SIZE_ONLY if getattr(args, name) != p.get_default(name)]
     if given and not args.real_size:  # without it they would be ignored without a word
         p.error(f"--{given[0].replace('_', '-')} goes with --real-size")

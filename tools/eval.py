@@ -293,9 +293,7 @@ def parse_args(argv=None):
                    help="only draw the accuracy-compute plot of a --frontier file")
     p.set_defaults(max_new_tokens=None)  # --workloads: each workload's own budget unless given
     args = p.parse_args(argv)
-    ignored = [f for f in p.changed(args) if f != "--plot"]  # --model, --device, --dtype too: it loads nothing
-    if args.plot is not None and ignored:  # --plot only draws: they would be ignored without a word
-        p.error(f"--plot only draws the plot of a results file; drop {', '.join(ignored)}, which it would ignore")
+    p.alone(args, "plot", "only draws the plot of a results file")  # --model, --device, --dtype too: it loads nothing
     return args
 
 

@@ -20,9 +20,12 @@ option `compile`:
   the reference implementation splits it. The logits are computed outside, for the masked rows only. A small
   prefill (a few prompts refilling the slots of ended sequences) runs as a graph too, its attention grid with a
   line per prompt instead of one per cache slot (grid="sequences"), captured the second time its shape is met (a
-  shape met once runs as it is). With use_flex(True) (bench.py --flex), ragged rows inside a graph attend through
-  FlexAttention (ragged_attention: each row's key range applied to the scores in one generated kernel) instead of
-  SDPA with a mask.
+  shape met once runs as it is).
+
+- ragged_attention: under fast_paths, ragged rows in half precision on CUDA attend through flash attention's
+  variable-length kernel (each sequence's rows packed, its keys read in place up to its key end; no padded grid,
+  no mask) instead of SDPA with a mask over a padded grid; use_attention("flex") or ("mask") for the others
+  (bench.py --attention).
 
 - reused_cache(model, make, *args): the decoder's KV cache, made once and handed to the next decoder of the same
   shape, so that the graphs captured on it (which hold its addresses) serve later runs too; release(model)
@@ -115,28 +118,106 @@ def compiled(fn):
 # Attention of ragged rows.
 
 def ragged_attention(plain, q, layer: int, rows, cache, scale: float):
-    """model.cached_attention (`plain`), with FlexAttention for ragged rows in half precision on CUDA once
-    use_flex(True) is called. There the plain path gives SDPA an (A, queries, keys) mask, which sends it to a
-    masked kernel that, for a FOCUS step's few kept rows, costs more than the full block's unmasked attention;
-    here each row's key range is applied to the scores inside one generated kernel, compiled once per shape: so
-    only inside a CUDA graph, whose shapes come from a few buckets (the prefill's shapes, outside the graphs,
-    would compile again and again)."""
-    if not flex_wanted(rows, q.device.type, q.dtype):
-        return plain(q, layer, rows, cache, scale)
-    keys, values = cache.read(layer, rows)
+    """model.cached_attention (`plain`), or a kernel that serves the same rows faster on CUDA in half precision.
+    The plain path lays the rows on an (A, q_max) grid and gives SDPA an (A, queries, keys) mask, which sends it
+    to a masked kernel over the whole grid; served, a FOCUS step's kept rows fill about a fifth of it (a sequence
+    at its block's first step keeps all 32). use_attention() picks (see attention_kernel):
+    - "varlen" (the default): flash attention's variable-length kernel on the rows as they are packed, each
+      sequence's keys read in place from the cache up to its key end: no grid, no mask (varlen_rows);
+    - "flex": FlexAttention, each row's key end applied to the scores, compiled per graph shape (flex_rows);
+    - "mask": the plain path."""
+    kind = attention_kernel(rows, q, cache)
     try:
-        return flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, scale, compiled_flex())
-    except Exception as e:  # FlexAttention does not compile here
-        warnings.warn(f"FlexAttention unavailable ({type(e).__name__}: {e}); using SDPA with a mask")
-        _FLEX["fn"] = None
-        return plain(q, layer, rows, cache, scale)
+        if kind == "varlen":
+            return varlen_rows(q, layer, rows, cache, scale, flash_varlen)
+        if kind == "flex":
+            keys, values = cache.read(layer, rows)
+            return flex_rows(q, keys, values, rows.line, rows.place, rows.key_end, rows.q_max, scale, compiled_flex())
+    except Exception as e:  # the kernel is not built into this torch, or refuses this GPU
+        warnings.warn(f"{kind} attention unavailable ({type(e).__name__}: {e}); using SDPA with a mask")
+        _ATTENTION["kind"] = "mask"
+    return plain(q, layer, rows, cache, scale)
 
 
-def flex_wanted(rows, device_type: str, dtype) -> bool:
-    """FlexAttention for these rows? Switched on (use_flex), ragged rows (dense ones need no mask), inside a
-    graph's function, on CUDA, in half precision (in fp32 FlexAttention ran slower than SDPA)."""
-    return (_FLEX["on"] and not rows.dense and _IN_GRAPH[0] > 0 and device_type == "cuda"
-            and dtype != torch.float32 and compiled_flex() is not None)
+def attention_kernel(rows, q, cache) -> str:
+    """Which kernel ragged_attention runs for these rows: "mask" (the plain path) unless the rows are ragged (dense
+    ones need no mask: SDPA's flash kernel), on CUDA, in half precision; then use_attention's choice where it
+    applies. varlen: every row of a sequence has the same key end (a decode step; a prefill's rows end at their
+    own blocks), head_dim a multiple of 8 up to 256, the cache's offsets within int32. flex: inside a graph's
+    function only (it compiles per shape; the graphs' shapes come from a few buckets)."""
+    kind = _ATTENTION["kind"]
+    if kind == "mask" or rows.dense or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return "mask"
+    if kind == "varlen":
+        dim = q.shape[-1]
+        fits = dim % 8 == 0 and dim <= 256 and cache.k[0].numel() // dim < 2 ** 31
+        return "varlen" if rows.key_end_per_seq and fits else "mask"
+    return "flex" if _IN_GRAPH[0] > 0 and compiled_flex() is not None else "mask"
+
+
+_ATTENTION = {"kind": "varlen"}
+ATTENTION_KERNELS = ("varlen", "flex", "mask")
+
+
+def use_attention(kind: str):
+    """The kernel for ragged rows under fast_paths on CUDA: "varlen" (the default), "flex" or "mask" (SDPA with a
+    mask, the plain path). Serving SDAR-8B on an H200, FlexAttention made every mode's steps 19-48% slower than
+    the mask; results/README.md has varlen's measurements."""
+    if kind not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kind!r}: one of {', '.join(ATTENTION_KERNELS)}")
+    _ATTENTION["kind"] = kind
+
+
+def varlen_rows(q, layer: int, rows, cache, scale: float, attend):
+    """cached_attention's result through a variable-length attention kernel (`attend`: flash_varlen, or a slow
+    reference in the tests). q (T, heads, head_dim) -> (T, heads, head_dim). The batch is one short sequence per
+    (line, kv head): that kv head's query heads stacked over the line's rows, so each kv head's keys are read once
+    for all its query heads (as cached_attention stacks them). The keys stay where they are: the layer's cache
+    (slots, kv_heads, len, head_dim) seen as (slots * kv_heads * len, 1, head_dim), where the keys of (slot, kv
+    head h) start at row (slot * kv_heads + h) * len; each sequence reads its first key_end of them."""
+    heads, dim = q.shape[1:]
+    if ("varlen", heads) not in rows._layouts:  # made by the first layer, reused by the others
+        rows._layouts["varlen", heads] = varlen_layout(rows, heads, cache.k.shape[2], cache.max_len)
+    order, cu_q, cu_k, key_len, max_q = rows._layouts["varlen", heads]
+    packed = q.new_empty(q.shape[0] * heads, 1, dim)
+    packed[order] = q.reshape(-1, 1, dim)
+    keys, values = cache.k[layer].view(-1, 1, dim), cache.v[layer].view(-1, 1, dim)  # no copy
+    out = attend(packed, keys, values, cu_q, cu_k, key_len, max_q, rows.kv_max, scale)
+    return out[order].view(q.shape)
+
+
+def varlen_layout(rows, heads: int, kv_heads: int, cache_len: int):
+    """varlen_rows' batch. Returns order (T * heads,): where (row, head) sits among the packed queries; cu_q
+    (A * kv_heads + 1,) int32: each sequence's first packed query, then the total; cu_k (A * kv_heads + 1,)
+    int32: each sequence's first key row in the cache (the last entry unused); key_len (A * kv_heads,) int32:
+    its key end; max_q: a bound on a sequence's packed queries. No host sync."""
+    per_kv = heads // kv_heads
+    n_lines, dev = len(rows.active), rows.seq.device
+    counts = torch.zeros(n_lines, dtype=torch.long, device=dev).index_add_(0, rows.line, torch.ones_like(rows.line))
+    starts = counts.cumsum(0) - counts                                     # each line's first row
+    rank = torch.arange(rows.num_rows, device=dev) - starts[rows.line]     # each row's index in its line (not
+    head = torch.arange(heads, device=dev)                                 # .place: a graph's padding rows have 0)
+    # (line, kv head h) holds query heads h*per_kv.. stacked: query head j of row r at heads*start + j*count + rank
+    order = (heads * starts[rows.line, None] + head * counts[rows.line, None] + rank[:, None]).flatten()
+    kv = torch.arange(kv_heads, device=dev)
+    first_query = heads * starts[:, None] + kv * per_kv * counts[:, None]  # (A, kv_heads)
+    first_key = (rows.active[:, None] * kv_heads + kv) * cache_len         # (A, kv_heads)
+    total = torch.tensor([rows.num_rows * heads], device=dev)
+    cu_q = torch.cat([first_query.flatten(), total]).to(torch.int32)
+    cu_k = torch.cat([first_key.flatten(), total]).to(torch.int32)
+    key_end = torch.zeros(n_lines, dtype=torch.long, device=dev).scatter_(0, rows.line, rows.key_end)
+    key_len = key_end[:, None].expand(n_lines, kv_heads).flatten().to(torch.int32)
+    # In a graph the padding rows (fewer than a bucket step) all sit in the spare slot's line.
+    most_rows = max(rows.q_max, _bucket_step(rows.num_rows)) if _IN_GRAPH[0] else rows.q_max
+    return order, cu_q, cu_k, key_len, max(per_kv * most_rows, 2)  # (1 would take flash's one-query path)
+
+
+def flash_varlen(q, k, v, cu_q, cu_k, key_len, max_q: int, max_k: int, scale: float):
+    """Flash attention's variable-length forward (aten's FlashAttention-2), no mask: sequence b's queries are
+    q[cu_q[b]:cu_q[b+1]] and its keys k[cu_k[b]:cu_k[b] + key_len[b]] (with seqused_k only cu_k's starts are
+    read, so the sequences may sit anywhere in k, in any order). q (Q, heads, d); k, v (K, kv_heads, d)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                   scale=scale, seqused_k=key_len)[0]
 
 
 @contextlib.contextmanager
@@ -192,13 +273,7 @@ def compiled_flex():
     return _FLEX["fn"]
 
 
-_FLEX = {"on": False}
-
-
-def use_flex(on: bool):
-    """FlexAttention for ragged rows inside the graphs (on) or SDPA with a mask (off, the default: serving SDAR-8B,
-    every mode's steps took 19-48% longer with FlexAttention than with SDPA; results/README.md)."""
-    _FLEX["on"] = on
+_FLEX = {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,7 +351,8 @@ def _graphed_call(fn, capture: bool, grid: str, model, x, rows, cache, *extra):
              and (padded_rows, per_seq) == (rows.num_rows, rows.q_max))
     keys = rows.kv_max if dense else min(cache.max_len, -(-rows.kv_max // KEY_STEP) * KEY_STEP)
     shape = (padded_rows, per_seq, keys, lines)
-    key = (fn, capture, dense, shape, tuple(a for a in extra if not isinstance(a, torch.Tensor)),
+    key = (fn, capture, dense, shape, rows.key_end_per_seq,  # (one key end per sequence: varlen attention)
+           tuple(a for a in extra if not isinstance(a, torch.Tensor)),
            tuple((a.shape[1:], a.dtype) for a in args if isinstance(a, torch.Tensor)))
     store = _STORES.setdefault(cache, {"pool": torch.cuda.graph_pool_handle() if capture else None, "graphs": {},
                                        "met": set()})
@@ -291,8 +367,12 @@ def _graphed_call(fn, capture: bool, grid: str, model, x, rows, cache, *extra):
 
 def _bucket(n: int) -> int:
     """n rounded up to a step of max(8, 2^(floor(log2 n) - 3)): at most 1/8 of a bucket is padding."""
-    step = max(8, 1 << max(n.bit_length() - 4, 0))
+    step = _bucket_step(n)
     return -(-n // step) * step
+
+
+def _bucket_step(n: int) -> int:
+    return max(8, 1 << max(n.bit_length() - 4, 0))
 
 
 class _Graph:
@@ -311,7 +391,7 @@ class _Graph:
             self.active = torch.full((self.lines + 1,), self.spare, dtype=torch.long, device=dev)
             layout = dict(line=self.line, active=self.active, all_slots=False)
         self.rows = dataclasses.replace(rows, seq=self.seq, pos=self.pos, place=self.place, key_end=self.key_end,
-                                        q_max=per_seq, kv_max=keys, dense=dense, _masks={}, **layout)
+                                        q_max=per_seq, kv_max=keys, dense=dense, _layouts={}, **layout)
         # The cache only weakly: it keys the store this graph lives in, which must not keep it alive.
         self.args = [self.rows if a is rows else a.new_zeros((padded, *a.shape[1:])) if isinstance(a, torch.Tensor)
                      else weakref.proxy(a) if a is cache else a for a in args]
@@ -327,7 +407,7 @@ class _Graph:
         with torch.cuda.stream(side), graph_shapes():
             fn(model, *self.args)
         torch.cuda.current_stream().wait_stream(side)
-        self.rows._masks.clear()  # the attention mask is made from the buffers inside the graph, not kept
+        self.rows._layouts.clear()  # the attention mask (or layout) is made from the buffers inside the graph, not kept
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool), graph_shapes():
             out = fn(model, *self.args)
@@ -356,7 +436,7 @@ class _Graph:
             self.graph.replay()
             out = self.out
         else:  # capture=False: the padded computation, eagerly
-            self.rows._masks.clear()
+            self.rows._layouts.clear()
             with graph_shapes():
                 out = self.fn(self.model(), *self.args)
             out = (out,) if isinstance(out, torch.Tensor) else out

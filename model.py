@@ -147,7 +147,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, before RoPE (Qwen3)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.apply_rope = apply_rope  # kernels.fast_paths swaps in a fused version
-        self.attend = cached_attention  # kernels.fast_paths swaps in FlexAttention for ragged rows on CUDA (use_flex)
+        self.attend = cached_attention  # kernels.fast_paths swaps in flash attention's varlen kernel for ragged rows on CUDA
 
     def qkv(self, x, cos, sin):
         """x: (..., hidden) -> q (..., heads, head_dim), k and v (..., kv_heads, head_dim); q, k post-norm, post-RoPE."""
@@ -341,7 +341,8 @@ class Rows:
     kv_max: int
     all_slots: bool        # the active sequences are exactly cache slots 0..A-1
     dense: bool            # every sequence has q_max rows and one shared key_end: no mask needed
-    _masks: dict = field(default_factory=dict, repr=False)  # attention masks, made once per step, by GQA group size
+    key_end_per_seq: bool  # all rows of a sequence share their key_end (a decode step's block; not a prefill)
+    _layouts: dict = field(default_factory=dict, repr=False)  # attention masks (or layouts), made once a step
 
     @property
     def num_rows(self) -> int:
@@ -355,24 +356,26 @@ class Rows:
             raise ValueError("Rows.build: no rows (a step computes at least one row of each live sequence)")
         counts, line, place = ragged_layout(seq, num_slots)
         present = counts > 0
-        n_active, q_max, c_min, kv_max, k_min = torch.stack([
+        first_row = torch.arange(len(seq), device=seq.device) - place          # the first row of each row's sequence
+        n_active, q_max, c_min, kv_max, k_min, uneven = torch.stack([
             present.sum(), counts.max(), counts.masked_fill(~present, len(seq)).min(),
-            key_end.max(), key_end.min()]).tolist()
+            key_end.max(), key_end.min(), (key_end != key_end[first_row]).any()]).tolist()
         active = torch.nonzero_static(present, size=n_active).squeeze(1)   # size known: no second sync
         return Rows(seq, pos, line, place, key_end, active, q_max, kv_max,
-                    all_slots=n_active == num_slots, dense=(q_max == c_min and kv_max == k_min))
+                    all_slots=n_active == num_slots, dense=(q_max == c_min and kv_max == k_min),
+                    key_end_per_seq=not uneven)
 
     def attention_mask(self, heads_per_kv: int):
         """(A, 1, heads_per_kv * q_max, kv_max) bool, True where a query may read a key; None when dense. Built
         on the first layer that asks and reused by every later one."""
         if self.dense:
             return None
-        if heads_per_kv not in self._masks:
+        if heads_per_kv not in self._layouts:
             ends = torch.ones(len(self.active), self.q_max, dtype=torch.long, device=self.pos.device)  # padding: key 0
             ends[self.line, self.place] = self.key_end
             mask = torch.arange(self.kv_max, device=self.pos.device) < ends[:, None, :, None]  # (A, 1, q_max, kv_max)
-            self._masks[heads_per_kv] = mask.repeat(1, 1, heads_per_kv, 1)
-        return self._masks[heads_per_kv]
+            self._layouts[heads_per_kv] = mask.repeat(1, 1, heads_per_kv, 1)
+        return self._layouts[heads_per_kv]
 
     def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int) -> "Rows":
         """The subset of rows at indices `keep` (ascending), with new key ends."""

@@ -359,7 +359,7 @@ CASES = {
     "bench real-size flag without it": ("bench", ["--contexts", "64"], ["--contexts goes with --real-size"]),
     "bench context past the shape's": ("bench", ["--real-size", "--real-size-config", "tiny", "--contexts", "256,4000",
                                                  "--out", "{dir}/bench"], ["--contexts 4000", "context of 4,096"]),
-    "bench flex without compile": ("bench", ["--flex"], ["--flex goes with --compile"]),
+    "bench attention kernel without compile": ("bench", ["--attention", "flex"], ["--attention goes with --compile"]),
     "bench modes with --real-size": ("bench", ["--real-size", "--real-size-config", "tiny", "--modes", "full"],
                                      ["--modes goes without --real-size"]),
     # eval.py's --only.

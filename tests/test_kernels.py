@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -366,38 +367,95 @@ def test_ragged_attention_is_the_plain_one_off_cuda(net):
     assert torch.equal(got, model.cached_attention(q, 0, rows, cache, 0.5))  # ...and plain on the CPU
 
 
-def test_flex_attention_only_when_on_for_ragged_half_precision_rows_inside_a_graph_on_cuda(request):
+def reference_varlen(q, k, v, cu_q, cu_k, key_len, max_q, max_k, scale):
+    """What flash attention's variable-length forward computes, one sequence at a time in float64: sequence b's
+    queries q[cu_q[b]:cu_q[b+1]] (at most max_q, or the kernel would skip some) attend to k[cu_k[b]:][:key_len[b]]
+    (at most max_k); kv head = query head // (heads / kv_heads)."""
+    out = torch.full(q.shape, float("nan"), dtype=torch.float64)
+    per_kv = q.shape[1] // k.shape[1]
+    for b in range(len(key_len)):
+        q0, q1, k0, n = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), key_len[b].item()
+        assert q1 - q0 <= max_q and n <= max_k
+        if q1 == q0:
+            continue
+        keys, values = (t[k0:k0 + n].double().repeat_interleave(per_kv, 1) for t in (k, v))  # (n, heads, d)
+        weights = torch.softmax(torch.einsum("qhd,khd->hqk", q[q0:q1].double(), keys) * scale, -1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", weights, values)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3), (4, 1), (2, 2)])
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_varlen_attention_of_ragged_rows_matches_the_plain_one(heads, kv_heads, in_graph):
+    """kernels.varlen_rows (the rows packed one sequence per (line, kv head), keys read in place from the cache)
+    gives cached_attention's result, through a float64 stand-in for flash attention's varlen kernel: with
+    slots without rows, the lines of a graph's slot grid (line = slot, the spare slot's padding rows all at
+    place 0, key end 1) and of an eager step (lines = active slots only)."""
+    cfg = tiny_config(num_attention_heads=heads, num_key_value_heads=kv_heads)
+    cache = filled_cache(cfg, 4, 16, seed=2)
+    seq, pos, key_end = [0, 0, 0, 2, 3, 3], [4, 6, 7, 3, 9, 11], [8, 8, 8, 4, 12, 12]
+    if in_graph:  # five padding rows in the spare slot (4), more than a line's rows, as kernels._Graph.fill lays them
+        seq, pos, key_end = seq + [4] * 5, pos + [0] * 5, key_end + [1] * 5
+    rows = model.Rows.build(torch.tensor(seq), torch.tensor(pos), torch.tensor(key_end), num_slots=5)
+    if in_graph:
+        rows = dataclasses.replace(rows, line=rows.seq, active=torch.arange(5), q_max=4, kv_max=16,
+                                   place=torch.where(rows.seq == 4, 0, rows.place), _layouts={})
+    q = torch.randn(rows.num_rows, heads, cfg.head_dim, generator=torch.Generator().manual_seed(3))
+    with kernels.graph_shapes() if in_graph else contextlib.nullcontext():
+        got = kernels.varlen_rows(q, 0, rows, cache, 0.3, reference_varlen)
+    want = naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}), 0.3)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)  # padding rows too: they see the spare's key 0
+
+
+def test_rows_know_whether_their_sequences_share_a_key_end():
+    """varlen attention gives one key end per sequence: a decode step's rows have it, a prefill's do not."""
+    step = model.Rows.build(torch.tensor([0, 0, 2]), torch.tensor([4, 5, 9]), torch.tensor([6, 6, 10]), num_slots=3)
+    prefill = model.Rows.build(torch.tensor([0, 0, 1]), torch.tensor([3, 4, 2]), torch.tensor([4, 8, 4]), num_slots=3)
+    assert step.key_end_per_seq and not prefill.key_end_per_seq
+
+
+def test_attention_kernel_is_varlen_for_ragged_half_precision_decode_rows_on_cuda(request):
     ragged = model.Rows.build(torch.tensor([0, 0, 1]), torch.tensor([4, 5, 4]), torch.tensor([6, 6, 5]), num_slots=2)
     dense = model.Rows.build(torch.tensor([0, 0, 1, 1]), torch.tensor([4, 5, 4, 5]), torch.tensor([6] * 4), num_slots=2)
+    prefill = model.Rows.build(torch.tensor([0, 0]), torch.tensor([3, 4]), torch.tensor([4, 8]), num_slots=2)
+    cache = type("Cache", (), {"k": torch.zeros(2, 3, 2, 16, 8)})
+    q = type("Q", (), {"shape": (3, 4, 8), "dtype": torch.bfloat16, "device": torch.device("cuda")})
+    pick = functools.partial(kernels.attention_kernel, q=q, cache=cache)
+    assert pick(ragged) == "varlen"                       # the default
+    assert pick(dense) == "mask"                          # no mask needed: SDPA's own flash kernel
+    assert pick(prefill) == "mask"                        # a key end per row: SDPA with a mask
+    assert kernels.attention_kernel(ragged, type("Q", (), {**vars(q), "device": torch.device("cpu")}), cache) == "mask"
+    assert kernels.attention_kernel(ragged, type("Q", (), {**vars(q), "dtype": torch.float32}), cache) == "mask"
+    assert kernels.attention_kernel(ragged, type("Q", (), {**vars(q), "shape": (3, 4, 12)}), cache) == "mask"
+    request.addfinalizer(lambda: kernels.use_attention("varlen"))
+    kernels.use_attention("mask")
+    assert pick(ragged) == "mask"
+    kernels.use_attention("flex")
+    assert pick(ragged) == "mask"                         # outside a graph (the prefill): it would compile per shape
     with kernels.graph_shapes():
-        assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)      # off unless switched on
-    kernels.use_flex(True)
-    request.addfinalizer(lambda: kernels.use_flex(False))
-    assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)          # outside a graph (the prefill)
-    with kernels.graph_shapes():
-        assert kernels.flex_wanted(ragged, "cuda", torch.bfloat16) == (kernels.compiled_flex() is not None)
-        assert not kernels.flex_wanted(dense, "cuda", torch.bfloat16)       # no mask: SDPA's flash kernel
-        assert not kernels.flex_wanted(ragged, "cpu", torch.bfloat16)
-        assert not kernels.flex_wanted(ragged, "cuda", torch.float32)
-    assert not kernels.flex_wanted(ragged, "cuda", torch.bfloat16)
+        assert pick(ragged) == ("flex" if kernels.compiled_flex() is not None else "mask")
+        assert pick(dense) == "mask"
+    with pytest.raises(ValueError, match="one of varlen, flex, mask"):
+        kernels.use_attention("sdpa")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
-def test_ragged_attention_uses_flex_on_cuda_and_matches_the_plain_one(net, request):
+@pytest.mark.parametrize("kind", ["varlen", "flex"])
+def test_ragged_attention_on_cuda_matches_the_plain_one(net, request, kind):
     on_gpu = functools.partial(torch.tensor, device="cuda")
-    rows = model.Rows.build(on_gpu([0, 0, 0, 2, 3, 3]), on_gpu([4, 6, 7, 3, 9, 11]), on_gpu([8, 8, 7, 4, 12, 12]),
+    rows = model.Rows.build(on_gpu([0, 0, 0, 2, 3, 3]), on_gpu([4, 6, 7, 3, 9, 11]), on_gpu([8, 8, 8, 4, 12, 12]),
                             num_slots=4)
     cache = filled_cache(net.config, 4, 16, seed=5)
     cache.k, cache.v = cache.k.cuda().bfloat16(), cache.v.cuda().bfloat16()
     q = torch.randn(6, net.config.num_attention_heads, net.config.head_dim, device="cuda", dtype=torch.bfloat16)
-    kernels.use_flex(True)
-    request.addfinalizer(lambda: kernels.use_flex(False))
+    kernels.use_attention(kind)
+    request.addfinalizer(lambda: kernels.use_attention("varlen"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with kernels.graph_shapes():
-            assert kernels.flex_wanted(rows, "cuda", q.dtype)
+            assert kernels.attention_kernel(rows, q, cache) == kind
             got = kernels.ragged_attention(model.cached_attention, q, 0, rows, cache, 0.3)
-    assert not [c for c in caught if "FlexAttention unavailable" in str(c.message)]
+    assert not [c for c in caught if "unavailable" in str(c.message)]
     want = naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}), 0.3)
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
 
@@ -412,8 +470,10 @@ def test_flex_uses_its_general_kernel_where_the_short_query_one_stacks_128_rows(
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("heads,wide", [(16, 5), (16, 12), (16, 30), (32, 12)])
-def test_masked_attention_in_bf16_on_cuda_matches_float64_at_a_served_shape(heads, wide):
-    """model.cached_attention in bf16 on CUDA (SDPA with a mask: the graphs' ragged rows) against float64, at a
+@pytest.mark.parametrize("kind", ["mask", "varlen"])
+def test_ragged_attention_in_bf16_on_cuda_matches_float64_at_a_served_shape(heads, wide, kind):
+    """model.cached_attention in bf16 on CUDA (SDPA with a mask), and kernels.varlen_rows (flash attention's
+    varlen kernel, inside a graph's shapes), against float64, at a
     served FOCUS step's shape: 256 sequences and the spare slot, 8 kv heads of 128, keys up to 768; `wide`
     sequences have 32 rows, the others 1-14. (On an H200, torch 2.11, the same rows through two narrower grids
     differed from this one grid by up to 3 for 12 and 30 such sequences, and not at all for 5:
@@ -432,7 +492,11 @@ def test_masked_attention_in_bf16_on_cuda_matches_float64_at_a_served_shape(head
     rows = model.Rows.build(on_gpu(seq + [256]), on_gpu(pos + [0]), on_gpu(end + [1]), num_slots=257)
     rows = dataclasses.replace(rows, kv_max=768)  # keys padded as a graph pads them
     q = torch.randn(rows.num_rows, heads, 128, generator=gen).to("cuda", torch.bfloat16)
-    got = model.cached_attention(q, 0, rows, cache, 128 ** -0.5).double()
+    if kind == "mask":
+        got = model.cached_attention(q, 0, rows, cache, 128 ** -0.5).double()
+    else:
+        with kernels.graph_shapes():
+            got = kernels.varlen_rows(q, 0, rows, cache, 128 ** -0.5, kernels.flash_varlen).double()
     want = torch.empty_like(got)
     for s in range(257):  # float64, one sequence at a time
         r = (rows.seq == s).nonzero().squeeze(1)

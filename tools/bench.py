@@ -414,10 +414,11 @@ def parse_args(argv=None):
                    help="--real-size serving: warm up on the whole queue, not one batch's worth, so that every "
                         "CUDA graph the timed run needs is captured before it (a server's start-up; the run takes "
                         "about twice as long)")
-    p.add_argument("--flex", action="store_true",
-                   help="--compile on CUDA: ragged rows' attention inside the graphs by FlexAttention, compiled once "
-                        "per graph shape (a FOCUS forward nearer its row-count prediction at SDAR-1.7B; serving SDAR-8B, "
-                        "slower than SDPA: results/README.md)")
+    p.add_argument("--attention", choices=kernels.ATTENTION_KERNELS, default="varlen",
+                   help="--compile on CUDA: the kernel for ragged rows' attention: flash attention's variable-length "
+                        "kernel (varlen, the default), FlexAttention compiled per graph shape (flex; serving SDAR-8B "
+                        "it was slower than the mask) or SDPA with a mask over a padded grid (mask, the plain path; "
+                        "results/README.md)")
     p.add_argument("--parts", default="probe,random,replay",
                    help="--real-size: which measurements: probe (one forward per row count), random (every mode "
                         "on random-weight dynamics, one token a step), replay (serving recorded schedules), "
@@ -434,8 +435,8 @@ def parse_args(argv=None):
     given = [name for name in SHIPPED_ONLY if getattr(args, name) != p.get_default(name)]
     if given and args.real_size:
         p.error(f"--{given[0].replace('_', '-')} goes without --real-size (it measures the shipped model's modes)")
-    if args.flex and not args.compile:
-        p.error("--flex goes with --compile (it changes attention inside the CUDA graphs)")
+    if args.attention != "varlen" and not args.compile:
+        p.error("--attention goes with --compile (it picks a fast path's kernel)")
     for name in ("batch_sizes", "real_batches", "contexts"):
         setattr(args, name, positive_list(p, name, getattr(args, name)))
     for name, allowed in (("modes", MODES), ("replay_modes", MODES), ("parts", PARTS)):
@@ -506,11 +507,11 @@ def main(argv=None) -> int:
         return 2
     if args.plot is not None:
         return plots.plot_command(args.plot, plots.plot_bench)
-    kernels.use_flex(args.flex)
+    kernels.use_attention(args.attention)
     torch.manual_seed(0)
     res = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
-           "threshold": args.threshold}
+           "threshold": args.threshold, "attention": args.attention if args.compile else "mask"}
     out = None
     try:
         folder = Path(args.out)

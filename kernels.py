@@ -202,7 +202,7 @@ def varlen_layout(rows, heads: int, kv_heads: int, cache_len: int):
     kv = torch.arange(kv_heads, device=dev)
     first_query = heads * starts[:, None] + kv * per_kv * counts[:, None]  # (A, kv_heads)
     first_key = (rows.active[:, None] * kv_heads + kv) * cache_len         # (A, kv_heads)
-    total = torch.tensor([rows.num_rows * heads], device=dev)
+    total = torch.full((1,), rows.num_rows * heads, device=dev)            # (not torch.tensor: a graph can't copy)
     cu_q = torch.cat([first_query.flatten(), total]).to(torch.int32)
     cu_k = torch.cat([first_key.flatten(), total]).to(torch.int32)
     key_end = torch.zeros(n_lines, dtype=torch.long, device=dev).scatter_(0, rows.line, rows.key_end)

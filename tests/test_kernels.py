@@ -439,15 +439,44 @@ def test_attention_kernel_is_varlen_for_ragged_half_precision_decode_rows_on_cud
         kernels.use_attention("sdpa")
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a GPU")
-@pytest.mark.parametrize("kind", ["varlen", "flex"])
-def test_ragged_attention_on_cuda_matches_the_plain_one(net, request, kind):
+def ragged_case_on_cuda(cfg):
+    """Ragged decode rows in bf16 on CUDA (slot 1 has none), their cache, queries, and the float64 answer."""
     on_gpu = functools.partial(torch.tensor, device="cuda")
     rows = model.Rows.build(on_gpu([0, 0, 0, 2, 3, 3]), on_gpu([4, 6, 7, 3, 9, 11]), on_gpu([8, 8, 8, 4, 12, 12]),
                             num_slots=4)
-    cache = filled_cache(net.config, 4, 16, seed=5)
+    cache = filled_cache(cfg, 4, 16, seed=5)
     cache.k, cache.v = cache.k.cuda().bfloat16(), cache.v.cuda().bfloat16()
-    q = torch.randn(6, net.config.num_attention_heads, net.config.head_dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(6, cfg.num_attention_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    return rows, cache, q
+
+
+def float64_attention(q, rows, cache, scale):
+    return naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}),
+                                  scale)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_varlen_attention_replays_in_a_cuda_graph(net):
+    """Captured once (its layout made inside the capture, as the decode graphs make it), replayed on new queries."""
+    rows, cache, q = ragged_case_on_cuda(net.config)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), kernels.graph_shapes():  # warm-up outside the capture
+        kernels.varlen_rows(q, 0, rows, cache, 0.3, kernels.flash_varlen)
+    torch.cuda.current_stream().wait_stream(side)
+    rows._layouts.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), kernels.graph_shapes():
+        out = kernels.varlen_rows(q, 0, rows, cache, 0.3, kernels.flash_varlen)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(out.double(), float64_attention(q, rows, cache, 0.3), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["varlen", "flex"])
+def test_ragged_attention_on_cuda_matches_the_plain_one(net, request, kind):
+    rows, cache, q = ragged_case_on_cuda(net.config)
     kernels.use_attention(kind)
     request.addfinalizer(lambda: kernels.use_attention("varlen"))
     with warnings.catch_warnings(record=True) as caught:
@@ -456,8 +485,7 @@ def test_ragged_attention_on_cuda_matches_the_plain_one(net, request, kind):
             assert kernels.attention_kernel(rows, q, cache) == kind
             got = kernels.ragged_attention(model.cached_attention, q, 0, rows, cache, 0.3)
     assert not [c for c in caught if "unavailable" in str(c.message)]
-    want = naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}), 0.3)
-    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.double(), float64_attention(q, rows, cache, 0.3), atol=2e-2, rtol=2e-2)
 
 
 def test_flex_uses_its_general_kernel_where_the_short_query_one_stacks_128_rows():

@@ -25,6 +25,12 @@ if str(ROOT / "tools") not in sys.path:
 from checkpoint import load, save  # noqa: E402
 import model  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a whole run (a subprocess, the shipped model's long answers, torch.compile "
+                            "on CPU, a real-size bench); `pytest -m 'not slow'` leaves these out for a quick check")
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]  # ids 0..3
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID, MASK_ID = range(4)
 EOS_IDS = [IM_END_ID, ENDOFTEXT_ID]  # generation_config.json order; the loader sorts them

@@ -34,6 +34,7 @@ def test_auc_extremes():
     assert analysis.auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
 
 
+@pytest.mark.slow
 def test_predictor_probe_on_the_shipped_model():
     model, tok = load(DEFAULT_MODEL)
     out = analysis.predictor_probe(model, tok, data.make_problems("heldout", 4), 64, 0.9, 4)

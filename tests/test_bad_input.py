@@ -745,6 +745,7 @@ def test_frontier_plot_never_replaces_its_results(workspace, monkeypatch, capsys
 # ---------------------------------------------------------------------------------------------------
 # Results are kept: an interrupt, a failed run, a good run with --overwrite.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "kill", "hang-up"])
 def test_interrupt_keeps_the_finished_results(checkpoint, tmp_path, signum):
     """Ctrl-C, kill -TERM and a closed terminal (SIGHUP) alike: the finished results kept, one line, exit 128 + the
@@ -775,6 +776,7 @@ def test_interrupt_keeps_the_finished_results(checkpoint, tmp_path, signum):
     assert stdout.count("### ") == len(kept)
 
 
+@pytest.mark.slow
 def test_eval_killed_keeps_what_finished(checkpoint, tmp_path):
     """kill -TERM once eval.py has saved its first piece: one line naming the partial file, exit 143."""
     out, partial = tmp_path / "w.json", tmp_path / "w.json.partial"
@@ -953,6 +955,7 @@ def run_script(args, **kwargs):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_keeps_whole_lines(checkpoint, tmp_path):
     """A real limit (RLIMIT_FSIZE: the kernel cuts the write, then sends SIGXFSZ): one line, what finished kept
     whole, no output file."""
@@ -970,6 +973,7 @@ def test_a_file_size_limit_keeps_whole_lines(checkpoint, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_eval_output_past_a_file_size_limit_keeps_what_finished(checkpoint, tmp_path):
     """eval.py --output past RLIMIT_FSIZE: one error line after the progress lines, and the partial file holds the
     pieces that finished, whole."""
@@ -985,6 +989,7 @@ def test_eval_output_past_a_file_size_limit_keeps_what_finished(checkpoint, tmp_
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [("generate.py", ["--prompt", "Hi", "--prompt", "The lazy dog"]),
                                          ("tools/eval.py", ["-n", "2"])])
 def test_a_closed_pipe_ends_quietly(checkpoint, script, args):
@@ -1001,6 +1006,7 @@ def test_a_closed_pipe_ends_quietly(checkpoint, script, args):
         assert stderr.strip().splitlines()[-1].startswith("2 sequences")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [("generate.py", ["--prompt", "Hi", "--prompt", "The lazy dog"]),
                                          ("tools/eval.py", ["-n", "1"])])
 def test_a_closed_stderr_is_no_crash(checkpoint, script, args):
@@ -1010,6 +1016,7 @@ def test_a_closed_stderr_is_no_crash(checkpoint, script, args):
     assert proc.returncode == 0 and proc.stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["tools/train.py", "tools/bench.py", "generate.py", "tools/eval.py"])
 def test_a_closed_stderr_keeps_errors_off_stdout(tmp_path, script):
     """print(file=None) writes to stdout: with stderr closed an error line went into the command's output (and
@@ -1020,6 +1027,7 @@ def test_a_closed_stderr_keeps_errors_off_stdout(tmp_path, script):
     assert proc.returncode == 2 and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_output_dev_stdout_on_a_pipe_is_refused_before_any_work(tmp_path):
     """/dev/stdout on a pipe resolves to "pipe:[...]", a name that is not there: it was let through, and the
     run failed with "cannot write /proc/.../pipe:[...].partial"."""

@@ -10,6 +10,7 @@ import bench
 import shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
 def test_real_size_runs_every_mode(tmp_path, shape, capsys):
     replayed = 2 if shape == "tiny" else 0   # schedules of the shipped model on 2 problems
@@ -90,6 +91,7 @@ def test_interpolate_is_piecewise_linear_and_clamped():
     assert shapes.interpolate(points, 2) == 1.0 and shapes.interpolate(points, 40) == 10.0
 
 
+@pytest.mark.slow
 def test_the_profile_leaves_the_prefill_out(tmp_path, monkeypatch):
     """--parts profile: one row per mode, and the profiler starts only after every prompt was prefilled."""
     import torch.profiler
@@ -106,6 +108,7 @@ def test_the_profile_leaves_the_prefill_out(tmp_path, monkeypatch):
     assert events == ["prefill", "prefill", "start"] * 3   # per mode: warm-up, profiled run, then the profiler
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whole_queue", [False, True])
 def test_serving_warms_up_on_a_batch_or_on_the_whole_queue(tmp_path, monkeypatch, whole_queue):
     """Serving: each mode warms up on one batch's worth of its queue (with --compile; 4 sequences at most
@@ -130,6 +133,7 @@ def test_serving_warms_up_on_a_batch_or_on_the_whole_queue(tmp_path, monkeypatch
     assert all(r["capture_s"] == 0 and r["ms_per_step_without_capture"] == r["ms_per_step"] for r in rows)  # CPU
 
 
+@pytest.mark.slow
 def test_a_failing_serving_mode_keeps_its_traceback_and_the_next_mode_runs(tmp_path, monkeypatch, capsys):
     """A mode that raises leaves a row with its traceback in the results; the modes after it still run, and the
     command exits 1 naming it."""

@@ -26,6 +26,7 @@ def test_heldout_is_disjoint_from_train():
     assert not {p.question for p in train} & {p.question for p in heldout}
 
 
+@pytest.mark.slow
 def test_heldout_phrasing_is_never_trained_on():
     train = data.make_problems("train", 20000)
     held = data.make_problems("heldout-phrasing", 2000)
@@ -231,6 +232,7 @@ def tokenizer():
     return data.train_tokenizer(texts, 4096)
 
 
+@pytest.mark.slow
 def test_long_answers_have_their_lengths(tokenizer, multistep):
     solutions = [len(e.ids) for e in tokenizer.encode_batch([p.solution for p in multistep["heldout"]])]
     assert 80 <= min(solutions) and max(solutions) <= 250 and sum(solutions) / len(solutions) > 100
@@ -271,6 +273,7 @@ def test_story_samples_name_what_they_ask_for():
                 assert word in text.lower(), (prompt, text[:200])
 
 
+@pytest.mark.slow
 def test_story_prompts_are_held_out():
     heldout = data.story_prompts("heldout", 300)
     assert heldout == data.story_prompts("heldout", 300) and len(set(heldout)) == 300

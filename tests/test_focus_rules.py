@@ -395,6 +395,7 @@ def test_focus_path_with_every_row_kept_equals_the_plain_path(tiny, prompts, mon
     torch.testing.assert_close(dec.cache.v, plain_cache.v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_focus_generates_the_same_tokens(tiny, prompts):
     """generate.py --compile: FOCUS with the fused RMSNorm, RoPE and SwiGLU (kernels.fast_paths) gives the plain
     path's tokens (greedy). tests/test_kernels.py checks the CUDA graphs."""

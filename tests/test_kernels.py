@@ -322,6 +322,7 @@ def test_selection_on_the_graph_grid_equals_the_ragged_one(net, rank_by):
         torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_fused_selection_equals_the_plain_one(net):
     """The selection through torch.compile (what runs inside the graph on CUDA) keeps the same rows."""
     rows, ids, col, is_mask, target, progress, confidence = step_inputs(net, [8, 3, 5, 8], 5, seed=0)

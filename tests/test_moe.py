@@ -284,6 +284,7 @@ def test_evicted_tokens_skip_the_experts_of_later_layers(moe_net, monkeypatch):
     assert any(i >= 1 for i in moe_layers) and (0 in moe_layers) == (moe_net.config.model_type == "sdar_moe")
 
 
+@pytest.mark.slow
 def test_batched_experts_match_the_loop(moe_net):
     """kernels.batched_experts (--compile) against MoE's loop over experts: same logits, same greedy tokens;
     the fast path ends with its block."""

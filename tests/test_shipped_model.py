@@ -18,6 +18,7 @@ def shipped():
     return load(DEFAULT_MODEL)
 
 
+@pytest.mark.slow
 def test_heldout_problems_are_answered(shipped):
     # The first 64 held-out problems: never trained on (data.is_heldout). On all 500 the model answers
     # about 89% right (model card); 64 problems are checked as a whole so a few hard ones do not decide it,
@@ -29,6 +30,7 @@ def test_heldout_problems_are_answered(shipped):
     assert sum(correct) >= 48, [(p.question, r.text) for p, r, c in zip(problems, results, correct) if not c]
 
 
+@pytest.mark.slow
 def test_long_answers(shipped):
     """The shipped model's long answers: held-out multi-step problems worked in several steps (about 80% are
     right on 64; 5 of 8 leaves room for sampling spread), and held-out story prompts answered by stories of
@@ -57,6 +59,7 @@ def test_decoding_is_deterministic_and_batch_independent(shipped):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
+@pytest.mark.slow
 def test_focus_reduces_deep_compute(shipped):
     model, tok = shipped
     questions = [p.question for p in data.make_problems("heldout", 8)]

@@ -187,6 +187,7 @@ def test_init_from_keeps_the_checkpoints_block_size_and_context(tmp_path, small_
         "--seq-len 64" in err[-1] and "Traceback" not in "".join(err)
 
 
+@pytest.mark.slow
 def test_mixes_hold_their_families_and_plain_text_past_its_first_block(monkeypatch):
     # Docstring paragraphs trained one by one mostly end inside their first block, and a plain prompt was
     # then answered with end-of-text at once (data.documents); the long mixes train them as documents.

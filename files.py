@@ -99,6 +99,9 @@ def read_prompts(path: str) -> list[str]:
         try:
             obj = json.loads(line, object_pairs_hook=_one_prompt_key)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and "\r" in line[:e.pos]:  # objects apart by a lone CR: old Mac line ends
+                raise ValueError(f"{path}, line {n}: lines end in CR only (old Mac line ends), not LF; convert the "
+                                 "line ends to LF (\\n), e.g. tr '\\r' '\\n' < old > new") from None
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
         except ValueError:  # Python reads integers of at most 4300 digits
             raise ValueError(f"{path}, line {n}: not valid JSON (a number too long to read)") from None

@@ -178,6 +178,8 @@ CASES = {
     "prompts line nested too deeply": ("generate", ["--prompts-file", "{dir}/nested.jsonl"], ["line 2", "nested"]),
     "prompts line with a 5001-digit number": ("generate", ["--prompts-file", "{dir}/long-number.jsonl"],
                                               ["line 2", "not valid JSON"]),
+    "prompts file with CR line ends": ("generate", ["--prompts-file", "{dir}/cr.jsonl"],  # "not valid JSON"
+                                       ["line 1", "CR only", "convert the line ends to LF"]),
     "prompts file named by an empty string": ("generate", ["--prompt", "Hi", "--prompts-file", ""],
                                               ["--prompts-file is empty"]),
     "prompts file -": ("generate", ["--prompts-file", "-"], ["--prompts-file -", "/dev/stdin"]),
@@ -552,6 +554,7 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "utf16.jsonl").write_bytes('{"prompt": "fine"}\r\n'.encode("utf-16"))  # Windows PowerShell's >
     (tmp_path / "utf16le.jsonl").write_bytes('{"prompt": "fine"}\n'.encode("utf-16-le"))
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n{"prompt": " "}\n')
+    (tmp_path / "cr.jsonl").write_bytes(b'{"prompt": "fine"}\r{"prompt": "old Mac"}\r')
     (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
     (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')

@@ -175,12 +175,18 @@ def _resolve_dtype(dtype, cfg: ModelConfig, device) -> torch.dtype:
         # bf16 matrix products are slow on most CPUs: compute in fp32 there.
         return (torch.float32 if torch.device(device).type == "cpu" else
                 {"float32": torch.float32, "float16": torch.float16}.get(cfg.torch_dtype, torch.bfloat16))
-    # the names torch_dtype and save take (float64 too), and short ones
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-    if not isinstance(dtype, str) or dtype not in names:  # a list would be unhashable: a TypeError
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64")
-    return names[dtype]
+    return _named_dtype(dtype)
+
+
+# the names torch_dtype and save take (float64 too), and short ones
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def _named_dtype(name) -> torch.dtype:
+    if not isinstance(name, str) or name not in DTYPE_NAMES:  # a list would be unhashable: a TypeError
+        raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16, float64")
+    return DTYPE_NAMES[name]
 
 
 def resolve_device(name: str, flag: str = "--device ") -> str:
@@ -261,7 +267,8 @@ def load(path, device="cpu", dtype=None):
 
 def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bfloat16):
     """Write config.json and model.safetensors (or shards plus model.safetensors.index.json). Weight files
-    of an earlier save that this one does not write are removed, so the folder holds one consistent set.
+    of an earlier save that this one does not write are removed, so the folder holds one consistent set. dtype: a
+    torch dtype or a name load takes ("float32", "bf16", ...).
     Bad arguments raise ValueError (CheckpointError for a path that is not a folder) before anything is written."""
     from safetensors.torch import save_file
     if not isinstance(model, SDAR):
@@ -269,6 +276,8 @@ def save(model: SDAR, folder, max_shard_bytes: int | None = None, dtype=torch.bf
     # Path("") is the current folder; no name holds a NUL
     if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder) or "\0" in os.fsdecode(folder):
         raise ValueError(f"folder must be a folder's name (a non-empty str or Path), got {folder!r}")
+    if not isinstance(dtype, torch.dtype):
+        dtype = _named_dtype(dtype)  # "float32", "bf16": the names load takes
     if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):  # what load reads back
         raise ValueError(f"dtype must be torch.bfloat16, float16, float32 or float64, got {dtype!r}")
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, numbers.Integral)  # numpy.int64 too

@@ -1336,10 +1336,18 @@ def test_a_save_leaves_one_set_of_weight_files(tmp_path, hf_tokenizer, first, se
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("name,dtype", [("float32", torch.float32), ("bf16", torch.bfloat16), ("float64", torch.float64)])
+def test_save_takes_the_dtype_names_load_takes(tmp_path, name, dtype):
+    """save(dtype="float32") was refused ("dtype must be torch.bfloat16, ..."), though load takes the name."""
+    save(random_model(tiny_config()), tmp_path, dtype=name)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {dtype}
+
+
 @pytest.mark.parametrize("change,error,words", [
     (dict(dtype=torch.int8), ValueError, "dtype must be"),          # wrote integer weights load refuses
-    (dict(dtype="bfloat16"), ValueError, "dtype must be"),          # a TypeError once config.json was rewritten
-    (dict(dtype=None), ValueError, "dtype must be"),                # config.json said torch_dtype "None"
+    (dict(dtype="bfloat8"), ValueError, "unknown dtype 'bfloat8'"),  # a TypeError once config.json was rewritten
+    (dict(dtype=None), ValueError, "unknown dtype None"),           # config.json said torch_dtype "None"
     (dict(max_shard_bytes="10"), ValueError, "max_shard_bytes"),
     (dict(model="model"), ValueError, "model must be an SDAR model"),
     (dict(folder=""), ValueError, "non-empty"),                     # wrote into the current folder

@@ -76,6 +76,12 @@ def config_from_dict(d) -> ModelConfig:
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; this loader reads "
                               f"{', '.join(MODEL_TYPES)}")
+    for name in ("quantization_config", "compression_config"):  # the weights would be read as plain floats
+        q = d.get(name)
+        if q is not None:
+            method = f" with quant_method {q.get('quant_method')!r}" if isinstance(q, dict) else ""
+            raise CheckpointError(f"config.json: {name}{method} says the weights are quantized, and quantized "
+                                  "checkpoints are not read; use the model's unquantized (bf16) release")
     d = dict(d)
     for theirs, ours in RENAMED.items():
         if d.get(theirs) is not None:

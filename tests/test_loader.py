@@ -404,8 +404,10 @@ def test_a_transformers_5_config_loads_with_its_rope_theta(tmp_path, hf_tokenize
     ({"use_sliding_window": True}, "sliding-window"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},  # was ignored: the
+     "quantization_config with quant_method 'fp8'"),                                      # weights read as floats
 ], ids=["rope_type", "per layer type", "theta conflict", "experts conflict", "sliding window", "layer types",
-        "partial rotary"])
+        "partial rotary", "quantized"])
 def test_config_fields_that_would_change_the_model_are_refused(make_checkpoint, change, words):
     path = make_checkpoint().path
     if "num_local_experts" in change:

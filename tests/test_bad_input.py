@@ -362,6 +362,10 @@ CASES = {
     "bench context past the shape's": ("bench", ["--real-size", "--real-size-config", "tiny", "--contexts", "256,4000",
                                                  "--out", "{dir}/bench"], ["--contexts 4000", "context of 4,096"]),
     "bench attention kernel without compile": ("bench", ["--attention", "flex"], ["--attention goes with --compile"]),
+    "bench attention kernel on the CPU": ("bench", ["--attention", "flex", "--compile", "--device", "cpu"],  # its
+                                          ["--attention flex", "CUDA kernel", "--device cuda"]),  # results said flex
+    "bench dtype with --real-size": ("bench", ["--real-size", "--real-size-config", "tiny", "--dtype", "float64"],
+                                     ["--dtype goes without --real-size"]),  # was ignored
     "bench modes with --real-size": ("bench", ["--real-size", "--real-size-config", "tiny", "--modes", "full"],
                                      ["--modes goes without --real-size"]),
     # eval.py's --only.
@@ -1373,6 +1377,14 @@ def test_a_results_file_needs_a_name(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     api_error(lambda: partial.PartialJSON(name), "results file's name must be a non-empty str or Path")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_records_the_attention_kernel_that_runs(tmp_path, monkeypatch):
+    """Off CUDA every kernel is SDPA with a mask: a --compile run on the CPU recorded "varlen"."""
+    ran = {}
+    monkeypatch.setattr(bench, "run", lambda args, device, res, out: ran.update(res) or 0)
+    assert bench.main(["--compile", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert ran["attention"] == "mask"
 
 
 def test_bench_never_overwrites_a_results_file(tmp_path):

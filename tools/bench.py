@@ -380,7 +380,7 @@ def commit() -> str | None:
 
 REAL_SIZE_ONLY = ("real_size_config", "replay_problems", "replay_workload", "replay_modes", "queue_factor",
                   "warm_up_queue", "parts", "real_batches", "contexts")  # the flags only --real-size reads
-SHIPPED_ONLY = ("batch_sizes", "num_prompts", "repeats", "modes")  # and those it ignores
+SHIPPED_ONLY = ("batch_sizes", "num_prompts", "repeats", "modes", "dtype")  # and those it ignores (its dtype is fixed)
 
 
 MAX_REAL_BATCH = 65536  # --real-batches: at ~0.12 GB of KV cache a sequence (SDAR-1.7B, context 512), 8 TB
@@ -500,6 +500,9 @@ def main(argv=None) -> int:
         if args.real_size and device.type != "cuda" and not args.real_size_config.startswith("tiny"):
             raise ValueError(f"--real-size {args.real_size_config} needs a GPU (--device cuda): on a CPU it would run "
                              "for hours; the tiny shapes (--real-size-config tiny) check it runs")
+        if args.attention != "varlen" and device.type != "cuda":  # the results would name a kernel that never ran
+            raise ValueError(f"--attention {args.attention} picks a CUDA kernel; on {device.type} ragged rows always "
+                             "use SDPA with a mask: drop --attention, or pass --device cuda")
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code
     except ValueError as e:
@@ -511,7 +514,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     res = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
-           "threshold": args.threshold, "attention": args.attention if args.compile else "mask"}
+           "threshold": args.threshold, "attention": args.attention if args.compile and device.type == "cuda" else "mask"}
     out = None
     try:
         folder = Path(args.out)
@@ -550,6 +553,8 @@ def run(args, device, res: dict, out: PartialJSON) -> int:
     else:
         model, tok = load(args.model, device=device, dtype=args.dtype)
         print_notes(model, tok, args.model, None)
+        if model.embed_tokens.weight.dtype not in (torch.float16, torch.bfloat16):
+            res["attention"] = "mask"  # the ragged kernels are half precision's (kernels.attention_kernel)
         problems = data.make_problems("heldout", args.num_prompts)
         res["modes"] = bench_modes(model, tok, problems, args)
         out.save(res)

@@ -375,10 +375,17 @@ class ArgumentParser(argparse.ArgumentParser):
         ignored without a word."""
         if getattr(args, name) is None:
             return
-        others = [max(a.option_strings, key=len) for a in self._actions if a.option_strings and a.dest
+        others = [_spelling(a, getattr(args, a.dest)) for a in self._actions if a.option_strings and a.dest
                   not in ("help", name) and getattr(args, a.dest, a.default) != a.default]
         if others:
             self.error(f"--{name} {does}; drop {', '.join(others)}, which it would ignore")
+
+
+def _spelling(action, value) -> str:
+    """The flag as given: --focus or --no-focus by its value, else the long name."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return action.option_strings[0 if value else 1]
+    return max(action.option_strings, key=len)
 
 
 def add_options(p: argparse.ArgumentParser, names=None):

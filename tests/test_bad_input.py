@@ -121,6 +121,8 @@ CASES = {
                                ["--plot only draws", "drop --model"]),                      # other run flags were not
     "bench plot with --device and --dtype": ("bench", ["--plot", "{dir}/good.jsonl", "--device", "cpu", "--dtype",
                                                        "float32"], ["--plot only draws", "drop --device, --dtype"]),
+    "eval plot with --focus": ("eval", ["--plot", "{dir}/good.jsonl", "--focus"],  # said "drop --no-focus"
+                               ["--plot only draws", "drop --focus, which"]),
     "eval frontier plot's name taken": ("eval", ["--frontier", "--output", "{dir}/plot.json"],
                                         ["plot.png exists and would be replaced"]),
     "output -": ("generate", ["--prompt", "Hi", "--output", "-"], ["--output -", "name a file"]),

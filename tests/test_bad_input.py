@@ -130,6 +130,8 @@ CASES = {
     "eval probe-problems -2": ("eval", ["--study", "--probe-problems", "-2"], ["--probe-problems", "-2"]),
     "eval show-failures -1": ("eval", ["--show-failures", "-1"], ["--show-failures", "-1"]),
     "eval probe-problems 0": ("eval", ["--study", "--probe-problems", "0"], ["--probe-problems", "positive"]),
+    "eval probe-problems past -n": ("eval", ["--study", "-n", "5", "--probe-problems", "50"],  # used 5, silently
+                                    ["--probe-problems 50", "5 problems of the study", "--num-problems"]),
     "eval probe-problems without --study": ("eval", ["--probe-problems", "5"], ["--probe-problems goes with --study"]),
     "eval split with --study": ("eval", ["--study", "--split", "heldout-phrasing"], ["--split goes with"]),
     "eval max-new-tokens 0": ("eval", ["--max-new-tokens", "0"], ["max-new-tokens must be positive"]),

@@ -286,7 +286,7 @@ def parse_args(argv=None):
                       "against what the full model would decode at each step")
     p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
                    "delayed cache, the unit)")
-    p.add_argument("--probe-problems", type=int, help="--study: problems for the predictor analysis (default 200)")
+    p.add_argument("--probe-problems", type=int, help="--study: problems for the predictor analysis, the first of the study's (default 200)")
     p.add_argument("--output", type="path",
                    help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
     p.add_argument("--plot", type="path", metavar="JSON",
@@ -321,6 +321,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--show-failures must be 0 or more, got {args.show_failures}")
         if args.probe_problems is not None and not args.study:
             raise ValueError("--probe-problems goes with --study")
+        if (args.probe_problems or 0) > args.num_problems:  # the analysis takes the first of the study's problems
+            raise ValueError(f"--probe-problems {args.probe_problems} is more than the {args.num_problems} problems of "
+                             "the study, which the analysis reads; lower it or raise --num-problems")
         args.probe_problems = 200 if args.probe_problems is None else args.probe_problems
         if args.probe_problems <= 0:  # --study's predictor analysis needs a problem (checked before the sweep)
             raise ValueError(f"--probe-problems must be positive, got {args.probe_problems}")

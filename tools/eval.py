@@ -286,7 +286,8 @@ def parse_args(argv=None):
                       "against what the full model would decode at each step")
     p.add_argument("--only", metavar="TEXT", help="--oracle: only the entries whose name holds TEXT (and the "
                    "delayed cache, the unit)")
-    p.add_argument("--probe-problems", type=int, help="--study: problems for the predictor analysis, the first of the study's (default 200)")
+    p.add_argument("--probe-problems", type=int,
+                   help="--study: problems for the predictor analysis, the first of the study's (default 200)")
     p.add_argument("--output", type="path",
                    help="--study, --frontier, --ablation, --workloads, --oracle: write the JSON here (a new file)")
     p.add_argument("--plot", type="path", metavar="JSON",

@@ -104,7 +104,12 @@ class Tokenizer:
             names = [t.get("name") for t in template]
             if "default" not in names:  # as transformers: no silent fallback to ChatML
                 raise CheckpointError(f"{source} names no \"default\" template (only {names}); fix the file")
+            if names.count("default") > 1:  # transformers keeps the last, a first-wins reader the first
+                raise CheckpointError(f"{source} names the \"default\" template twice; keep one")
             template = template[names.index("default")].get("template")
+            if not isinstance(template, str):  # None would be ChatML without a word
+                raise CheckpointError(f"{source}: the \"default\" template's \"template\" must be a string, got "
+                                      f"{template!r}; fix the file")
         if template is not None and not isinstance(template, str):
             raise CheckpointError(f"{source} must be a string, not {type(template).__name__}; fix the file")
         if template is not None and len(template) > MAX_TEMPLATE_CHARS:

@@ -291,6 +291,10 @@ CASES = {
     "template that never ends": ("generate", hi("t-loops"), ["chat_template.jinja", "took more than"]),
     "template not a string": ("generate", hi("t-number"), ["tokenizer_config.json", "chat_template", "string"]),
     "template empty": ("generate", hi("t-empty"), ["tokenizer_config.json", "does not show the user's message"]),
+    "named default template without its text": ("generate", hi("t-named-none"),  # was ChatML without a word
+                                                ["tokenizer_config.json", '"default" template', "string", "None"]),
+    "named default template twice": ("generate", hi("t-named-twice"), ["tokenizer_config.json",
+                                                                       '"default" template twice']),
     "named templates without a default": ("generate", hi("t-named"), ["tokenizer_config.json", "no \"default\"",
                                                                         "['tool_use']"]),
     # The device, one check for every entry point.
@@ -532,6 +536,9 @@ BROKEN = {
     "t-number": edit_json("tokenizer_config.json", chat_template=5),
     "t-empty": edit_json("tokenizer_config.json", chat_template=""),  # not ChatML in its place
     "t-named": edit_json("tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "{{ messages }}"}]),
+    "t-named-none": edit_json("tokenizer_config.json", chat_template=[{"name": "default"}]),
+    "t-named-twice": edit_json("tokenizer_config.json", chat_template=[{"name": "default", "template": "{{ messages }}"},
+                                                                       {"name": "default", "template": "x"}]),
     "card-link": lambda f, r: (f / "README.md").symlink_to(r / "good.jsonl"),
     os.fsdecode(b"caf\xe9"): lambda f, r: None,  # the good checkpoint under a name that is not UTF-8
     "no-mask-token": lambda f, r: (f / "tokenizer.json").write_text(

@@ -62,6 +62,15 @@ def _one_prompt_key(pairs: list) -> dict:
     return dict(pairs)
 
 
+def _one_document(text: str) -> bool:
+    """Whether the whole text is one JSON value (a file of pretty-printed JSON)."""
+    try:
+        json.loads(text.removeprefix("\ufeff"))
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
 def read_prompts(path: str) -> list[str]:
     """The prompts of a JSONL file; a bad line is named by its line number in the file. Lines end at "\\n"
     only: U+2028 or U+0085 inside a JSON string is text, as JSON Lines says."""
@@ -102,13 +111,20 @@ def read_prompts(path: str) -> list[str]:
             if e.msg == "Extra data" and "\r" in line[:e.pos]:  # objects apart by a lone CR: old Mac line ends
                 raise ValueError(f"{path}, line {n}: lines end in CR only (old Mac line ends), not LF; convert the "
                                  "line ends to LF (\\n), e.g. tr '\\r' '\\n' < old > new") from None
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            if _one_document(text):  # pretty-printed JSON: valid, but not one object a line
+                raise ValueError(f"{path} is one JSON document over several lines, not JSON Lines; put each "
+                                 "{\"prompt\": ...} object on a line of its own") from None
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one object such as "
+                             "{\"prompt\": \"...\"}") from None
         except ValueError:  # Python reads integers of at most 4300 digits
             raise ValueError(f"{path}, line {n}: not valid JSON (a number too long to read)") from None
         except RecursionError:
             raise ValueError(f"{path}, line {n}: JSON nested too deeply") from None
         except KeyError:
             raise ValueError(f"{path}, line {n}: \"prompt\" is given twice; keep one") from None
+        if isinstance(obj, list) and obj and all(isinstance(o, dict) for o in obj):
+            raise ValueError(f"{path}, line {n}: a JSON array of objects, not one object; put each on a line of its "
+                             "own")
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"prompt\" field")
         setting = next((k for k in obj if k.lower().replace("-", "_") in settings), None)  # Max-New-Tokens too

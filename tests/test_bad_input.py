@@ -184,6 +184,12 @@ CASES = {
                                               ["line 2", "not valid JSON"]),
     "prompts file with CR line ends": ("generate", ["--prompts-file", "{dir}/cr.jsonl"],  # "not valid JSON"
                                        ["line 1", "CR only", "convert the line ends to LF"]),
+    "prompts file of pretty-printed JSON": ("generate", ["--prompts-file", "{dir}/pretty.jsonl"],  # "not valid
+                                            ["one JSON document", "on a line of its own"]),         # JSON" only
+    "prompts line an array of objects": ("generate", ["--prompts-file", "{dir}/array.jsonl"],
+                                         ["line 1", "array of objects", "on a line of its own"]),
+    "prompts file of plain text": ("generate", ["--prompts-file", "{dir}/plain.txt"],
+                                   ["line 1", "not valid JSON", '{"prompt": "..."}']),
     "prompts file named by an empty string": ("generate", ["--prompt", "Hi", "--prompts-file", ""],
                                               ["--prompts-file is empty"]),
     "prompts file -": ("generate", ["--prompts-file", "-"], ["--prompts-file -", "/dev/stdin"]),
@@ -570,6 +576,9 @@ def workspace(tmp_path, checkpoint):
     (tmp_path / "utf16le.jsonl").write_bytes('{"prompt": "fine"}\n'.encode("utf-16-le"))
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n{"prompt": " "}\n')
     (tmp_path / "cr.jsonl").write_bytes(b'{"prompt": "fine"}\r{"prompt": "old Mac"}\r')
+    (tmp_path / "pretty.jsonl").write_text(json.dumps([{"prompt": "one"}, {"prompt": "two"}], indent=2))
+    (tmp_path / "array.jsonl").write_text(json.dumps([{"prompt": "one"}, {"prompt": "two"}]) + "\n")
+    (tmp_path / "plain.txt").write_text("What is 17 plus 25?\n")
     (tmp_path / "nested.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ' + NESTED + '}\n')
     (tmp_path / "long-number.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a", "n": 1' + "0" * 5000 + '}\n')
     (tmp_path / "two-keys.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "first", "prompt": "second"}\n')

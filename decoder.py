@@ -19,7 +19,7 @@ import torch
 
 import focus
 import kernels
-from model import KVCache, Rows
+from model import KVCache, Rows, layout_sizes
 
 STRATEGIES = ("threshold", "static", "sequential")
 ENDINGS = ("length", "eos", "repeats")  # why a sequence ended: its token budget, an EOS token, --stop-repeats
@@ -295,11 +295,14 @@ class Decoder:
 
     def rows(self, process):
         """The step's rows, ordered by slot then position: slot (T,), block position (T,), their Rows, and
-        each slot's last computed block position (S,), up to which attention reaches in the block."""
-        seq, col = process.nonzero(as_tuple=True)
+        each slot's last computed block position (S,), up to which attention reaches in the block. One host
+        sync: the number of rows and their layout's sizes, read together."""
+        counts = process.sum(1)                                            # (S,) rows per slot
         last_col = torch.where(process, self.cols, -1).amax(1)
-        key_end = (self.block_start + last_col + 1)[seq]
-        return seq, col, Rows.build(seq, self.block_start[seq] + col, key_end, self.num_slots), last_col
+        ends = self.block_start + last_col + 1                             # (S,) each slot's rows attend below
+        num_rows, *sizes = torch.cat([counts.sum()[None], layout_sizes(counts, ends, ends)]).tolist()
+        seq, col = torch.nonzero_static(process, size=num_rows).unbind(1)
+        return seq, col, Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes), last_col
 
     def step(self) -> dict:
         """One diffusion step for every live sequence. Returns per-slot statistics of the step."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from model import Rows, ragged_layout
+from model import Rows, layout_sizes, ragged_layout
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,15 +410,18 @@ def compact_step(selected: Selected, kept, rows: Rows, is_mask_row, col, block_s
     """The compaction, kept (T,) bool -> the kept rows' indices (K,), their Rows (each attends up to its
     sequence's rightmost kept position: the reference's kv_len after eviction), their hidden states and layer-1
     queries (K, ...), each sequence's rightmost kept block position (S,), and the kept masked rows' indices
-    among the kept ones (R,), whose logits the step needs. Two host syncs: the sizes, the kept rows' layout."""
+    among the kept ones (R,), whose logits the step needs. One host sync: the counts and the kept rows' layout,
+    read together (only what picks the second graph's bucket crosses to the host)."""
     num_slots = block_start.shape[0]
-    num_kept, num_logits = torch.stack([kept.sum(), (kept & is_mask_row).sum()]).tolist()
+    last_kept = rightmost(rows, col, kept, num_slots)
+    ends = block_start + last_kept + 1                                    # (S,) keys the kept rows attend to
+    kept_counts = torch.zeros_like(ends).index_add_(0, rows.seq, kept.to(ends.dtype))
+    num_kept, num_logits, *sizes = torch.cat([torch.stack([kept.sum(), (kept & is_mask_row).sum()]),
+                                              layout_sizes(kept_counts, ends, ends)]).tolist()
     keep = torch.nonzero_static(kept, size=num_kept).squeeze(1)
     logit_rows = torch.nonzero_static(is_mask_row[keep], size=num_logits).squeeze(1)
-    last_kept = rightmost(rows, col, kept, num_slots)
-    key_end = (block_start + last_kept + 1)[rows.seq[keep]]
     x, q1 = compact(keep, selected.x, selected.q1)
-    return keep, rows.take(keep, key_end, num_slots), x, q1, last_kept, logit_rows
+    return keep, rows.take(keep, ends[rows.seq[keep]], num_slots, sizes), x, q1, last_kept, logit_rows
 
 
 def early_layers(model, x, rows: Rows, cache):

@@ -349,18 +349,18 @@ class Rows:
         return self.seq.shape[0]
 
     @staticmethod
-    def build(seq, pos, key_end, num_slots: int) -> "Rows":
+    def build(seq, pos, key_end, num_slots: int, sizes=None) -> "Rows":
         """seq, pos, key_end: (T,) with rows grouped by sequence (seq ascending), T >= 1. Syncs once with the host,
-        for the layout's sizes."""
+        for the layout's sizes, unless the caller read them in a sync of its own (sizes: layout_sizes' list)."""
         if len(seq) == 0:
             raise ValueError("Rows.build: no rows (a step computes at least one row of each live sequence)")
         counts, line, place = ragged_layout(seq, num_slots)
-        present = counts > 0
-        first_row = torch.arange(len(seq), device=seq.device) - place          # the first row of each row's sequence
-        n_active, q_max, c_min, kv_max, k_min, uneven = torch.stack([
-            present.sum(), counts.max(), counts.masked_fill(~present, len(seq)).min(),
-            key_end.max(), key_end.min(), (key_end != key_end[first_row]).any()]).tolist()
-        active = torch.nonzero_static(present, size=n_active).squeeze(1)   # size known: no second sync
+        if sizes is None:
+            ends_max = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amax")
+            ends_min = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amin", include_self=False)
+            sizes = layout_sizes(counts, ends_max, ends_min).tolist()
+        n_active, q_max, c_min, kv_max, k_min, uneven = sizes
+        active = torch.nonzero_static(counts > 0, size=n_active).squeeze(1)   # size known: no second sync
         return Rows(seq, pos, line, place, key_end, active, q_max, kv_max,
                     all_slots=n_active == num_slots, dense=(q_max == c_min and kv_max == k_min),
                     key_end_per_seq=not uneven)
@@ -377,9 +377,21 @@ class Rows:
             self._layouts[heads_per_kv] = mask.repeat(1, 1, heads_per_kv, 1)
         return self._layouts[heads_per_kv]
 
-    def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int) -> "Rows":
-        """The subset of rows at indices `keep` (ascending), with new key ends."""
-        return Rows.build(self.seq[keep], self.pos[keep], key_end, num_slots)
+    def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int, sizes=None) -> "Rows":
+        """The subset of rows at indices `keep` (ascending), with new key ends (sizes: as for build)."""
+        return Rows.build(self.seq[keep], self.pos[keep], key_end, num_slots, sizes)
+
+
+def layout_sizes(counts, key_end_max, key_end_min):
+    """What Rows.build reads from the host, as one (6,) tensor, from each slot's row count and the largest and
+    smallest key end of its rows (S,) each: the sequences with rows, the most rows and the fewest (of those with
+    any), the largest and smallest key end, and whether some sequence's rows end at different keys. A caller that
+    must sync anyway reads them in the same sync (Decoder.rows, focus.compact_step)."""
+    present = counts > 0
+    most = torch.iinfo(counts.dtype).max
+    return torch.stack([present.sum(), counts.max(), counts.masked_fill(~present, most).min(),
+                        key_end_max.masked_fill(~present, 0).max(), key_end_min.masked_fill(~present, most).min(),
+                        ((key_end_max != key_end_min) & present).any()])
 
 
 def ragged_layout(seq: torch.Tensor, num_slots: int):

@@ -665,3 +665,36 @@ def test_exact_commit_costs_one_full_step_per_block(loaded):
     commits = [i for i, d in enumerate(exact["decoded"]) if d == 0]
     assert commits and all(exact["computed"][i] == BS for i in commits)
     assert any(plain["computed"][i] < BS for i, d in enumerate(plain["decoded"]) if d == 0)
+
+
+@pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}], ids=["full-block", "focus"])
+def test_a_step_reads_the_host_once_to_plan_and_once_to_compact(monkeypatch, mode):
+    """Only what picks the shapes crosses to the host: planning a step's rows (Decoder.rows) reads it once, the
+    row count and the layout's sizes together, and so does FOCUS's compaction (focus.compact_step). A read:
+    .tolist(), .item(), bool() of a tensor or .nonzero() (each waits for the device)."""
+    import decoder
+    import focus
+    windows = []  # [name, host reads] of each call watched
+
+    def counted(real):
+        def read(self, *args, **kwargs):
+            if windows and windows[-1][2]:
+                windows[-1][1] += 1
+            return real(self, *args, **kwargs)
+        return read
+
+    def watched(name, real):
+        def call(*args, **kwargs):
+            windows.append([name, 0, True])
+            try:
+                return real(*args, **kwargs)
+            finally:
+                windows[-1][2] = False
+        return call
+    for name in ("tolist", "item", "__bool__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    monkeypatch.setattr(decoder.Decoder, "rows", watched("rows", decoder.Decoder.rows))
+    monkeypatch.setattr(focus, "compact_step", watched("compact_step", focus.compact_step))
+    run(random_model(tiny_config(num_hidden_layers=3), seed=1), PROMPTS, max_new_tokens=12, block_size=8, **mode)
+    assert {name for name, _, _ in windows} == ({"rows", "compact_step"} if mode else {"rows"})
+    assert {reads for _, reads, _ in windows} == {1}

@@ -247,7 +247,7 @@ class Decoder:
             rows_seq += [slot] * start
             rows_pos += range(start)
         slots_t = torch.tensor(slots, device=self.device)
-        self._new_block(slots_t)
+        self._new_block(torch.zeros_like(self.live).index_fill_(0, slots_t, True))
         # The first active block holds the prompt's tail: those positions are not masked.
         self.masked[slots_t] &= (self.block_start[slots_t, None] + self.cols) >= self.prompt_len[slots_t, None]
         self.live[slots_t] = True
@@ -267,18 +267,21 @@ class Decoder:
                                     grid="sequences")
         self.refilling = True
 
-    def _new_block(self, slots):
-        # The last block ends at the token budget: positions past it are not part of the sequence, so a run's
-        # cost follows max_new_tokens, not the block size.
-        self.inside[slots] = (self.block_start[slots, None] + self.cols) < self.limit[slots, None]
-        self.masked[slots] = self.inside[slots]
-        self.uncached[slots] = self.inside[slots]
-        self.warm[slots] = True
-        self.progress[slots] = -1
-        self.decoded_sum[slots] = 0
-        self.decoded_steps[slots] = 0
-        self.confidence[slots] = 0
-        self.saturated[slots] = False
+    def _new_block(self, fresh):
+        """fresh (S,) bool: these slots start the block at their block_start (all slots at once: no host sync).
+        The last block ends at the token budget: positions past it are not part of the sequence, so a run's cost
+        follows max_new_tokens, not the block size."""
+        new = fresh[:, None]
+        inside = (self.block_start[:, None] + self.cols) < self.limit[:, None]
+        self.inside = torch.where(new, inside, self.inside)
+        self.masked = torch.where(new, inside, self.masked)
+        self.uncached = torch.where(new, inside, self.uncached)
+        self.warm = self.warm | fresh
+        self.progress = self.progress.masked_fill(fresh, -1)
+        self.decoded_sum = self.decoded_sum.masked_fill(fresh, 0)
+        self.decoded_steps = self.decoded_steps.masked_fill(fresh, 0)
+        self.confidence = self.confidence.masked_fill(new, 0)
+        self.saturated = self.saturated & ~fresh
 
     # -- one step -------------------------------------------------------------------------------------
     def processing(self):
@@ -400,16 +403,13 @@ class Decoder:
         Returns (slot, end position, why: one of ENDINGS) of the sequences that ended. A block is checked for
         stops as soon as it is fully decoded, so an ending sequence skips its commit step; with eos_early_stop,
         as soon as an EOS is decoded with nothing masked before it (the tokens before it can no longer change,
-        so the output is the same, and the steps that would decode the rest of the block are saved)."""
+        so the output is the same, and the steps that would decode the rest of the block are saved). Every slot
+        is computed at once, on the device; one host sync reads which ended."""
         bs, o = self.block_size, self.opts
         done_block = self.live & ~self.masked.any(1) & ~committed
         # Blocks committed this step: move on.
-        if committed.any():
-            c = committed.nonzero().squeeze(1)
-            self.block_start[c] += bs
-            self._new_block(c)
-        if not (o.eos_early_stop or done_block.any()):
-            return []
+        self.block_start += bs * committed
+        self._new_block(committed)
         idx = self.block_start[:, None] + self.cols                         # (S, block) positions
         block = self.tokens.gather(1, idx)
         is_eos = torch.isin(block, self.eos) & (idx >= self.prompt_len[:, None])
@@ -426,9 +426,9 @@ class Decoder:
             stop |= repeated
             why = torch.where(repeated & (self.block_start + bs < end), 2, why)
             end = torch.where(repeated, torch.minimum(end, self.block_start + bs), end)
-        ended = stop.nonzero().squeeze(1)
-        self.live[ended] = False
-        return [(s, e, ENDINGS[w]) for s, e, w in zip(ended.tolist(), end[ended].tolist(), why[ended].tolist())]
+        self.live &= ~stop
+        stops, ends, whys = torch.stack([stop.long(), end, why]).tolist()  # the one host sync
+        return [(s, e, ENDINGS[w]) for s, (hit, e, w) in enumerate(zip(stops, ends, whys)) if hit]
 
     def _repeats(self, block):
         """(S,) bool: the current block equals each of the previous stop_repeats-1 blocks, all generated."""

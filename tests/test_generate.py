@@ -668,10 +668,11 @@ def test_exact_commit_costs_one_full_step_per_block(loaded):
 
 
 @pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}], ids=["full-block", "focus"])
-def test_a_step_reads_the_host_once_to_plan_and_once_to_compact(monkeypatch, mode):
+def test_a_step_reads_the_host_once_to_plan_once_to_compact_and_once_to_finish(monkeypatch, mode):
     """Only what picks the shapes crosses to the host: planning a step's rows (Decoder.rows) reads it once, the
-    row count and the layout's sizes together, and so does FOCUS's compaction (focus.compact_step). A read:
-    .tolist(), .item(), bool() of a tensor or .nonzero() (each waits for the device)."""
+    row count and the layout's sizes together; so do FOCUS's compaction (focus.compact_step) and the end of a
+    step (Decoder.finish_blocks: which sequences ended). A read: .tolist(), .item(), bool() of a tensor or
+    .nonzero() (each waits for the device)."""
     import decoder
     import focus
     windows = []  # [name, host reads] of each call watched
@@ -694,7 +695,8 @@ def test_a_step_reads_the_host_once_to_plan_and_once_to_compact(monkeypatch, mod
     for name in ("tolist", "item", "__bool__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
     monkeypatch.setattr(decoder.Decoder, "rows", watched("rows", decoder.Decoder.rows))
+    monkeypatch.setattr(decoder.Decoder, "finish_blocks", watched("finish_blocks", decoder.Decoder.finish_blocks))
     monkeypatch.setattr(focus, "compact_step", watched("compact_step", focus.compact_step))
     run(random_model(tiny_config(num_hidden_layers=3), seed=1), PROMPTS, max_new_tokens=12, block_size=8, **mode)
-    assert {name for name, _, _ in windows} == ({"rows", "compact_step"} if mode else {"rows"})
+    assert {name for name, _, _ in windows} == {"rows", "finish_blocks"} | ({"compact_step"} if mode else set())
     assert {reads for _, reads, _ in windows} == {1}

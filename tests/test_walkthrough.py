@@ -32,7 +32,8 @@ import torch
 
 import decoder
 import focus
-from model import SDAR, ModelConfig, flops_per_token
+import kernels
+from model import SDAR, ModelConfig, Rows, flops_per_token
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "walkthrough.md"
@@ -381,6 +382,16 @@ def compute_ratio(cfg: ModelConfig, context: int, k: int, block: int = 32) -> fl
     return n * block * per_layer / ((2 * block + (n - 2) * k) * per_layer)
 
 
+def varlen(seq, key_end, heads, kv_heads, cache_len) -> tuple:
+    """kernels.varlen_layout for one decode step's rows (slots seq of 4, each slot's rows at its block positions
+    0, 1, ...): the packed sequences' first queries (then the total), their first key rows in the cache, their
+    key counts, and where each (row, head) is packed (rows x heads)."""
+    place = [seq[:i].count(s) for i, s in enumerate(seq)]
+    rows = Rows.build(torch.tensor(seq), torch.tensor(place), torch.tensor(key_end), num_slots=4)
+    order, cu_q, cu_k, key_len, _ = kernels.varlen_layout(rows, heads, kv_heads, cache_len)
+    return cu_q.tolist(), cu_k[:-1].tolist(), key_len.tolist(), order.view(len(seq), heads).tolist()
+
+
 def config_from(data: dict) -> ModelConfig:
     names = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in data.items() if k in names})
@@ -396,7 +407,7 @@ def _code_names():
             "unmask_rule": unmask_rule, "delayed_cache_rows": delayed_cache_rows,
             "delayed_cache_total": delayed_cache_total, "attention_reach": attention_reach,
             "importance": importance, "delta": delta, "target": target, "evicts": evicts, "kept": kept,
-            "kept_without_rule5": kept_without_rule5, "near_target": near_target}
+            "kept_without_rule5": kept_without_rule5, "near_target": near_target, "varlen": varlen}
 
 
 def code_names() -> dict:

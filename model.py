@@ -147,7 +147,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, before RoPE (Qwen3)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.apply_rope = apply_rope  # kernels.fast_paths swaps in a fused version
-        self.attend = cached_attention  # kernels.fast_paths swaps in flash attention's varlen kernel for ragged rows on CUDA
+        self.attend = cached_attention  # kernels.fast_paths: flash attention's varlen kernel for ragged rows (CUDA)
 
     def qkv(self, x, cos, sin):
         """x: (..., hidden) -> q (..., heads, head_dim), k and v (..., kv_heads, head_dim); q, k post-norm, post-RoPE."""

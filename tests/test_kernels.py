@@ -404,8 +404,7 @@ def test_varlen_attention_of_ragged_rows_matches_the_plain_one(heads, kv_heads, 
     q = torch.randn(rows.num_rows, heads, cfg.head_dim, generator=torch.Generator().manual_seed(3))
     with kernels.graph_shapes() if in_graph else contextlib.nullcontext():
         got = kernels.varlen_rows(q, 0, rows, cache, 0.3, reference_varlen)
-    want = naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}), 0.3)
-    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)  # padding rows too: they see the spare's key 0
+    torch.testing.assert_close(got, float64_attention(q, rows, cache, 0.3), atol=1e-9, rtol=1e-9)  # padding rows too: they see the spare's key 0
 
 
 def test_rows_know_whether_their_sequences_share_a_key_end():
@@ -452,8 +451,8 @@ def ragged_case_on_cuda(cfg):
 
 
 def float64_attention(q, rows, cache, scale):
-    return naive_cached_attention(q.double(), 0, rows, type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()}),
-                                  scale)
+    as_float64 = type("Cache", (), {"k": cache.k.double(), "v": cache.v.double()})
+    return naive_cached_attention(q.double(), 0, rows, as_float64, scale)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -514,7 +514,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     res = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv), "device": device_name(device),
            "torch": torch.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
-           "threshold": args.threshold, "attention": args.attention if args.compile and device.type == "cuda" else "mask"}
+           "threshold": args.threshold,
+           "attention": args.attention if args.compile and device.type == "cuda" else "mask"}  # the kernel that runs
     out = None
     try:
         folder = Path(args.out)

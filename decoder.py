@@ -150,6 +150,18 @@ class StepRecord(NamedTuple):
     masked_before: torch.Tensor  # still masked when the step began
 
 
+class Plan(NamedTuple):
+    """A step's rows, planned before its forward (Decoder.plan)."""
+    process: torch.Tensor   # (S, block) bool: the block positions computed
+    seq: torch.Tensor       # (T,) the rows' cache slots, ascending ...
+    col: torch.Tensor       # (T,) ... and block positions
+    rows: Rows
+    last_col: torch.Tensor  # (S,) each slot's last computed block position, up to which attention reaches
+    target: torch.Tensor    # (S,) FOCUS: how many masked tokens each sequence keeps (zeros without FOCUS)
+    num_masked: int         # masked rows among the T
+    evicting: bool          # FOCUS: some sequence has more masked rows than its target (rule 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sampling and unmasking rules.
 
@@ -296,31 +308,36 @@ class Decoder:
                 process |= ~self.masked.any(1, keepdim=True)  # it leaves in the cache are exact
         return process & self.inside & self.live[:, None]
 
-    def rows(self, process):
-        """The step's rows, ordered by slot then position: slot (T,), block position (T,), their Rows, and
-        each slot's last computed block position (S,), up to which attention reaches in the block. One host
-        sync: the number of rows and their layout's sizes, read together."""
+    def plan(self) -> "Plan":
+        """The step's rows (processing(), ordered by slot then position) and FOCUS's target. One host sync: the
+        numbers of rows and of masked rows, whether FOCUS evicts (rule 1) and the rows' layout sizes, read
+        together, so the forward that follows neither syncs to learn its shapes nor to pick its path."""
+        process = self.processing()
+        target = self.retain_target() if self.opts.focus else torch.zeros_like(self.block_start)
         counts = process.sum(1)                                            # (S,) rows per slot
+        mask_counts = (process & self.masked).sum(1)                       # (S,) masked rows per slot
         last_col = torch.where(process, self.cols, -1).amax(1)
         ends = self.block_start + last_col + 1                             # (S,) each slot's rows attend below
-        num_rows, *sizes = torch.cat([counts.sum()[None], layout_sizes(counts, ends, ends)]).tolist()
+        evicting = focus.evicting(mask_counts, target).any()
+        num_rows, num_masked, evicting, *sizes = torch.cat([
+            torch.stack([counts.sum(), mask_counts.sum(), evicting.long()]),
+            layout_sizes(counts, ends, ends)]).tolist()
         seq, col = torch.nonzero_static(process, size=num_rows).unbind(1)
-        return seq, col, Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes), last_col
+        rows = Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes)
+        return Plan(process, seq, col, rows, last_col, target, num_masked, bool(evicting))
 
     def step(self) -> dict:
         """One diffusion step for every live sequence. Returns per-slot statistics of the step."""
         o = self.opts
         # 1. Plan: the rows this step computes.
-        process = self.processing()
-        seq, col, rows, last_col = self.rows(process)
-        pos = rows.pos
-        ids = self.tokens[seq, pos]
+        plan = self.plan()
+        seq, col, process, target = plan.seq, plan.col, plan.process, plan.target
+        ids = self.tokens[seq, plan.rows.pos]
         is_mask_row = self.masked[seq, col]
         masked_in = self.masked.clone()
 
-        target = self.retain_target() if o.focus else torch.zeros_like(self.block_start)
         # 2. Forward.
-        logits, logit_rows, kept = self.forward(ids, rows, is_mask_row, col, target)
+        logits, logit_rows, kept = self.forward(ids, plan, is_mask_row)
 
         # 3. Sample and unmask.
         chosen, token_grid = self.choose(logits, seq[logit_rows], col[logit_rows])
@@ -351,7 +368,7 @@ class Decoder:
         deep = torch.zeros_like(computed).index_add_(0, seq, kept.long())
         return {"block": self.inside.sum(1) * self.live, "computed": computed, "computed_deep": deep,
                 "decoded": n_decoded, "target": target,
-                "context": self.block_start + last_col + 1, "committing": self.live & ~masked_in.any(1),
+                "context": self.block_start + plan.last_col + 1, "committing": self.live & ~masked_in.any(1),
                 "not_finite": self.confidence.isnan().any(1)}   # NaN or inf logits gave a NaN confidence
 
     def retain_target(self):
@@ -382,29 +399,41 @@ class Decoder:
         self.confidence = torch.where(cand, conf_grid, self.confidence)
         return unmask(conf_grid, cand, o.strategy, o.threshold, o.tokens_per_step), token_grid
 
-    def forward(self, ids, rows, is_mask_row, col, target):
-        """The step's forward: the one place a decode step runs the model. Returns the logits of the masked
-        rows computed to the last layer (R, vocab), their indices among the step's rows (R,), and which rows
-        reached layers 2..L (T,) bool. Plain: every row through every layer. FOCUS: every row through layers
-        0-1, then the kept rows only (focus.forward_focus), which also advances the block's progress.
-        --compile: the same through kernels.py's fast paths (on CUDA, the layers as CUDA graphs)."""
-        if not self.opts.focus:
-            logit_rows = is_mask_row.nonzero().squeeze(1)
-            logits = self.model.forward_rows(ids, rows, self.cache, logits_for=logit_rows, graphs=self.opts.compile)
+    def forward(self, ids, plan: "Plan", is_mask_row):
+        """The step's forward: the one place a decode step runs the model. ids, is_mask_row (T,) for the plan's
+        rows. Returns the logits of the masked rows computed to the last layer (R, vocab), their indices among
+        the step's rows (R,), and which rows reached layers 2..L (T,) bool. Plain: every row through every
+        layer. FOCUS: every row through layers 0-1, then the kept rows only (focus.forward_focus), which also
+        advances the block's progress. --compile: the same through kernels.py's fast paths (on CUDA, the layers
+        as CUDA graphs)."""
+        o = self.opts
+        if not o.focus:
+            logit_rows = torch.nonzero_static(is_mask_row, size=plan.num_masked).squeeze(1)
+            logits = self.model.forward_rows(ids, plan.rows, self.cache, logits_for=logit_rows, graphs=o.compile)
             return logits, logit_rows, torch.ones_like(is_mask_row)
-        out = focus.forward_focus(self.model, ids, rows, self.cache, is_mask_row, col, self.block_start,
-                                  self.progress, target, self.opts.focus_rank, self.generator, self.opts.compile,
-                                  self.confidence)
+        out = focus.forward_focus(self.model, ids, plan.rows, self.cache, is_mask_row, plan.col, self.block_start,
+                                  self.progress, plan.target, o.focus_rank, self.generator, o.compile,
+                                  self.confidence, evicting=plan.evicting, num_masked=plan.num_masked)
         self.progress = torch.maximum(self.progress, out.rightmost_kept)
         return out.logits, out.logit_rows, out.kept
 
-    def finish_blocks(self, committed) -> list[tuple[int, int, str]]:
+    def finish_blocks(self, committed, stats: dict | None = None) -> tuple[list[tuple[int, int, str]], dict]:
         """After a step: blocks that were committed this step start a new block or end their sequence.
-        Returns (slot, end position, why: one of ENDINGS) of the sequences that ended. A block is checked for
-        stops as soon as it is fully decoded, so an ending sequence skips its commit step; with eos_early_stop,
-        as soon as an EOS is decoded with nothing masked before it (the tokens before it can no longer change,
-        so the output is the same, and the steps that would decode the rest of the block are saved). Every slot
-        is computed at once, on the device; one host sync reads which ended."""
+        Returns (slot, end position, why: one of ENDINGS) of the sequences that ended, and `stats` (the step's
+        (S,) statistics, if given) read as lists. Every slot is computed at once, on the device; one host sync
+        reads which ended and the statistics together."""
+        stop, end, why = self.endings(committed)
+        names = list(stats or {})
+        stops, ends, whys, *values = torch.stack([stop.long(), end, why, *(stats or {}).values()]).tolist()
+        ended = [(s, e, ENDINGS[w]) for s, (hit, e, w) in enumerate(zip(stops, ends, whys)) if hit]
+        return ended, dict(zip(names, values))
+
+    def endings(self, committed):
+        """The device side of finish_blocks: (S,) each of which sequences end, where (a position) and why (an
+        index into ENDINGS). A block is checked for stops as soon as it is fully decoded, so an ending sequence
+        skips its commit step; with eos_early_stop, as soon as an EOS is decoded with nothing masked before it
+        (the tokens before it can no longer change, so the output is the same, and the steps that would decode
+        the rest of the block are saved)."""
         bs, o = self.block_size, self.opts
         done_block = self.live & ~self.masked.any(1) & ~committed
         # Blocks committed this step: move on.
@@ -427,8 +456,7 @@ class Decoder:
             why = torch.where(repeated & (self.block_start + bs < end), 2, why)
             end = torch.where(repeated, torch.minimum(end, self.block_start + bs), end)
         self.live &= ~stop
-        stops, ends, whys = torch.stack([stop.long(), end, why]).tolist()  # the one host sync
-        return [(s, e, ENDINGS[w]) for s, (hit, e, w) in enumerate(zip(stops, ends, whys)) if hit]
+        return stop, end, why
 
     def _repeats(self, block):
         """(S,) bool: the current block equals each of the previous stop_repeats-1 blocks, all generated."""

@@ -272,12 +272,15 @@ class FocusOutput:
 
 
 def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_start, progress, target,
-                  rank_by: str = "delta", generator=None, graphs: bool = False, confidence=None) -> FocusOutput:
+                  rank_by: str = "delta", generator=None, graphs: bool = False, confidence=None,
+                  evicting: bool | None = None, num_masked: int | None = None) -> FocusOutput:
     """One decode step with FOCUS. input_ids, is_mask_row, col (block positions): (T,) for the step's rows;
     block_start, progress, target: (S,) per cache slot; rank_by: the ranking score (ranking_score: the delta,
     an ablation control or a ranking beyond the paper); graphs: the layers before and after the selection as
     two CUDA graphs (kernels.graphed, on CUDA); confidence (S, block): each block position's confidence at
-    the last step that computed it (for the rankings that read it; zeros when None).
+    the last step that computed it (for the rankings that read it; zeros when None); evicting (does any
+    sequence evict, evicts()) and num_masked (is_mask_row's count): known to a caller that read them in a host
+    sync of its own (Decoder.plan), or found here, a sync each.
 
     Layer 0 runs all rows and gives I^(0); layer 1 computes q, k, v for all rows, writes their keys/values
     (so the next steps and the evicted tokens' layer-1 entries are fresh), gives I^(1), and selects; then
@@ -285,8 +288,11 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
     keep, in layers 2..L, the keys/values of the last step that computed them, and kept rows attend up to
     the rightmost kept position of their block (the reference's kv_len after eviction).
     """
-    if not evicts(rows, is_mask_row, target):  # nobody in the batch evicts: the plain forward
-        mask_rows = is_mask_row.nonzero().squeeze(1)
+    if evicting is None:
+        evicting = evicts(rows, is_mask_row, target)
+    if not evicting:  # nobody in the batch evicts: the plain forward
+        mask_rows = (is_mask_row.nonzero() if num_masked is None
+                     else torch.nonzero_static(is_mask_row, size=num_masked)).squeeze(1)
         logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows, graphs=graphs)
         return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), rightmost(rows, col, None, len(target)))
     selected = select_step(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by, generator,
@@ -295,9 +301,15 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
 
 
 def evicts(rows: Rows, is_mask_row, target) -> bool:
-    """Does any sequence of the step have more masked rows than its target (rule 1)? One host sync."""
+    """Does any sequence of the step evict? One host sync."""
     mask_count = torch.zeros_like(target).index_add_(0, rows.seq, is_mask_row.long())
-    return bool(((target > 0) & (mask_count > target)).any())
+    return bool(evicting(mask_count, target).any())
+
+
+def evicting(mask_count, target):
+    """(S,) bool: the sequences that evict, those with more masked rows than their target (rule 1; a target of 0:
+    nothing to decode, nothing evicted)."""
+    return (target > 0) & (mask_count > target)
 
 
 def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress, target, rank_by="delta",

@@ -132,25 +132,29 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                 if step_hook is not None:
                     step_hook(dec)
                 with _timed(clock, "decode_s", dec.device):
-                    stats = dec.step()
-                    committing = stats.pop("committing")                  # (S,) bool, stays on the device
-                    stats = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one sync a step
+                    stats = dec.step()                                    # (S,) tensors, on the device
+                    committing = stats.pop("committing")
+                    if show and owner[0] == 0:  # --show: the block before it moves on (one host read more)
+                        shown = show_line(dec, {k: v.tolist() for k, v in stats.items()}, 0,
+                                          len(history[0]["decoded"]) + 1, color)
+                    ended, stats = dec.finish_blocks(committing, stats)   # one host read a step: both
                 if any(stats["not_finite"]):
                     raise ValueError("the model's logits are not finite (NaN or inf): its weights or config overflow "
                                      f"in {model.embed_tokens.weight.dtype}; check the checkpoint")
+                if show and owner[0] == 0:
+                    print(shown, file=sys.stderr)
                 for s, r in enumerate(owner):
                     if r >= 0:
                         for k in history[r]:
                             history[r][k].append(stats[k][s])
-                if show and owner[0] == 0:
-                    print(show_line(dec, stats, 0, len(history[0]["decoded"]), color), file=sys.stderr)
-                ended = dec.finish_blocks(committing)
                 free = []
-                for s, end, why in ended:
+                spans = [(s, len(prompt_ids[owner[s]]), end) for s, end, _ in ended]
+                outputs = torch.cat([dec.tokens[s, a:b] for s, a, b in spans]).tolist() if spans else []
+                for (s, end, why), (_, start, _) in zip(ended, spans):  # the ended sequences' tokens: one read
                     r = owner[s]
-                    start = len(prompt_ids[r])
                     history[r]["finish_reason"] = why
-                    results[r] = (dec.tokens[s, start:end].tolist(), history[r])
+                    results[r] = (outputs[:end - start], history[r])
+                    outputs = outputs[end - start:]
                     if on_result is not None:
                         on_result(r, *results[r])
                     owner[s] = -1

@@ -376,7 +376,7 @@ def test_focus_path_with_every_row_kept_equals_the_plain_path(tiny, prompts, mon
     with torch.no_grad():
         dec.admit([0, 1, 2], prompts)
         for step in range(8):  # past the first step, to one that mixes masked rows and decoded, uncached ones
-            seq, col, rows, _ = dec.rows(dec.processing())
+            seq, col, rows = (plan := dec.plan()).seq, plan.col, plan.rows
             ids, is_mask = dec.tokens[seq, rows.pos], dec.masked[seq, col]
             if step > 0 and 0 < int(is_mask.sum()) < len(is_mask):
                 break

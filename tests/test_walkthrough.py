@@ -282,13 +282,13 @@ def unmask_rule(conf, candidate, strategy, threshold, k):
 
 
 class Scheduled(decoder.Decoder):
-    """A Decoder that decodes the positions it is told (`plan`) instead of choosing by confidence."""
-    plan: list = []
+    """A Decoder that decodes the positions it is told (`decode_next`) instead of choosing by confidence."""
+    decode_next: list = []
 
     def choose(self, logits, seq, col):
         _, tokens = super().choose(logits, seq, col)
         chosen = torch.zeros_like(self.masked)
-        chosen[0, self.plan] = True
+        chosen[0, self.decode_next] = True
         return chosen & self.masked, tokens
 
 
@@ -305,8 +305,8 @@ def _delayed_cache_run(decoded: tuple, block_size: int):
     dec.admit([0], [list(range(10, 10 + block_size))])           # one whole prompt block, then a fresh one
     computed, reach = [], []
     with torch.inference_mode():
-        for plan in decoded:
-            dec.plan = list(plan)
+        for positions_now in decoded:
+            dec.decode_next = list(positions_now)
             stats = dec.step()
             computed.append(dec.last_step.computed[0].tolist())
             reach.append(int(stats["context"][0]) - block_size - 1)

@@ -23,7 +23,7 @@ import torch
 
 import focus
 import kernels
-from decoder import Decoder, Options
+from decoder import ENDINGS, Decoder, Options
 from generate import generate_ids
 from shapes import sync
 
@@ -108,14 +108,15 @@ class ReplayDecoder(Decoder):
         now = grids[self.which, self.t.clamp(max=grids.shape[1] - 1)]
         return now & (self.live & (self.t < length))[:, None]
 
-    def forward(self, ids, rows, is_mask_row, col, target):
+    def forward(self, ids, plan, is_mask_row):
         """FOCUS as the decoder runs it (the selection included, so a step costs the same), then the recorded
         kept rows instead of the selection's. A step where nobody evicts evicted nothing when recorded either:
         the targets and mask sets follow the schedule."""
         o = self.opts
-        if not o.focus or not focus.evicts(rows, is_mask_row, target):
-            return super().forward(ids, rows, is_mask_row, col, target)
-        selected = focus.select_step(self.model, ids, rows, self.cache, is_mask_row, col, self.progress, target,
+        if not o.focus or not plan.evicting:
+            return super().forward(ids, plan, is_mask_row)
+        rows, col = plan.rows, plan.col
+        selected = focus.select_step(self.model, ids, rows, self.cache, is_mask_row, col, self.progress, plan.target,
                                      o.focus_rank, self.generator, o.compile, self.confidence)
         kept = self._now(self.kept_at)[rows.seq, col]
         out = focus.finish_step(self.model, selected, kept, rows, self.cache, is_mask_row, col, self.block_start,
@@ -139,17 +140,16 @@ class ReplayDecoder(Decoder):
         self.t += live
         return stats
 
-    def finish_blocks(self, committed) -> list[tuple[int, int, str]]:
-        ended = super().finish_blocks(committed)
-        if ended:  # the decoder's own endings (the budget) come where the recording's did, or it diverged
-            slots = torch.tensor([slot for slot, _, _ in ended], device=self.device)
-            self.diverged[slots] |= self.t[slots] < self.length[self.which[slots]]
-        over = self.live & (self.t >= self.length[self.which])  # the recorded sequence ended here (at its EOS)
+    def endings(self, committed):
+        """The decoder's own endings (the budget), which come where the recording's did or the sequence diverged,
+        and the recorded ones: a sequence ends at the step its recording ended (at its EOS)."""
+        stop, end, why = super().endings(committed)
+        length = self.length[self.which]
+        self.diverged |= stop & (self.t < length)
+        over = self.live & (self.t >= length)
         self.live &= ~over
-        slots = over.nonzero().squeeze(1)
-        ends = (self.prompt_len[slots] + self.tokens_out[self.which[slots]]).tolist()
-        return ended + [(s, e, "eos") for s, e in zip(slots.tolist(), ends)]
-
+        end = torch.where(over, self.prompt_len + self.tokens_out[self.which], end)
+        return stop | over, end, torch.where(over, ENDINGS.index("eos"), why)
 
 def replay(model, schedules: list[Schedule], context: int, opts: Options, clock: dict | None = None,
            step_hook=None, on_result=None, seed: int = 0):

@@ -386,7 +386,7 @@ def layout_sizes(counts, key_end_max, key_end_min):
     """What Rows.build reads from the host, as one (6,) tensor, from each slot's row count and the largest and
     smallest key end of its rows (S,) each: the sequences with rows, the most rows and the fewest (of those with
     any), the largest and smallest key end, and whether some sequence's rows end at different keys. A caller that
-    must sync anyway reads them in the same sync (Decoder.rows, focus.compact_step)."""
+    must sync anyway reads them in the same sync (Decoder.plan, focus.compact_step)."""
     present = counts > 0
     most = torch.iinfo(counts.dtype).max
     return torch.stack([present.sum(), counts.max(), counts.masked_fill(~present, most).min(),

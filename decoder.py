@@ -243,7 +243,6 @@ class Decoder:
         self.saturated = torch.zeros(S, dtype=torch.bool, device=dev)     # and whether it capped the decoding
         self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
         self.refilling = False                                            # admit: after the first fill
-        self.fused = opts.compile and kernels.captures(model, dev)       # plan_on_device through kernels.fused
 
     # -- admission and prefill ------------------------------------------------------------------------
     def admit(self, slots: list[int], prompts: list[list[int]]):
@@ -313,19 +312,6 @@ class Decoder:
         """The step's rows (processing(), ordered by slot then position) and FOCUS's target. One host sync: the
         numbers of rows and of masked rows, whether FOCUS evicts (rule 1) and the rows' layout sizes, read
         together, so the forward that follows neither syncs to learn its shapes nor to pick its path."""
-        # On CUDA with --compile the device side runs fused (kernels.fused): dozens of small kernels that the GPU
-        # would wait on, the host having just read the last step's end, become a few.
-        on_device = kernels.fused(Decoder.plan_on_device) if self.fused else Decoder.plan_on_device
-        process, target, last_col, ends, read = on_device(self)
-        num_rows, num_masked, evicting, *sizes = read.tolist()
-        seq, col = torch.nonzero_static(process, size=num_rows).unbind(1)
-        rows = Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes)
-        return Plan(process, seq, col, rows, last_col, target, num_masked, bool(evicting))
-
-    def plan_on_device(self):
-        """plan's device side: the positions computed (S, block), the target (S,), each slot's last computed block
-        position and key end (S,), and what the host reads, one (9,) tensor. Reads the decoder's state, changes
-        nothing."""
         process = self.processing()
         target = self.retain_target() if self.opts.focus else torch.zeros_like(self.block_start)
         counts = process.sum(1)                                            # (S,) rows per slot
@@ -333,9 +319,12 @@ class Decoder:
         last_col = torch.where(process, self.cols, -1).amax(1)
         ends = self.block_start + last_col + 1                             # (S,) each slot's rows attend below
         evicting = focus.evicting(mask_counts, target).any()
-        read = torch.cat([torch.stack([counts.sum(), mask_counts.sum(), evicting.long()]),
-                          layout_sizes(counts, ends, ends)])
-        return process, target, last_col, ends, read
+        num_rows, num_masked, evicting, *sizes = torch.cat([
+            torch.stack([counts.sum(), mask_counts.sum(), evicting.long()]),
+            layout_sizes(counts, ends, ends)]).tolist()
+        seq, col = torch.nonzero_static(process, size=num_rows).unbind(1)
+        rows = Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes)
+        return Plan(process, seq, col, rows, last_col, target, num_masked, bool(evicting))
 
     def step(self) -> dict:
         """One diffusion step for every live sequence. Returns per-slot statistics of the step."""

@@ -382,13 +382,8 @@ class _Graph:
         padded, per_seq, keys, self.lines = shape
         dev = rows.pos.device
         self.spare = cache.k.shape[1] - 1
-        # The rows' slot, position, place and key end, one line each of one buffer, so a step fills them with one
-        # copy, and its padding from `pad` with one more: padding rows go to the spare slot, position 0, where
-        # they see one key.
-        self.row_data = torch.zeros(4, padded, dtype=torch.long, device=dev)
-        self.pad = torch.tensor([[self.spare], [0], [0], [1]], device=dev).expand(4, padded).contiguous()
-        self.seq, self.pos, self.place, self.key_end = self.row_data.unbind(0)
-        self.line = torch.zeros(padded, dtype=torch.long, device=dev)
+        self.seq, self.pos, self.line, self.place, self.key_end = (
+            torch.zeros(padded, dtype=torch.long, device=dev) for _ in range(5))
         if self.lines is None:  # every cache slot has a line (line = slot), the spare one too unless dense
             layout = dict(line=self.seq, active=torch.arange(self.spare if dense else self.spare + 1, device=dev),
                           all_slots=True)
@@ -421,10 +416,13 @@ class _Graph:
         _CAPTURE_SECONDS["slots" if self.lines is None else "sequences"] += time.perf_counter() - t0
 
     def fill(self, args, rows):
-        """Copy a step's rows and row tensors into the buffers, and the padding rows' values after them."""
+        """Copy a step's rows and row tensors into the buffers; padding rows go to the spare slot, position 0,
+        where they see one key."""
         n = rows.num_rows
-        self.row_data[:, :n] = torch.stack([rows.seq, rows.pos, rows.place, rows.key_end])
-        self.row_data[:, n:] = self.pad[:, n:]
+        for buf, value, pad in ((self.seq, rows.seq, self.spare), (self.pos, rows.pos, 0),
+                                (self.place, rows.place, 0), (self.key_end, rows.key_end, 1)):
+            buf[:n] = value
+            buf[n:] = pad
         if self.lines is not None:  # padding rows in the last line
             self.line[:n], self.line[n:] = rows.line, self.lines
             self.active[:len(rows.active)] = rows.active

@@ -340,33 +340,6 @@ def test_fused_selection_equals_the_plain_one(net):
     assert got.tolist() == want.tolist() and not want.all()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", [{}, {"delayed_cache": False}, {"focus": True, "alpha": 1.0},
-                                  {"focus": True, "focus_target": "saturation", "alpha": 1.0}],
-                         ids=["delayed", "full-block", "focus", "focus-saturation"])
-def test_fused_plan_equals_the_plain_one(net, mode):
-    """Decoder.plan_on_device through torch.compile (what a step plans with on CUDA with --compile) gives the plain
-    function's tensors at every step of a run: sequences of different lengths, blocks starting and ending, FOCUS
-    evicting."""
-    opts = decoder.Options(max_new_tokens=20, batch_size=3, threshold=0.5, block_size=8, **mode)
-    prompts = [[(7 * i + j) % 250 + 10 for j in range(3 + 4 * i)] for i in range(5)]
-    reads = []
-
-    def compare(dec):
-        want = decoder.Decoder.plan_on_device(dec)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            got = kernels.fused(decoder.Decoder.plan_on_device)(dec)
-        assert not [c for c in caught if "plain version" in str(c.message)]  # it really ran compiled
-        for w, g in zip(want, got):
-            assert torch.equal(w, g)
-        reads.append(want[-1].tolist())
-    generate.generate_ids(net, prompts, 3, [-1], opts, step_hook=compare)
-    assert len(reads) > 10 and len({tuple(r) for r in reads}) > 3  # the plans differ from step to step
-    if mode.get("focus"):
-        assert {r[2] for r in reads} == {0, 1}  # steps that evict and steps that do not
-
-
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3), (4, 1), (2, 2)])
 def test_flex_attention_of_ragged_rows_matches_the_naive_one(heads, kv_heads):
     """kernels.flex_rows (FlexAttention; unfused here on the CPU, compiled inside the CUDA graphs) gives

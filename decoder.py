@@ -308,7 +308,7 @@ class Decoder:
                 process |= ~self.masked.any(1, keepdim=True)  # it leaves in the cache are exact
         return process & self.inside & self.live[:, None]
 
-    def plan(self) -> "Plan":
+    def plan(self) -> Plan:
         """The step's rows (processing(), ordered by slot then position) and FOCUS's target. One host sync: the
         numbers of rows and of masked rows, whether FOCUS evicts (rule 1) and the rows' layout sizes, read
         together, so the forward that follows neither syncs to learn its shapes nor to pick its path."""
@@ -399,7 +399,7 @@ class Decoder:
         self.confidence = torch.where(cand, conf_grid, self.confidence)
         return unmask(conf_grid, cand, o.strategy, o.threshold, o.tokens_per_step), token_grid
 
-    def forward(self, ids, plan: "Plan", is_mask_row):
+    def forward(self, ids, plan: Plan, is_mask_row):
         """The step's forward: the one place a decode step runs the model. ids, is_mask_row (T,) for the plan's
         rows. Returns the logits of the masked rows computed to the last layer (R, vocab), their indices among
         the step's rows (R,), and which rows reached layers 2..L (T,) bool. Plain: every row through every

@@ -2,7 +2,8 @@
 
 One step (Decoder.step): plan the rows to compute (the delayed cache's rules), run the forward (plain, or
 FOCUS), sample and unmask by the rule, then the bookkeeping (cache flags, statistics). After a step,
-finish_blocks commits finished blocks, starts new ones and ends sequences at EOS or the token budget.
+finish_blocks commits finished blocks, starts new ones, ends sequences at EOS or the token budget and plans the
+next step: one host read for all of it.
 generate.py's generate_ids drives it: admission of prompts into free cache slots, the steps, the results.
 
 Words: a cache slot holds one sequence (S slots, one row of every (S, block) tensor here); a block position
@@ -243,11 +244,13 @@ class Decoder:
         self.saturated = torch.zeros(S, dtype=torch.bool, device=dev)     # and whether it capped the decoding
         self.generator = torch.Generator(device=dev).manual_seed(opts.seed)
         self.refilling = False                                            # admit: after the first fill
+        self.planned_ahead = None                                         # plan(): the next step's, read ahead
 
     # -- admission and prefill ------------------------------------------------------------------------
     def admit(self, slots: list[int], prompts: list[list[int]]):
         """Put prompts into free slots and prefill their whole blocks into the cache."""
         bs = self.block_size
+        self.planned_ahead = None                                         # planned without these prompts
         rows_seq, rows_pos = [], []
         for slot, ids in zip(slots, prompts):
             n = len(ids)
@@ -309,9 +312,21 @@ class Decoder:
         return process & self.inside & self.live[:, None]
 
     def plan(self) -> Plan:
-        """The step's rows (processing(), ordered by slot then position) and FOCUS's target. One host sync: the
-        numbers of rows and of masked rows, whether FOCUS evicts (rule 1) and the rows' layout sizes, read
-        together, so the forward that follows neither syncs to learn its shapes nor to pick its path."""
+        """The step's rows (processing(), ordered by slot then position) and FOCUS's target. What the host must know
+        (the numbers of rows and of masked rows, whether FOCUS evicts (rule 1) and the rows' layout sizes) comes in
+        one read, so the forward that follows neither syncs to learn its shapes nor to pick its path; the end of
+        the last step read it ahead, with its own (finish_blocks), unless a prompt was admitted since."""
+        if self.planned_ahead is None:
+            on_device = self.plan_on_device()
+            self.planned_ahead = on_device, on_device[-1].tolist()
+        (process, target, last_col, ends, _), (num_rows, num_masked, evicting, *sizes) = self.planned_ahead
+        seq, col = torch.nonzero_static(process, size=num_rows).unbind(1)
+        rows = Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes)
+        return Plan(process, seq, col, rows, last_col, target, num_masked, bool(evicting))
+
+    def plan_on_device(self):
+        """plan's device side: the positions computed (S, block), the target (S,), each slot's last computed block
+        position and key end (S,), and what the host reads, one (9,) tensor."""
         process = self.processing()
         target = self.retain_target() if self.opts.focus else torch.zeros_like(self.block_start)
         counts = process.sum(1)                                            # (S,) rows per slot
@@ -319,18 +334,16 @@ class Decoder:
         last_col = torch.where(process, self.cols, -1).amax(1)
         ends = self.block_start + last_col + 1                             # (S,) each slot's rows attend below
         evicting = focus.evicting(mask_counts, target).any()
-        num_rows, num_masked, evicting, *sizes = torch.cat([
-            torch.stack([counts.sum(), mask_counts.sum(), evicting.long()]),
-            layout_sizes(counts, ends, ends)]).tolist()
-        seq, col = torch.nonzero_static(process, size=num_rows).unbind(1)
-        rows = Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes)
-        return Plan(process, seq, col, rows, last_col, target, num_masked, bool(evicting))
+        read = torch.cat([torch.stack([counts.sum(), mask_counts.sum(), evicting.long()]),
+                          layout_sizes(counts, ends, ends)])
+        return process, target, last_col, ends, read
 
     def step(self) -> dict:
         """One diffusion step for every live sequence. Returns per-slot statistics of the step."""
         o = self.opts
         # 1. Plan: the rows this step computes.
         plan = self.plan()
+        self.planned_ahead = None                                          # the state changes from here
         seq, col, process, target = plan.seq, plan.col, plan.process, plan.target
         ids = self.tokens[seq, plan.rows.pos]
         is_mask_row = self.masked[seq, col]
@@ -420,13 +433,18 @@ class Decoder:
     def finish_blocks(self, committed, stats: dict | None = None) -> tuple[list[tuple[int, int, str]], dict]:
         """After a step: blocks that were committed this step start a new block or end their sequence.
         Returns (slot, end position, why: one of ENDINGS) of the sequences that ended, and `stats` (the step's
-        (S,) statistics, if given) read as lists. Every slot is computed at once, on the device; one host sync
-        reads which ended and the statistics together."""
+        (S,) statistics, if given) read as lists. Every slot is computed at once, on the device, and so is the
+        next step's plan (plan_on_device; a prompt admitted before that step drops it); one host read takes
+        them all."""
         stop, end, why = self.endings(committed)
-        names = list(stats or {})
-        stops, ends, whys, *values = torch.stack([stop.long(), end, why, *(stats or {}).values()]).tolist()
+        ahead = self.plan_on_device()
+        per_slot = torch.stack([stop.long(), end, why, *(stats or {}).values()])    # (3 + statistics, S)
+        read = torch.cat([per_slot.flatten(), ahead[-1]]).tolist()
+        per_slot_read, self.planned_ahead = read[:per_slot.numel()], (ahead, read[per_slot.numel():])
+        stops, ends, whys, *values = (per_slot_read[i:i + self.num_slots]
+                                      for i in range(0, len(per_slot_read), self.num_slots))
         ended = [(s, e, ENDINGS[w]) for s, (hit, e, w) in enumerate(zip(stops, ends, whys)) if hit]
-        return ended, dict(zip(names, values))
+        return ended, dict(zip(stats or {}, values))
 
     def endings(self, committed):
         """The device side of finish_blocks: (S,) each of which sequences end, where (a position) and why (an

@@ -668,11 +668,11 @@ def test_exact_commit_costs_one_full_step_per_block(loaded):
 
 
 @pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}], ids=["full-block", "focus"])
-def test_a_step_reads_the_host_once_to_plan_once_to_compact_and_once_to_finish(monkeypatch, mode):
-    """Only what picks the shapes crosses to the host: planning a step (Decoder.plan) reads it once, the row
-    counts, whether FOCUS evicts and the layout's sizes together; so do FOCUS's compaction (focus.compact_step)
-    and the end of a step (Decoder.finish_blocks: which sequences ended, with the step's statistics), and
-    nothing else does. A read: .tolist(), .item(), bool() of a tensor or .nonzero() (each waits for the
+def test_a_step_reads_the_host_once_to_compact_and_once_to_finish(monkeypatch, mode):
+    """Only what picks the shapes crosses to the host: the end of a step (Decoder.finish_blocks) reads which
+    sequences ended, the step's statistics and the next step's plan (its row counts, whether FOCUS evicts and the
+    layout's sizes) at once; FOCUS's compaction (focus.compact_step) reads once; the plan (Decoder.plan) reads
+    only after a prompt was admitted; nothing else reads. A read: .tolist(), .item(), bool() of a tensor or .nonzero() (each waits for the
     device); one outside every watched call counts as a window of its own."""
     import decoder
     import focus
@@ -706,9 +706,23 @@ def test_a_step_reads_the_host_once_to_plan_once_to_compact_and_once_to_finish(m
         batch_size=2, **mode)
     # Not counted: a prefill (admit), and the plain selection, which lays the mask sets out by their sizes (on CUDA
     # with --compile it runs inside a graph, focus.select_in_graph, where a read would fail the capture).
-    steps = [w for w in windows if w[0] not in ("admit", "select_step")]
-    assert {name for name, *_ in steps} == {"plan", "finish_blocks", "outside"} | ({"compact_step"} if mode else set())
-    assert {reads for _, reads, *_ in steps} == {1}
-    # A read outside: the tokens of the sequences that just ended, one read for all of them.
-    for before, after in zip(steps, steps[1:]):
-        assert (after[0] == "outside") == (before[0] == "finish_blocks" and bool(before[3][0]))
+    steps = [w for w in windows if w[0] != "select_step"]
+    assert {name for name, *_ in steps} == ({"plan", "finish_blocks", "outside", "admit"}
+                                            | ({"compact_step"} if mode else set()))
+    # The plan reads only after an admission: otherwise the end of the last step read it ahead.
+    admitted, plan_reads = False, []
+    for before, (name, reads, *_) in zip([None] + steps, steps):
+        if name == "admit":
+            admitted = True
+        elif name == "plan":
+            assert reads == admitted
+            plan_reads.append(reads)
+            admitted = False
+        elif name == "outside":  # the tokens of the sequences that just ended, one read for all of them
+            assert reads == 1 and before[0] == "finish_blocks" and before[3][0]
+        else:
+            assert reads == 1
+    assert set(plan_reads) == {0, 1}
+    for before, after in zip(steps, steps[1:]):  # every step that ended a sequence read its tokens
+        if before[0] == "finish_blocks" and before[3][0]:
+            assert after[0] == "outside"

@@ -1,5 +1,6 @@
 """The decode loop: unmasking rules, sampling, generate_ids end to end on a tiny checkpoint (against a slow
 loop over the spec form, across batchings, stops, the delayed cache and prompt alignment) and the command line."""
+import collections
 import json
 import math
 
@@ -665,6 +666,31 @@ def test_exact_commit_costs_one_full_step_per_block(loaded):
     commits = [i for i, d in enumerate(exact["decoded"]) if d == 0]
     assert commits and all(exact["computed"][i] == BS for i in commits)
     assert any(plain["computed"][i] < BS for i, d in enumerate(plain["decoded"]) if d == 0)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(batch_size=2), dict(batch_size=2, focus=True, alpha=1.0), dict(batch_size=3, focus=True, focus_target="saturation"),
+    dict(batch_size=1, eos_early_stop=True), dict(batch_size=2, exact_commit=True, focus=True),
+    dict(batch_size=2, strategy="static", tokens_per_step=2, stop_repeats=2), dict(batch_size=4, delayed_cache=False),
+    dict(batch_size=2, block_size=1, max_new_tokens=5), dict(batch_size=2, temperature=1.0, top_k=5, seed=3)])
+def test_the_plan_read_ahead_is_the_plan_made_at_the_step(monkeypatch, opts):
+    """The end of a step plans the next one (Decoder.finish_blocks); a plan made at the step itself, after any
+    admission, gives the same run: the same tokens, statistics and endings, refills and EOS included."""
+    import decoder
+    net = random_model(tiny_config(num_hidden_layers=2), seed=4)
+    opts = {"max_new_tokens": 14, **opts}
+    generated = collections.Counter(t for ids, _ in run(net, PROMPTS, **opts) for t in ids)
+    eos = [generated.most_common(2)[-1][0]]  # a token the runs generate: some sequences end at it
+    ahead = run(net, PROMPTS, eos_ids=eos, **opts)
+    assert "eos" in {stats["finish_reason"] for _, stats in ahead}
+    finish = decoder.Decoder.finish_blocks
+
+    def finish_then_forget(self, *args):
+        out = finish(self, *args)
+        self.planned_ahead = None  # every step plans itself
+        return out
+    monkeypatch.setattr(decoder.Decoder, "finish_blocks", finish_then_forget)
+    assert run(net, PROMPTS, eos_ids=eos, **opts) == ahead
 
 
 @pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}], ids=["full-block", "focus"])

@@ -437,12 +437,12 @@ class Decoder:
         next step's plan (plan_on_device; a prompt admitted before that step drops it); one host read takes
         them all."""
         stop, end, why = self.endings(committed)
-        ahead = self.plan_on_device()
+        ahead = self.plan_on_device()                                       # the next step's plan
         per_slot = torch.stack([stop.long(), end, why, *(stats or {}).values()])    # (3 + statistics, S)
-        read = torch.cat([per_slot.flatten(), ahead[-1]]).tolist()
-        per_slot_read, self.planned_ahead = read[:per_slot.numel()], (ahead, read[per_slot.numel():])
-        stops, ends, whys, *values = (per_slot_read[i:i + self.num_slots]
-                                      for i in range(0, len(per_slot_read), self.num_slots))
+        read = torch.cat([per_slot.flatten(), ahead[-1]]).tolist()          # the one host read
+        n = per_slot.numel()
+        self.planned_ahead = ahead, read[n:]
+        stops, ends, whys, *values = (read[i:i + self.num_slots] for i in range(0, n, self.num_slots))
         ended = [(s, e, ENDINGS[w]) for s, (hit, e, w) in enumerate(zip(stops, ends, whys)) if hit]
         return ended, dict(zip(stats or {}, values))
 

@@ -669,7 +669,8 @@ def test_exact_commit_costs_one_full_step_per_block(loaded):
 
 
 @pytest.mark.parametrize("opts", [
-    dict(batch_size=2), dict(batch_size=2, focus=True, alpha=1.0), dict(batch_size=3, focus=True, focus_target="saturation"),
+    dict(batch_size=2), dict(batch_size=2, focus=True, alpha=1.0),
+    dict(batch_size=3, focus=True, focus_target="saturation"),
     dict(batch_size=1, eos_early_stop=True), dict(batch_size=2, exact_commit=True, focus=True),
     dict(batch_size=2, strategy="static", tokens_per_step=2, stop_repeats=2), dict(batch_size=4, delayed_cache=False),
     dict(batch_size=2, block_size=1, max_new_tokens=5), dict(batch_size=2, temperature=1.0, top_k=5, seed=3)])
@@ -698,8 +699,8 @@ def test_a_step_reads_the_host_once_to_compact_and_once_to_finish(monkeypatch, m
     """Only what picks the shapes crosses to the host: the end of a step (Decoder.finish_blocks) reads which
     sequences ended, the step's statistics and the next step's plan (its row counts, whether FOCUS evicts and the
     layout's sizes) at once; FOCUS's compaction (focus.compact_step) reads once; the plan (Decoder.plan) reads
-    only after a prompt was admitted; nothing else reads. A read: .tolist(), .item(), bool() of a tensor or .nonzero() (each waits for the
-    device); one outside every watched call counts as a window of its own."""
+    only after a prompt was admitted; nothing else reads. A read: .tolist(), .item(), bool() of a tensor or
+    .nonzero() (each waits for the device); one outside every watched call counts as a window of its own."""
     import decoder
     import focus
     windows = []  # [name, host reads, open, what it returned] of each call watched, and of each read outside one

@@ -151,6 +151,7 @@ class ReplayDecoder(Decoder):
         end = torch.where(over, self.prompt_len + self.tokens_out[self.which], end)
         return stop | over, end, torch.where(over, ENDINGS.index("eos"), why)
 
+
 def replay(model, schedules: list[Schedule], context: int, opts: Options, clock: dict | None = None,
            step_hook=None, on_result=None, seed: int = 0):
     """Run len(schedules) sequences on `model` through opts.batch_size slots (continuous batching: a slot

@@ -251,21 +251,26 @@ class Decoder:
         """Put prompts into free slots and prefill their whole blocks into the cache."""
         bs = self.block_size
         self.planned_ahead = None                                         # planned without these prompts
+        # Values reach the device as whole tensors: writing a Python number into one element (t[i] = n) copies it
+        # from the host and waits for the device (PyTorch's indexed assignment), as many times as it is done.
+        slots_t = torch.tensor(slots, device=self.device)
+        lengths = torch.tensor([len(ids) for ids in prompts], device=self.device)
+        padded = torch.full((len(prompts), max(map(len, prompts))), self.mask_id, dtype=torch.long)
         rows_seq, rows_pos = [], []
-        for slot, ids in zip(slots, prompts):
-            n = len(ids)
-            self.tokens[slot].fill_(self.mask_id)
-            self.tokens[slot, :n] = torch.tensor(ids, device=self.device)
-            start = n // bs * bs
-            self.prompt_len[slot], self.block_start[slot] = n, start
-            self.limit[slot] = n + self.opts.max_new_tokens
+        for i, (slot, ids) in enumerate(zip(slots, prompts)):
+            padded[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            start = len(ids) // bs * bs
             rows_seq += [slot] * start
             rows_pos += range(start)
-        slots_t = torch.tensor(slots, device=self.device)
+        self.tokens.index_fill_(0, slots_t, self.mask_id)
+        self.tokens[slots_t, :padded.shape[1]] = padded.to(self.device)
+        self.prompt_len[slots_t] = lengths
+        self.block_start[slots_t] = lengths // bs * bs
+        self.limit[slots_t] = lengths + self.opts.max_new_tokens
         self._new_block(torch.zeros_like(self.live).index_fill_(0, slots_t, True))
         # The first active block holds the prompt's tail: those positions are not masked.
         self.masked[slots_t] &= (self.block_start[slots_t, None] + self.cols) >= self.prompt_len[slots_t, None]
-        self.live[slots_t] = True
+        self.live.index_fill_(0, slots_t, True)
         if rows_seq:
             seq = torch.tensor(rows_seq, device=self.device)
             pos = torch.tensor(rows_pos, device=self.device)
@@ -404,7 +409,7 @@ class Decoder:
         logits[:, self.mask_id] = float("-inf")                  # the mask token is never an output
         token, conf = sample(logits, o.temperature, o.top_k, o.top_p, self.generator)
         cand = torch.zeros_like(self.masked)
-        cand[seq, col] = True
+        cand[seq, col] = torch.ones_like(col, dtype=torch.bool)  # a tensor: `= True` would wait for the device
         conf_grid = torch.zeros(self.masked.shape, device=self.device)
         conf_grid[seq, col] = conf
         token_grid = torch.full_like(self.masked, self.mask_id, dtype=torch.long)

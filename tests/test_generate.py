@@ -753,3 +753,27 @@ def test_a_step_reads_the_host_once_to_compact_and_once_to_finish(monkeypatch, m
     for before, after in zip(steps, steps[1:]):  # every step that ended a sequence read its tokens
         if before[0] == "finish_blocks" and before[3][0]:
             assert after[0] == "outside"
+
+
+@pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}, {"focus": True, "focus_target": "saturation"}],
+                         ids=["full-block", "focus", "focus-saturation"])
+def test_no_indexed_assignment_takes_a_number_from_the_host(monkeypatch, mode):
+    """`t[index] = True` or `t[i] = n` on a CUDA tensor makes the value on the host, copies it over and waits for
+    the device to finish all it was given (PyTorch's indexed assignment; only slices, `t[a:b] = n`, fill without
+    waiting, and so do a number of ints with slices that leaves more than one element), so a step that did it
+    stalled behind its own graph. Every indexed assignment of a decode (admission,
+    step, end of a step) takes a tensor of values, or uses index_fill_."""
+    numbers_set = []
+    real = torch.Tensor.__setitem__
+
+    def setitem(self, index, value):
+        parts = index if isinstance(index, tuple) else (index,)
+        advanced = any(isinstance(p, (torch.Tensor, list)) for p in parts)    # index_put_: copies the value over
+        element = sum(isinstance(p, int) for p in parts) == self.dim()       # one element: copies it over
+        if isinstance(value, (bool, int, float)) and (advanced or element):
+            numbers_set.append(index)
+        return real(self, index, value)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
+    net = random_model(tiny_config(num_hidden_layers=3), seed=1)
+    run(net, PROMPTS, eos_ids=[5], max_new_tokens=12, block_size=8, batch_size=2, stop_repeats=2, **mode)
+    assert numbers_set == []

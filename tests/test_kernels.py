@@ -533,3 +533,40 @@ def test_ragged_attention_in_bf16_on_cuda_matches_float64_at_a_served_shape(head
         scores = scores.masked_fill(torch.arange(768, device="cuda") >= rows.key_end[r, None], float("-inf"))
         want[r] = torch.einsum("hrk,hkd->rhd", torch.softmax(scores, -1), values)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}], ids=["full-block", "focus"])
+def test_a_cuda_step_waits_for_the_device_only_at_its_reads(monkeypatch, mode):
+    """With --compile on CUDA, a step and the end of a step (Decoder.step, Decoder.finish_blocks) wait for the
+    device only where they read the host on purpose (.tolist(): the plan after an admission, FOCUS's compaction,
+    the end of the step). Any other wait (an item(), a copy of a Python number into an indexed assignment, ...)
+    raises under torch.cuda's sync debug mode. The second run replays the first one's graphs: no capture."""
+    from conftest import MASK_ID
+    net = random_model(tiny_config(num_hidden_layers=3), seed=1).cuda()
+    prompts = [[17, 42, 99, 150, 201], [8, 9, 10, 11, 12, 13, 14, 15], [250, 251, 252], list(range(60, 71))]
+    opts = decoder.Options(max_new_tokens=12, block_size=8, batch_size=2, compile=True, **mode)
+    first = generate.generate_ids(net, prompts, MASK_ID, [5], opts)     # graphs captured, functions compiled
+
+    def read(real):
+        def call(self, *args, **kwargs):
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return real(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        return call
+
+    def checked(real):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return call
+    monkeypatch.setattr(torch.Tensor, "tolist", read(torch.Tensor.tolist))
+    for name in ("step", "finish_blocks"):
+        monkeypatch.setattr(decoder.Decoder, name, checked(getattr(decoder.Decoder, name)))
+    assert generate.generate_ids(net, prompts, MASK_ID, [5], opts) == first

@@ -99,7 +99,7 @@ class ReplayDecoder(Decoder):
         super().admit(slots, prompts)
         slots_t = torch.tensor(slots, device=self.device)
         self.which[slots_t] = torch.tensor(self.queue[self.admitted:self.admitted + len(slots)], device=self.device)
-        self.t[slots_t] = 0
+        self.t.index_fill_(0, slots_t, 0)
         self.admitted += len(slots)
 
     def _now(self, grids):

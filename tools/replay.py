@@ -194,7 +194,7 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
 
     def mark(dec):
         sync(device)
-        decoded = int(dec.last_step.decoded.sum()) if hasattr(dec, "last_step") else 0
+        decoded = dec.last_step.decoded.sum() if hasattr(dec, "last_step") else 0   # read after the run, not here
         marks.append((time.perf_counter(), clock.get("prefill_s", 0.0), decoded, dec.admitted))
 
     graphs_before, grids = kernels.graph_count(), ("slots", "sequences")   # decode steps' graphs, prefills'
@@ -213,7 +213,7 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
     last = next(i for i, m in enumerate(marks) if m[3] == len(queue))  # the first step after the last admission
     end = max(last, 1)
     window = marks[end][0] - marks[0][0]
-    window_decoded = sum(m[2] for m in marks[1:end + 1])
+    window_decoded = int(sum(m[2] for m in marks[1:end + 1]))
     return {"queue": len(queue), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "prefill_s": clock["prefill_s"], "decode_s": clock["decode_s"],
             "prefill_share": clock["prefill_s"] / seconds, "decode_tokens_per_s": tokens / clock["decode_s"],

@@ -157,6 +157,8 @@ class Plan(NamedTuple):
     seq: torch.Tensor       # (T,) the rows' cache slots, ascending ...
     col: torch.Tensor       # (T,) ... and block positions
     rows: Rows
+    ids: torch.Tensor       # (T,) the rows' tokens
+    is_mask_row: torch.Tensor  # (T,) bool: the row's token is masked
     last_col: torch.Tensor  # (S,) each slot's last computed block position, up to which attention reaches
     target: torch.Tensor    # (S,) FOCUS: how many masked tokens each sequence keeps (zeros without FOCUS)
     num_masked: int         # masked rows among the T
@@ -324,14 +326,17 @@ class Decoder:
         if self.planned_ahead is None:
             on_device = self.plan_on_device()
             self.planned_ahead = on_device, on_device[-1].tolist()
-        (process, target, last_col, ends, _), (num_rows, num_masked, evicting, *sizes) = self.planned_ahead
-        seq, col = torch.nonzero_static(process, size=num_rows).unbind(1)
-        rows = Rows.build(seq, self.block_start[seq] + col, ends[seq], self.num_slots, sizes)
-        return Plan(process, seq, col, rows, last_col, target, num_masked, bool(evicting))
+        (process, target, last_col, col, ahead, ids, is_mask_row, _), (num_rows, num_masked, evicting, *sizes) = (
+            self.planned_ahead)
+        rows = ahead.sized(num_rows, sizes)                                 # the first num_rows: the step's rows
+        return Plan(process, rows.seq, col[:num_rows], rows, ids[:num_rows], is_mask_row[:num_rows], last_col,
+                    target, num_masked, bool(evicting))
 
     def plan_on_device(self):
         """plan's device side: the positions computed (S, block), the target (S,), each slot's last computed block
-        position and key end (S,), and what the host reads, one (9,) tensor."""
+        position (S,), the rows laid out before their number is known (every block position's row, the step's
+        first: block positions (S*block,), layout (model.RowsAhead), tokens and masks), and what the host reads,
+        one (9,) tensor. Laid out here, the rows cost no work between the host's read and the forward."""
         process = self.processing()
         target = self.retain_target() if self.opts.focus else torch.zeros_like(self.block_start)
         counts = process.sum(1)                                            # (S,) rows per slot
@@ -341,7 +346,14 @@ class Decoder:
         evicting = focus.evicting(mask_counts, target).any()
         read = torch.cat([torch.stack([counts.sum(), mask_counts.sum(), evicting.long()]),
                           layout_sizes(counts, ends, ends)])
-        return process, target, last_col, ends, read
+        # (S*block,) the computed positions by slot then block position, then padding rows in slot S (after every
+        # real slot, so the rows keep their own layout), which read slot S-1's last position and are never used.
+        S, bs = self.num_slots, self.block_size
+        seq, col = torch.nonzero_static(process, size=S * bs, fill_value=S).unbind(1)
+        slot, col = seq.clamp(max=S - 1), col.clamp(max=bs - 1)
+        pos = self.block_start[slot] + col
+        ahead = Rows.lay_out(seq, pos, ends[slot], S)
+        return process, target, last_col, col, ahead, self.tokens[slot, pos], self.masked[slot, col], read
 
     def step(self) -> dict:
         """One diffusion step for every live sequence. Returns per-slot statistics of the step."""
@@ -350,8 +362,7 @@ class Decoder:
         plan = self.plan()
         self.planned_ahead = None                                          # the state changes from here
         seq, col, process, target = plan.seq, plan.col, plan.process, plan.target
-        ids = self.tokens[seq, plan.rows.pos]
-        is_mask_row = self.masked[seq, col]
+        ids, is_mask_row = plan.ids, plan.is_mask_row
         masked_in = self.masked.clone()
 
         # 2. Forward.

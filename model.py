@@ -25,6 +25,7 @@ R rows that get logits, E experts, N tokens routed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -354,16 +355,22 @@ class Rows:
         for the layout's sizes, unless the caller read them in a sync of its own (sizes: layout_sizes' list)."""
         if len(seq) == 0:
             raise ValueError("Rows.build: no rows (a step computes at least one row of each live sequence)")
-        counts, line, place = ragged_layout(seq, num_slots)
+        ahead = Rows.lay_out(seq, pos, key_end, num_slots)
         if sizes is None:
             ends_max = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amax")
             ends_min = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amin", include_self=False)
-            sizes = layout_sizes(counts, ends_max, ends_min).tolist()
-        n_active, q_max, c_min, kv_max, k_min, uneven = sizes
-        active = torch.nonzero_static(counts > 0, size=n_active).squeeze(1)   # size known: no second sync
-        return Rows(seq, pos, line, place, key_end, active, q_max, kv_max,
-                    all_slots=n_active == num_slots, dense=(q_max == c_min and kv_max == k_min),
-                    key_end_per_seq=not uneven)
+            sizes = layout_sizes(ahead.counts, ends_max, ends_min).tolist()
+        return ahead.sized(len(seq), sizes)
+
+    @staticmethod
+    def lay_out(seq, pos, key_end, num_slots: int) -> "RowsAhead":
+        """build's device side, no host sync. The rows may be followed by padding rows in slot num_slots, so that a
+        step's rows are laid out before the host knows how many there are (Decoder.plan_on_device): padding
+        comes last, so the rows before it get the layout they would get alone."""
+        counts, line, place = ragged_layout(seq, num_slots + 1)
+        counts = counts[:num_slots]
+        active = torch.nonzero_static(counts > 0, size=num_slots).squeeze(1)   # the first n_active are the slots
+        return RowsAhead(seq, pos, line, place, key_end, active, counts)
 
     def attention_mask(self, heads_per_kv: int):
         """(A, 1, heads_per_kv * q_max, kv_max) bool, True where a query may read a key; None when dense. Built
@@ -380,6 +387,26 @@ class Rows:
     def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int, sizes=None) -> "Rows":
         """The subset of rows at indices `keep` (ascending), with new key ends (sizes: as for build)."""
         return Rows.build(self.seq[keep], self.pos[keep], key_end, num_slots, sizes)
+
+
+class RowsAhead(NamedTuple):
+    """Rows laid out on the device (Rows.lay_out) before the host knows their sizes: the first T of each (T, at
+    most the padded count) are the rows'; active holds the slots with rows first."""
+    seq: torch.Tensor
+    pos: torch.Tensor
+    line: torch.Tensor
+    place: torch.Tensor
+    key_end: torch.Tensor
+    active: torch.Tensor
+    counts: torch.Tensor   # (S,) rows per slot
+
+    def sized(self, num_rows: int, sizes) -> Rows:
+        """The Rows of the first num_rows rows, given layout_sizes' list: slices (views), no kernel runs."""
+        n_active, q_max, c_min, kv_max, k_min, uneven = sizes
+        return Rows(self.seq[:num_rows], self.pos[:num_rows], self.line[:num_rows], self.place[:num_rows],
+                    self.key_end[:num_rows], self.active[:n_active], q_max, kv_max,
+                    all_slots=n_active == len(self.counts), dense=(q_max == c_min and kv_max == k_min),
+                    key_end_per_seq=not uneven)
 
 
 def layout_sizes(counts, key_end_max, key_end_min):

@@ -668,12 +668,15 @@ def test_exact_commit_costs_one_full_step_per_block(loaded):
     assert any(plain["computed"][i] < BS for i, d in enumerate(plain["decoded"]) if d == 0)
 
 
-@pytest.mark.parametrize("opts", [
+PLAN_OPTIONS = [
     dict(batch_size=2), dict(batch_size=2, focus=True, alpha=1.0),
     dict(batch_size=3, focus=True, focus_target="saturation"),
     dict(batch_size=1, eos_early_stop=True), dict(batch_size=2, exact_commit=True, focus=True),
     dict(batch_size=2, strategy="static", tokens_per_step=2, stop_repeats=2), dict(batch_size=4, delayed_cache=False),
-    dict(batch_size=2, block_size=1, max_new_tokens=5), dict(batch_size=2, temperature=1.0, top_k=5, seed=3)])
+    dict(batch_size=2, block_size=1, max_new_tokens=5), dict(batch_size=2, temperature=1.0, top_k=5, seed=3)]
+
+
+@pytest.mark.parametrize("opts", PLAN_OPTIONS)
 def test_the_plan_read_ahead_is_the_plan_made_at_the_step(monkeypatch, opts):
     """The end of a step plans the next one (Decoder.finish_blocks); a plan made at the step itself, after any
     admission, gives the same run: the same tokens, statistics and endings, refills and EOS included."""
@@ -692,6 +695,31 @@ def test_the_plan_read_ahead_is_the_plan_made_at_the_step(monkeypatch, opts):
         return out
     monkeypatch.setattr(decoder.Decoder, "finish_blocks", finish_then_forget)
     assert run(net, PROMPTS, eos_ids=eos, **opts) == ahead
+
+
+@pytest.mark.parametrize("opts", PLAN_OPTIONS)
+def test_the_rows_laid_out_ahead_are_the_rows_built_from_the_plan(opts):
+    """Decoder.plan_on_device lays out every block position's row before the host knows how many there are, the
+    computed ones first, padding rows last (model.Rows.lay_out); the plan keeps the first num_rows. At every step
+    of a run (refills, EOS endings, FOCUS), they equal Rows.build on exactly the computed positions, and so do
+    the rows' tokens and mask flags."""
+    net = random_model(tiny_config(num_hidden_layers=2), seed=4)
+    checked = []
+
+    def compare(dec):
+        plan = dec.plan()
+        seq, col = plan.process.nonzero().unbind(1)                       # by slot, then block position
+        ends = dec.block_start + plan.last_col + 1
+        want = model.Rows.build(seq, dec.block_start[seq] + col, ends[seq], dec.num_slots)
+        for name in ("seq", "pos", "line", "place", "key_end", "active"):
+            assert torch.equal(getattr(plan.rows, name), getattr(want, name)), name
+        for name in ("q_max", "kv_max", "all_slots", "dense", "key_end_per_seq"):
+            assert getattr(plan.rows, name) == getattr(want, name), name
+        assert torch.equal(plan.col, col) and torch.equal(plan.seq, seq)
+        assert torch.equal(plan.ids, dec.tokens[seq, want.pos]) and torch.equal(plan.is_mask_row, dec.masked[seq, col])
+        checked.append(len(seq) < plan.process.numel())                  # padding rows followed them
+    run(net, PROMPTS, eos_ids=[7], step_hook=compare, **{"max_new_tokens": 14, **opts})
+    assert checked and (any(checked) or opts.get("block_size") == 1)    # (blocks of 1: every slot computes its one)
 
 
 @pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}], ids=["full-block", "focus"])

@@ -423,17 +423,25 @@ def compact_step(selected: Selected, kept, rows: Rows, is_mask_row, col, block_s
     sequence's rightmost kept position: the reference's kv_len after eviction), their hidden states and layer-1
     queries (K, ...), each sequence's rightmost kept block position (S,), and the kept masked rows' indices
     among the kept ones (R,), whose logits the step needs. One host sync: the counts and the kept rows' layout,
-    read together (only what picks the second graph's bucket crosses to the host)."""
-    num_slots = block_start.shape[0]
+    read together (only what picks the second graph's bucket crosses to the host). Everything else is done
+    before it, on all T rows with the kept ones first (as Decoder.plan_on_device lays out a step's rows), so it
+    queues behind the first graph and after the read only slices remain."""
+    num_rows, num_slots = rows.num_rows, block_start.shape[0]
     last_kept = rightmost(rows, col, kept, num_slots)
     ends = block_start + last_kept + 1                                    # (S,) keys the kept rows attend to
     kept_counts = torch.zeros_like(ends).index_add_(0, rows.seq, kept.to(ends.dtype))
+    # (T,) the kept rows' indices ascending, then padding (index T): padding rows go to the spare slot, after
+    # every real one, so the kept rows keep their own layout; they read row T-1 and are never used.
+    keep = torch.nonzero_static(kept, size=num_rows, fill_value=num_rows).squeeze(1)
+    is_kept, index = keep < num_rows, keep.clamp(max=num_rows - 1)
+    seq = torch.where(is_kept, rows.seq[index], num_slots)
+    ahead = Rows.lay_out(seq, rows.pos[index], ends[seq.clamp(max=num_slots - 1)], num_slots)
+    logit_rows = torch.nonzero_static(is_mask_row[index] & is_kept, size=num_rows).squeeze(1)
+    x, q1 = compact(index, selected.x, selected.q1)
     num_kept, num_logits, *sizes = torch.cat([torch.stack([kept.sum(), (kept & is_mask_row).sum()]),
                                               layout_sizes(kept_counts, ends, ends)]).tolist()
-    keep = torch.nonzero_static(kept, size=num_kept).squeeze(1)
-    logit_rows = torch.nonzero_static(is_mask_row[keep], size=num_logits).squeeze(1)
-    x, q1 = compact(keep, selected.x, selected.q1)
-    return keep, rows.take(keep, ends[rows.seq[keep]], num_slots, sizes), x, q1, last_kept, logit_rows
+    return (keep[:num_kept], ahead.sized(num_kept, sizes), x[:num_kept], q1[:num_kept], last_kept,
+            logit_rows[:num_logits])
 
 
 def early_layers(model, x, rows: Rows, cache):

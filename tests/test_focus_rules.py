@@ -325,6 +325,41 @@ def test_compact_gathers_kept_rows_in_order():
     assert torch.equal(cb, b[keep_mask])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_compact_step_is_the_plain_compaction(seed):
+    """focus.compact_step lays out and gathers all T rows with the kept ones first, before its one host read,
+    and slices after it: the same as taking the kept rows (kept.nonzero()) and building their Rows, each
+    attending up to its sequence's rightmost kept position."""
+    rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    num_slots, seq, col = 5, [], []
+    for s in rnd.sample(range(num_slots), rnd.randint(1, num_slots)):
+        cols = sorted(rnd.sample(range(8), rnd.randint(1, 8)))
+        seq += [s] * len(cols)
+        col += cols
+    order = sorted(range(len(seq)), key=lambda i: (seq[i], col[i]))
+    seq, col = torch.tensor([seq[i] for i in order]), torch.tensor([col[i] for i in order])
+    block_start = torch.tensor([16 * rnd.randint(1, 4) for _ in range(num_slots)])
+    rows = model.Rows.build(seq, block_start[seq] + col, block_start[seq] + 8, num_slots)
+    kept = torch.rand(len(seq), generator=gen) < 0.5
+    kept[rnd.randrange(len(seq))] = True
+    is_mask_row = torch.rand(len(seq), generator=gen) < 0.6
+    selected = focus.Selected(torch.randn(len(seq), 6, generator=gen), torch.randn(len(seq), 2, 3, generator=gen),
+                              kept)
+    keep, kept_rows, x, q1, last_kept, logit_rows = focus.compact_step(selected, kept, rows, is_mask_row, col,
+                                                                       block_start)
+    want_keep = kept.nonzero().squeeze(1)
+    want_last = torch.full((num_slots,), -1).scatter_reduce(0, seq, torch.where(kept, col, -1), "amax")
+    want = model.Rows.build(seq[want_keep], rows.pos[want_keep], (block_start + want_last + 1)[seq[want_keep]],
+                            num_slots)
+    assert torch.equal(keep, want_keep) and torch.equal(last_kept, want_last)
+    for name in ("seq", "pos", "line", "place", "key_end", "active"):
+        assert torch.equal(getattr(kept_rows, name), getattr(want, name)), name
+    for name in ("q_max", "kv_max", "all_slots", "dense", "key_end_per_seq"):
+        assert getattr(kept_rows, name) == getattr(want, name), name
+    assert torch.equal(x, selected.x[want_keep]) and torch.equal(q1, selected.q1[want_keep])
+    assert torch.equal(logit_rows, is_mask_row[want_keep].nonzero().squeeze(1))
+
+
 # ---------------------------------------------------------------------------------------------------
 # 6. End to end on a tiny random model
 

@@ -382,8 +382,11 @@ class _Graph:
         padded, per_seq, keys, self.lines = shape
         dev = rows.pos.device
         self.spare = cache.k.shape[1] - 1
-        self.seq, self.pos, self.line, self.place, self.key_end = (
-            torch.zeros(padded, dtype=torch.long, device=dev) for _ in range(5))
+        # The four row tensors in one buffer, filled by one copy (and their padding by one more); the line apart.
+        self.row_buffer = torch.zeros(4, padded, dtype=torch.long, device=dev)
+        self.seq, self.pos, self.place, self.key_end = self.row_buffer.unbind(0)
+        self.row_padding = torch.tensor([[self.spare], [0], [0], [1]], device=dev)   # spare slot, position 0, 1 key
+        self.line = torch.zeros(padded, dtype=torch.long, device=dev)
         if self.lines is None:  # every cache slot has a line (line = slot), the spare one too unless dense
             layout = dict(line=self.seq, active=torch.arange(self.spare if dense else self.spare + 1, device=dev),
                           all_slots=True)
@@ -419,10 +422,8 @@ class _Graph:
         """Copy a step's rows and row tensors into the buffers; padding rows go to the spare slot, position 0,
         where they see one key."""
         n = rows.num_rows
-        for buf, value, pad in ((self.seq, rows.seq, self.spare), (self.pos, rows.pos, 0),
-                                (self.place, rows.place, 0), (self.key_end, rows.key_end, 1)):
-            buf[:n] = value
-            buf[n:] = pad
+        self.row_buffer[:, :n] = torch.stack([rows.seq, rows.pos, rows.place, rows.key_end])
+        self.row_buffer[:, n:] = self.row_padding
         if self.lines is not None:  # padding rows in the last line
             self.line[:n], self.line[n:] = rows.line, self.lines
             self.active[:len(rows.active)] = rows.active

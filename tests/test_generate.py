@@ -805,3 +805,54 @@ def test_no_indexed_assignment_takes_a_number_from_the_host(monkeypatch, mode):
     net = random_model(tiny_config(num_hidden_layers=3), seed=1)
     run(net, PROMPTS, eos_ids=[5], max_new_tokens=12, block_size=8, batch_size=2, stop_repeats=2, **mode)
     assert numbers_set == []
+
+
+@pytest.mark.parametrize("mode", [{}, {"focus": True, "alpha": 1.0}], ids=["full-block", "focus"])
+def test_after_a_read_no_kernel_runs_until_the_next_graph(monkeypatch, mode):
+    """What the GPU waits on: after a host read, until the next forward starts, the device is idle. The plan read
+    ahead (Decoder.plan, with no admission since) and FOCUS's compaction after its read (focus.compact_step) lay
+    their rows out before the read, so after it they only slice: no operator but views runs there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import decoder
+    import focus
+    state = {"watching": None}
+    launched = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if state["watching"] and not func.is_view:
+                launched.append((state["watching"], str(func)))
+            return func(*args, **(kwargs or {}))
+    plan, compact_step, tolist = decoder.Decoder.plan, focus.compact_step, torch.Tensor.tolist
+    watched = collections.Counter()
+
+    def planned(self):
+        ahead = self.planned_ahead is not None
+        state["watching"] = "plan" if ahead else None
+        watched["plan"] += ahead
+        try:
+            return plan(self)
+        finally:
+            state["watching"] = None
+
+    def compacted(*args):
+        state["compacting"] = True
+        try:
+            return compact_step(*args)
+        finally:
+            state["compacting"] = state["watching"] = None
+
+    def read(self):
+        out = tolist(self)
+        if state.get("compacting"):
+            state["watching"] = "compact_step"
+            watched["compact_step"] += 1
+        return out
+    monkeypatch.setattr(decoder.Decoder, "plan", planned)
+    monkeypatch.setattr(focus, "compact_step", compacted)
+    monkeypatch.setattr(torch.Tensor, "tolist", read)
+    with Watch():
+        run(random_model(tiny_config(num_hidden_layers=3), seed=1), PROMPTS, max_new_tokens=12, block_size=8,
+            batch_size=2, **mode)
+    assert watched["plan"] > 0 and (watched["compact_step"] > 0) == bool(mode)
+    assert launched == []

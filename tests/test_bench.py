@@ -154,3 +154,27 @@ def test_a_failing_serving_mode_keeps_its_traceback_and_the_next_mode_runs(tmp_p
     assert "error" not in rows[0] and rows[2]["tokens_per_s"] > 0
     err = capsys.readouterr().err
     assert "focus-1.5 concurrency 2 context 32 FAILED" in err and "error: focus-1.5 failed" in err
+
+
+@pytest.mark.slow
+def test_the_timeline_charges_each_call_its_time_and_puts_the_calls_back(tmp_path):
+    """--timeline: every served row carries, per step, each timed call's device and host time (on a CPU both the
+    host's) and how often it ran: the decoder's plan, choice and end of a step once a step, FOCUS's compaction at
+    most once; the time a call spends after a child returned is charged to 'call:child' (the bookkeeping after
+    choose: 'step:choose'). Afterwards the calls are the plain ones again."""
+    import decoder
+    import focus
+    import timeline
+    plain = [owner.__dict__[name] for owner, name, _ in timeline.CALLS]
+    assert bench.main(["--real-size", "--real-size-config", "tiny", "--contexts", "32", "--device", "cpu",
+                       "--parts", "replay", "--replay-problems", "2", "--replay-workload", "arith", "--replay-modes",
+                       "full,focus-1.5", "--timeline", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("cpu-real-size-*.json")).read_text())["real_size"]["replayed"]
+    for row in rows:
+        seen = row["timeline"]
+        for name in ("plan", "choose", "finish_blocks", "step:choose"):
+            assert seen[name]["calls"] == 1.0, name
+        assert all(v["device_ms"] == v["host_ms"] >= 0 for v in seen.values())
+    assert 0 < rows[1]["timeline"]["compact_step"]["calls"] <= 1 and "compact_step" not in rows[0]["timeline"]
+    assert [owner.__dict__[name] for owner, name, _ in timeline.CALLS] == plain
+    assert decoder.Decoder.plan is plain[0] and focus.compact_step is plain[7]

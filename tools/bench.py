@@ -13,6 +13,7 @@ device, torch version and commit, and a Markdown table.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -33,6 +34,7 @@ try:  # torch takes seconds to import: a Ctrl-C meanwhile ends the command with 
     import plots
     import replay
     import shapes
+    import timeline
     import workloads
     from partial import PartialJSON, error_line, new_results_path
     from analysis import figure, predictor_probe
@@ -275,7 +277,8 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 warm = queue if args.warm_up_queue else queue[:b] if opts.compile else queue[:min(b, 4)]
                 try:
                     replay.replay(model, warm, ctx, opts)
-                    row = replay.serve(model, queue, ctx, opts)
+                    with timeline.recorded(device) if args.timeline else contextlib.nullcontext({}) as seen:
+                        row = replay.serve(model, queue, ctx, opts)
                 except (RuntimeError, ValueError, IndexError) as e:
                     if out_of_memory(e):
                         raise
@@ -285,6 +288,9 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                           "in the results file)", file=sys.stderr)
                     continue
                 row.update(mode=name, schedule="replayed", batch=b, context=ctx, threshold=opts.threshold)
+                if args.timeline:  # (device ms / host ms a step, by call: tools/timeline.py)
+                    row["timeline"] = seen["per_step"]
+                    print("\n".join(f"    {line}" for line in timeline.lines(seen["per_step"])), file=sys.stderr)
                 base = base or row
                 row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
                 row["steady_speedup"] = row["steady_tokens_per_s"] / base["steady_tokens_per_s"]
@@ -379,7 +385,7 @@ def commit() -> str | None:
 
 
 REAL_SIZE_ONLY = ("real_size_config", "replay_problems", "replay_workload", "replay_modes", "queue_factor",
-                  "warm_up_queue", "parts", "real_batches", "contexts")  # the flags only --real-size reads
+                  "warm_up_queue", "timeline", "parts", "real_batches", "contexts")  # the flags only --real-size reads
 SHIPPED_ONLY = ("batch_sizes", "num_prompts", "repeats", "modes", "dtype")  # and those it ignores (its dtype is fixed)
 
 
@@ -414,6 +420,9 @@ def parse_args(argv=None):
                    help="--real-size serving: warm up on the whole queue, not one batch's worth, so that every "
                         "CUDA graph the timed run needs is captured before it (a server's start-up; the run takes "
                         "about twice as long)")
+    p.add_argument("--timeline", action="store_true",
+                   help="--real-size serving: also time each served step call by call on the device's clock "
+                        "(tools/timeline.py: where a step's time goes; its events add a little host time)")
     p.add_argument("--attention", choices=kernels.ATTENTION_KERNELS, default="varlen",
                    help="--compile on CUDA: the kernel for ragged rows' attention: flash attention's variable-length "
                         "kernel (varlen, the default), FlexAttention compiled per graph shape (flex; serving SDAR-8B "

@@ -113,3 +113,25 @@ def test_a_focus_recording_with_cuda_graphs_keeps_rows_it_computed():
     steps = [(kept, computed) for s in schedules for kept, computed in zip(s.kept, s.computed)]
     assert [(k, c) for k, c in steps if not k or not set(k) <= set(c)] == []
     assert any(len(k) < len(c) for k, c in steps)   # FOCUS evicted
+
+
+def test_serving_reports_the_prefill_it_ran(loaded, monkeypatch):
+    """replay.serve reports the prefill's tokens (and its compute per second from them): every prompt's whole
+    blocks, as Decoder.admit prefills them; here counted from the rows the prefills actually ran."""
+    import model
+    net, tok = loaded
+    opts = Options(max_new_tokens=14, threshold=0.7, batch_size=3)
+    with torch.no_grad():
+        schedules = replay.record(net, PROMPTS, tok.mask_id, [], opts)
+    other = random_model(tiny_config(hidden_size=48, num_hidden_layers=3, mask_token_id=3), seed=9)
+    prefilled, real = [], model.SDAR.forward_rows
+
+    def forward_rows(self, ids, rows, cache, **kwargs):
+        if kwargs.get("grid") == "sequences":  # a prefill (admission), not a decode step
+            prefilled.append(rows.num_rows)
+        return real(self, ids, rows, cache, **kwargs)
+    monkeypatch.setattr(model.SDAR, "forward_rows", forward_rows)
+    with torch.no_grad():
+        row = replay.serve(other, schedules + schedules, 9, opts)
+    assert len(prefilled) > 1 and row["prefill_tokens"] == sum(prefilled) == 8 * 8   # 8 prompts of 2 whole blocks
+    assert row["prefill_tflops"] > 0

@@ -298,7 +298,8 @@ def bench_replay(model, schedules: dict, args, batches, device, done=lambda row:
                 done(row)
                 print(f"  served {name} concurrency {b} context {ctx}: {row['tokens_per_s']:.0f} tokens/s "
                       f"x{row['speedup']:.2f} (steady {row['steady_tokens_per_s']:.0f} x{row['steady_speedup']:.2f}), "
-                      f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%}, "
+                      f"{row['ms_per_step']:.1f} ms/step, prefill {row['prefill_share']:.0%} "
+                      f"({row['prefill_tflops']:.0f} TFLOP/s), "
                       f"{row['graphs_captured_while_timed']} graphs captured while timed in {row['capture_s']:.1f} s "
                       f"(and in the prefill {row['prefill_capture_s']:.1f} s)",
                       file=sys.stderr)

@@ -25,6 +25,7 @@ import focus
 import kernels
 from decoder import ENDINGS, Decoder, Options
 from generate import generate_ids
+from model import flops_per_token
 from shapes import sync
 
 
@@ -210,6 +211,11 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
     tokens = sum(len(ids) for ids, _ in out)
     decoded = sum(sum(st["decoded"]) for _, st in out)
     steps = len(marks)
+    # The prefill's compute: a prompt's whole blocks are prefilled (Decoder.admit), each block's rows attending to
+    # the keys up to its end; replay() gives every prompt context // bs whole blocks.
+    bs = opts.block_size or model.config.block_size
+    prefill_tokens = len(queue) * (context // bs * bs)
+    prefill_flops = len(queue) * sum(bs * flops_per_token(model.config, (k + 1) * bs) for k in range(context // bs))
     last = next(i for i, m in enumerate(marks) if m[3] == len(queue))  # the first step after the last admission
     end = max(last, 1)
     window = marks[end][0] - marks[0][0]
@@ -217,6 +223,7 @@ def serve(model, queue: list[Schedule], context: int, opts: Options) -> dict:
     return {"queue": len(queue), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "prefill_s": clock["prefill_s"], "decode_s": clock["decode_s"],
             "prefill_share": clock["prefill_s"] / seconds, "decode_tokens_per_s": tokens / clock["decode_s"],
+            "prefill_tokens": prefill_tokens, "prefill_tflops": prefill_flops / clock["prefill_s"] / 1e12,
             "steps": steps, "ms_per_step": clock["decode_s"] / steps * 1e3,
             "ms_per_step_without_capture": (clock["decode_s"] - capture_s) / steps * 1e3,
             "decoded_per_step": decoded / sum(len(st["decoded"]) for _, st in out),   # per sequence and step

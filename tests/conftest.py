@@ -74,6 +74,17 @@ def random_model(cfg: model.ModelConfig, seed: int = 0) -> model.SDAR:
     return net.eval()
 
 
+def takes_a_number_from_the_host(tensor, index, value) -> bool:
+    """Does `tensor[index] = value` copy a number from the host, waiting for the device on CUDA? A Python
+    number written through a tensor (or list) index, or into a single element, is made on the host and copied
+    over by a copy that waits for everything queued (PyTorch's indexed assignment); through slices alone, a
+    kernel fills it."""
+    parts = index if isinstance(index, tuple) else (index,)
+    advanced = any(isinstance(p, (torch.Tensor, list)) for p in parts)   # index_put_
+    element = sum(isinstance(p, int) for p in parts) == tensor.dim()    # one element: a copy of one number
+    return isinstance(value, (bool, int, float)) and (advanced or element)
+
+
 def train_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())

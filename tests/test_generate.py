@@ -10,7 +10,7 @@ import torch
 import generate
 from checkpoint import CHATML
 import model
-from conftest import MASK_ID, assert_one_line_error, random_model, tiny_config
+from conftest import MASK_ID, assert_one_line_error, random_model, takes_a_number_from_the_host, tiny_config
 from decoder import sample, unmask
 from generate import Options, generate_ids
 
@@ -795,10 +795,7 @@ def test_no_indexed_assignment_takes_a_number_from_the_host(monkeypatch, mode):
     real = torch.Tensor.__setitem__
 
     def setitem(self, index, value):
-        parts = index if isinstance(index, tuple) else (index,)
-        advanced = any(isinstance(p, (torch.Tensor, list)) for p in parts)    # index_put_: copies the value over
-        element = sum(isinstance(p, int) for p in parts) == self.dim()       # one element: copies it over
-        if isinstance(value, (bool, int, float)) and (advanced or element):
+        if takes_a_number_from_the_host(self, index, value):
             numbers_set.append(index)
         return real(self, index, value)
     monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)

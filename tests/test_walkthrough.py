@@ -392,6 +392,22 @@ def varlen(seq, key_end, heads, kv_heads, cache_len) -> tuple:
     return cu_q.tolist(), cu_k[:-1].tolist(), key_len.tolist(), order.view(len(seq), heads).tolist()
 
 
+def host_waits(statements) -> list:
+    """Exercise 12: for each `t[...] = ...` statement (t (4, 8); idx, col, ones tensors of two entries), does it
+    copy a number from the host (conftest.takes_a_number_from_the_host), found by running it watched."""
+    from conftest import takes_a_number_from_the_host
+    seen, real = [], torch.Tensor.__setitem__
+
+    def setitem(self, index, value):
+        seen.append(takes_a_number_from_the_host(self, index, value))
+        return real(self, index, value)
+    with mock.patch.object(torch.Tensor, "__setitem__", setitem):
+        for statement in statements:
+            exec(statement, {}, {"t": torch.zeros(4, 8), "idx": torch.tensor([0, 1]), "col": torch.tensor([2, 3]),
+                                 "ones": torch.ones(2)})
+    return seen
+
+
 def config_from(data: dict) -> ModelConfig:
     names = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in data.items() if k in names})
@@ -407,7 +423,8 @@ def _code_names():
             "unmask_rule": unmask_rule, "delayed_cache_rows": delayed_cache_rows,
             "delayed_cache_total": delayed_cache_total, "attention_reach": attention_reach,
             "importance": importance, "delta": delta, "target": target, "evicts": evicts, "kept": kept,
-            "kept_without_rule5": kept_without_rule5, "near_target": near_target, "varlen": varlen}
+            "kept_without_rule5": kept_without_rule5, "near_target": near_target, "varlen": varlen,
+            "host_waits": host_waits}
 
 
 def code_names() -> dict:

@@ -333,10 +333,11 @@ class Decoder:
                     target, num_masked, bool(evicting))
 
     def plan_on_device(self):
-        """plan's device side: the positions computed (S, block), the target (S,), each slot's last computed block
-        position (S,), the rows laid out before their number is known (every block position's row, the step's
-        first: block positions (S*block,), layout (model.RowsAhead), tokens and masks), and what the host reads,
-        one (9,) tensor. Laid out here, the rows cost no work between the host's read and the forward."""
+        """plan's device side, no host read: the positions computed (S, block), the target (S,), each slot's last
+        computed block position (S,); the step's rows laid out before the host knows how many there are (a row for
+        every block position, the computed ones first): their block positions (S*block,), layout (model.RowsAhead),
+        tokens and mask flags; and what the host reads, one (9,) tensor. Laid out here, behind the last step's
+        graph, the rows cost no work between the read and the forward."""
         process = self.processing()
         target = self.retain_target() if self.opts.focus else torch.zeros_like(self.block_start)
         counts = process.sum(1)                                            # (S,) rows per slot

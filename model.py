@@ -384,9 +384,9 @@ class Rows:
             self._layouts[heads_per_kv] = mask.repeat(1, 1, heads_per_kv, 1)
         return self._layouts[heads_per_kv]
 
-    def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int, sizes=None) -> "Rows":
-        """The subset of rows at indices `keep` (ascending), with new key ends (sizes: as for build)."""
-        return Rows.build(self.seq[keep], self.pos[keep], key_end, num_slots, sizes)
+    def take(self, keep: torch.Tensor, key_end: torch.Tensor, num_slots: int) -> "Rows":
+        """The subset of rows at indices `keep` (ascending), with new key ends."""
+        return Rows.build(self.seq[keep], self.pos[keep], key_end, num_slots)
 
 
 class RowsAhead(NamedTuple):

@@ -70,7 +70,8 @@ def step_signals(model, dec):
     """The step the decoder is about to take, run through probe_forward, and what a ranking reads of it: the
     masked rows' slots and block positions (M,), their grid, the Signals (no confidence) and the masked rows'
     confidences (M,); None when nothing is masked."""
-    seq, col, rows = (plan := dec.plan()).seq, plan.col, plan.rows
+    plan = dec.plan()
+    seq, col, rows = plan.seq, plan.col, plan.rows
     mask_rows = dec.masked[seq, col].nonzero().squeeze(1)
     if len(mask_rows) == 0:
         return None
@@ -231,7 +232,8 @@ def full_model_confidence(model, dec):
     which positions those are (S, block) bool, or (None, None) when nothing is masked. The side forward runs
     the rows the step computes, all through every layer, then puts back the keys and values it overwrote, so
     the decode goes on as if it had not run."""
-    seq, col, rows = (plan := dec.plan()).seq, plan.col, plan.rows
+    plan = dec.plan()
+    seq, col, rows = plan.seq, plan.col, plan.rows
     if len(seq) == 0:
         return None, None
     is_mask = dec.masked[seq, col]

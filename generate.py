@@ -148,13 +148,15 @@ def generate_ids(model, prompt_ids: list[list[int]], mask_id: int, eos_ids: list
                         for k in history[r]:
                             history[r][k].append(stats[k][s])
                 free = []
-                spans = [(s, len(prompt_ids[owner[s]]), end) for s, end, _ in ended]
-                outputs = torch.cat([dec.tokens[s, a:b] for s, a, b in spans]).tolist() if spans else []
-                for (s, end, why), (_, start, _) in zip(ended, spans):  # the ended sequences' tokens: one read
+                starts = [len(prompt_ids[owner[s]]) for s, _, _ in ended]
+                outputs = (torch.cat([dec.tokens[s, a:end] for (s, end, _), a in zip(ended, starts)]).tolist()
+                           if ended else [])                               # the ended sequences' tokens: one read
+                at = 0
+                for (s, end, why), start in zip(ended, starts):
                     r = owner[s]
                     history[r]["finish_reason"] = why
-                    results[r] = (outputs[:end - start], history[r])
-                    outputs = outputs[end - start:]
+                    results[r] = (outputs[at:at + end - start], history[r])
+                    at += end - start
                     if on_result is not None:
                         on_result(r, *results[r])
                     owner[s] = -1

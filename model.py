@@ -350,17 +350,15 @@ class Rows:
         return self.seq.shape[0]
 
     @staticmethod
-    def build(seq, pos, key_end, num_slots: int, sizes=None) -> "Rows":
+    def build(seq, pos, key_end, num_slots: int) -> "Rows":
         """seq, pos, key_end: (T,) with rows grouped by sequence (seq ascending), T >= 1. Syncs once with the host,
-        for the layout's sizes, unless the caller read them in a sync of its own (sizes: layout_sizes' list)."""
+        for the layout's sizes (a decode step reads them ahead instead: Rows.lay_out, RowsAhead.sized)."""
         if len(seq) == 0:
             raise ValueError("Rows.build: no rows (a step computes at least one row of each live sequence)")
         ahead = Rows.lay_out(seq, pos, key_end, num_slots)
-        if sizes is None:
-            ends_max = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amax")
-            ends_min = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amin", include_self=False)
-            sizes = layout_sizes(ahead.counts, ends_max, ends_min).tolist()
-        return ahead.sized(len(seq), sizes)
+        ends_max = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amax")
+        ends_min = key_end.new_zeros(num_slots).scatter_reduce(0, seq, key_end, "amin", include_self=False)
+        return ahead.sized(len(seq), layout_sizes(ahead.counts, ends_max, ends_min).tolist())
 
     @staticmethod
     def lay_out(seq, pos, key_end, num_slots: int) -> "RowsAhead":

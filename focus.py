@@ -16,11 +16,12 @@ it says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 import kernels
-from model import Rows, layout_sizes, ragged_layout
+from model import Rows, RowsAhead, layout_sizes, ragged_layout
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,12 +256,33 @@ def compact(keep, *tensors):
     return tuple(t.index_select(0, keep) for t in tensors)
 
 
+def kept_first(flags):
+    """(T,) bool -> (T,) row indices: the flagged rows, ascending, then the others, ascending. A stable partition
+    by cumulative sums: no host sync and no size that depends on the data (torch.compile need not specialize)."""
+    n_flagged = flags.sum()
+    dest = torch.where(flags, flags.cumsum(0) - 1, n_flagged + (~flags).cumsum(0) - 1)  # each row's new index
+    return torch.empty_like(dest).scatter_(0, dest, torch.arange(len(flags), device=flags.device))
+
+
+class Compacted(NamedTuple):
+    """The compaction before its host read (compaction): T rows (T: the step's rows, or a graph's padded ones)
+    with the kept ones first; read_compacted keeps the first K."""
+    keep: torch.Tensor        # (T,) row indices, the kept rows first
+    rows: RowsAhead           # their layout; rows past the K-th sit in the spare slot
+    x: torch.Tensor           # (T, hidden) hidden states after layer 0, in keep's order
+    q1: torch.Tensor          # (T, heads, head_dim) layer 1's queries, in keep's order
+    last_kept: torch.Tensor   # (S,) each sequence's rightmost kept block position (-1: none)
+    logit_rows: torch.Tensor  # (T,) indices into keep: the kept masked rows first
+    sizes: torch.Tensor       # (8,) what the host reads: K, the kept masked rows' count, then layout_sizes
+
+
 @dataclass
 class Selected:
     """A FOCUS step up to the selection (select_step), what the rest of the step (finish_step) needs."""
     x: torch.Tensor          # (T, hidden) hidden states after layer 0
     q1: torch.Tensor         # (T, heads, head_dim) layer 1's queries
     kept: torch.Tensor       # (T,) bool: the selection's rows for layers 2..L (decoded, uncached rows always)
+    compacted: Compacted | None = None  # the compaction's device side, where the first graph ran it
 
 
 @dataclass
@@ -294,10 +316,10 @@ def forward_focus(model, input_ids, rows: Rows, cache, is_mask_row, col, block_s
         mask_rows = (is_mask_row.nonzero() if num_masked is None
                      else torch.nonzero_static(is_mask_row, size=num_masked)).squeeze(1)
         logits = model.forward_rows(input_ids, rows, cache, logits_for=mask_rows, graphs=graphs)
-        return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), rightmost(rows, col, None, len(target)))
+        return FocusOutput(logits, mask_rows, torch.ones_like(is_mask_row), rightmost(rows.seq, col, None, len(target)))
     selected = select_step(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by, generator,
-                           graphs, confidence)
-    return finish_step(model, selected, selected.kept, rows, cache, is_mask_row, col, block_start, graphs)
+                           graphs, confidence, block_start)
+    return finish_step(model, selected, rows, cache, is_mask_row, col, block_start, graphs)
 
 
 def evicts(rows: Rows, is_mask_row, target) -> bool:
@@ -313,14 +335,18 @@ def evicting(mask_count, target):
 
 
 def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress, target, rank_by="delta",
-                generator=None, graphs: bool = False, confidence=None) -> Selected:
+                generator=None, graphs: bool = False, confidence=None, block_start=None,
+                recorded_kept=None) -> Selected:
     """Layers 0 and 1 up to the selection on every row, then Eq. (importance) at both layers, the delta, the
     ranking score and the selection rules on the mask sets (arguments as forward_focus). graphs: all of it
-    inside the first CUDA graph, through the static-shape form below (select_in_graph)."""
+    inside the first CUDA graph, through the static-shape form below (select_in_graph), and with it the
+    compaction's device side (which needs block_start). recorded_kept (T,) bool: rows kept instead of the
+    selection's (tools/replay.py replays a recorded schedule; the selection still runs, so the step costs the
+    same)."""
     # (the random ranking draws from a generator, which a graph cannot replay: it runs plain)
     if graphs and kernels.captures(model, rows.pos.device) and rank_by != "random":
         return select_in_graph(model, input_ids, rows, cache, is_mask_row, col, progress, target, rank_by,
-                               confidence)
+                               confidence, block_start, recorded_kept)
     x, q0, k0, q1, k1 = early_layers(model, model.embed_tokens(input_ids), rows, cache)
     mask_rows = is_mask_row.nonzero().squeeze(1)                      # the mask sets, in set order
     g = grid(rows.seq[mask_rows])
@@ -335,7 +361,7 @@ def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress,
     kept_grid = select_retained(score, g.valid, position, target[g.active], progress[g.active])
     kept = torch.ones_like(is_mask_row)
     kept[mask_rows] = kept_grid[g.line, g.place]                       # decoded, uncached rows always stay
-    return Selected(x, q1, kept)
+    return Selected(x, q1, kept if recorded_kept is None else recorded_kept)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,35 +373,44 @@ def select_step(model, input_ids, rows: Rows, cache, is_mask_row, col, progress,
 # kernels.graphed), so the mask sets are laid out on that grid instead: a masked row's place in its set is the
 # number of masked rows before it in its line, and every other row is parked in one spare column. The same
 # functions as above (token_importance, importance_delta, ranking_score, select_retained) then run on wider,
-# padded lines; padding is invalid everywhere, so each set's result is the same. Tested against select_step
-# (tests/test_kernels.py).
+# padded lines; padding is invalid everywhere, so each set's result is the same. The compaction's device side
+# (compaction) follows in the same graph, on the padded rows: padding rows are never kept, so they sort after
+# the kept ones and the first K are the same. Tested against select_step and compact_step (tests/test_kernels.py).
 
 def select_in_graph(model, input_ids, rows: Rows, cache, is_mask_row, col, progress, target, rank_by,
-                    confidence) -> Selected:
-    """select_step with layers 0-1 and the whole selection as one CUDA graph (kernels.graphed). Per-slot
-    inputs travel as per-row tensors (each row carries its sequence's target and progress), since a graph's
-    inputs are padded by rows."""
+                    confidence, block_start, recorded_kept=None) -> Selected:
+    """select_step with layers 0-1, the whole selection and the compaction's device side as one CUDA graph
+    (kernels.graphed). Per-slot inputs travel as per-row tensors (each row carries its sequence's target,
+    progress and block start), since a graph's inputs are padded by rows."""
     conf = (torch.zeros(col.shape, device=col.device) if confidence is None
             else confidence[rows.seq, col].float())
     early = kernels.graphed(early_layers_and_selection)
-    x, q1, kept = early(model, model.embed_tokens(input_ids), rows, cache, is_mask_row, col, target[rows.seq],
-                        progress[rows.seq], conf, rank_by, True)
-    # The graph's outputs last until the next graph runs: x and q1 are compacted before the late layers' graph,
-    # but kept is read after it (the step's records), so it is copied out.
-    return Selected(x, q1, kept.clone())
+    x, q1, kept, compacted = early(model, model.embed_tokens(input_ids), rows, cache, is_mask_row, col,
+                                   target[rows.seq], progress[rows.seq], conf, block_start[rows.seq],
+                                   recorded_kept, rank_by, True)
+    # The graph's outputs last until the next graph runs: the compacted rows are copied into the late layers'
+    # graph before it runs, but kept is read after it (the step's records), so it is copied out (finish_step
+    # copies what else it needs afterwards).
+    return Selected(x, q1, kept.clone(), compacted.value)
 
 
 def early_layers_and_selection(model, x, rows: Rows, cache, is_mask_row, col, target_row, progress_row,
-                               conf_row, rank_by: str, fuse: bool):
-    """early_layers, then the selection on the rows' own grid (rows.line x rows.q_max places). All inputs (T,)
-    per row. Returns x after layer 0, layer 1's queries and kept (T,) bool. No host sync, static shapes.
-    fuse: the selection through torch.compile (kernels.fused), its small steps fused into a few kernels."""
+                               conf_row, block_start_row, recorded_kept, rank_by: str, fuse: bool):
+    """early_layers, then the selection on the rows' own grid (rows.line x rows.q_max places), then the
+    compaction's device side. All tensor inputs (T,) per row; recorded_kept: None, or kept rows to use instead
+    of the selection's. Returns x after layer 0, layer 1's queries, kept (T,) bool, and the Compacted (whole:
+    it is not cut to the rows). No host sync, static shapes. fuse: the selection and the compaction through
+    torch.compile (kernels.fused), their small steps fused into a few kernels."""
     x, q0, k0, q1, k1 = early_layers(model, x, rows, cache)
     select = kernels.fused(selection_on_rows) if fuse else selection_on_rows
     kept = select(q0, k0, q1, k1, rows.line, rows.place, is_mask_row, col, target_row, progress_row, conf_row,
                   len(rows.active), rows.q_max, model.layers[0].self_attn.scale, model.layers[1].self_attn.scale,
                   rank_by)
-    return x, q1, kept
+    num_slots = cache.k.shape[1] - 1                         # the spare slot: where a graph's padding rows sit
+    kept = (kept if recorded_kept is None else recorded_kept) & (rows.seq < num_slots)  # padding: never kept
+    compact_rows = kernels.fused(compaction) if fuse else compaction
+    compacted = compact_rows(kept, rows.seq, rows.pos, is_mask_row, col, block_start_row, x, q1, num_slots)
+    return x, q1, kept, kernels.Whole(compacted)
 
 
 def selection_on_rows(q0, k0, q1, k1, line, place, is_mask_row, col, target_row, progress_row, conf_row,
@@ -407,41 +442,59 @@ def selection_on_rows(q0, k0, q1, k1, line, place, is_mask_row, col, target_row,
     return kept_grid[line, cell]
 
 
-def finish_step(model, selected: Selected, kept, rows: Rows, cache, is_mask_row, col, block_start,
+def finish_step(model, selected: Selected, rows: Rows, cache, is_mask_row, col, block_start,
                 graphs: bool = False) -> FocusOutput:
-    """Compaction and the rest of the step on the kept rows, kept (T,) bool (the selection's, or a recorded
-    one when tools/replay.py replays a schedule): layer 1's attention and layers 2..L, then the logits of the
-    kept masked rows."""
-    keep, kept_rows, x, q1, last_kept, logit_rows = compact_step(selected, kept, rows, is_mask_row, col, block_start)
+    """Compaction and the rest of the step on the kept rows, selected.kept (T,) bool (the selection's, or a
+    recorded one when tools/replay.py replays a schedule): layer 1's attention and layers 2..L, then the logits
+    of the kept masked rows. Where the first graph compacted already (select_in_graph), only its read remains."""
+    if selected.compacted is None:
+        keep, kept_rows, x, q1, last_kept, logit_rows = compact_step(selected, selected.kept, rows, is_mask_row,
+                                                                     col, block_start)
+    else:  # the first graph's buffers: what is needed after the late layers' graph is copied out first
+        keep, kept_rows, x, q1, last_kept, logit_rows = read_compacted(selected.compacted)
+        keep, last_kept, logit_rows = keep.clone(), last_kept.clone(), logit_rows.clone()
     late = kernels.graphed(late_layers) if graphs else late_layers
     x = late(model, x, kept_rows, cache, q1)
-    return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], kept, last_kept)
+    return FocusOutput(model.logits(x, logit_rows), keep[logit_rows], selected.kept, last_kept)
 
 
 def compact_step(selected: Selected, kept, rows: Rows, is_mask_row, col, block_start):
     """The compaction, kept (T,) bool -> the kept rows' indices (K,), their Rows (each attends up to its
     sequence's rightmost kept position: the reference's kv_len after eviction), their hidden states and layer-1
     queries (K, ...), each sequence's rightmost kept block position (S,), and the kept masked rows' indices
-    among the kept ones (R,), whose logits the step needs. One host sync: the counts and the kept rows' layout,
-    read together (only what picks the second graph's bucket crosses to the host). Everything else is done
-    before it, on all T rows with the kept ones first (as Decoder.plan_on_device lays out a step's rows), so it
-    queues behind the first graph and after the read only slices remain."""
-    num_rows, num_slots = rows.num_rows, block_start.shape[0]
-    last_kept = rightmost(rows, col, kept, num_slots)
-    ends = block_start + last_kept + 1                                    # (S,) keys the kept rows attend to
-    kept_counts = torch.zeros_like(ends).index_add_(0, rows.seq, kept.to(ends.dtype))
-    # (T,) the kept rows' indices ascending, then padding (index T): padding rows go to the spare slot, after
-    # every real one, so the kept rows keep their own layout; they read row T-1 and are never used.
-    keep = torch.nonzero_static(kept, size=num_rows, fill_value=num_rows).squeeze(1)
-    is_kept, index = keep < num_rows, keep.clamp(max=num_rows - 1)
-    seq = torch.where(is_kept, rows.seq[index], num_slots)
-    ahead = Rows.lay_out(seq, rows.pos[index], ends[seq.clamp(max=num_slots - 1)], num_slots)
-    logit_rows = torch.nonzero_static(is_mask_row[index] & is_kept, size=num_rows).squeeze(1)
-    x, q1 = compact(index, selected.x, selected.q1)
-    num_kept, num_logits, *sizes = torch.cat([torch.stack([kept.sum(), (kept & is_mask_row).sum()]),
-                                              layout_sizes(kept_counts, ends, ends)]).tolist()
-    return (keep[:num_kept], ahead.sized(num_kept, sizes), x[:num_kept], q1[:num_kept], last_kept,
-            logit_rows[:num_logits])
+    among the kept ones (R,), whose logits the step needs. Its device side (compaction) runs on all T rows, so
+    it queues behind the first graph (or runs inside it: select_in_graph); one host read follows
+    (read_compacted)."""
+    return read_compacted(compaction(kept, rows.seq, rows.pos, is_mask_row, col, block_start[rows.seq],
+                                     selected.x, selected.q1, block_start.shape[0]))
+
+
+def compaction(kept, seq, pos, is_mask_row, col, block_start_row, x, q1, num_slots: int) -> Compacted:
+    """compact_step's device side, on static shapes (no host sync, no size that depends on the data). All T rows
+    are laid out and gathered with the kept ones first, as Decoder.plan_on_device lays out a step's rows; rows
+    not kept follow as padding in the spare slot (num_slots). Inputs (T, ...) per row, grouped by sequence;
+    rows of slot num_slots (a graph's padding) must not be kept."""
+    last_kept = rightmost(seq, col, kept, num_slots)
+    ends = torch.zeros(num_slots + 1, dtype=pos.dtype, device=pos.device).index_put_((seq,), block_start_row)
+    ends = ends[:num_slots] + last_kept + 1                               # (S,) keys the kept rows attend to
+    kept_counts = torch.zeros(num_slots + 1, dtype=ends.dtype, device=ends.device).index_add_(0, seq, kept.long())
+    keep = kept_first(kept)                                              # (T,)
+    is_kept = torch.arange(len(keep), device=keep.device) < kept.sum()
+    kept_seq = torch.where(is_kept, seq[keep], num_slots)
+    ahead = Rows.lay_out(kept_seq, pos[keep], ends[kept_seq.clamp(max=num_slots - 1)], num_slots)
+    logit_rows = kept_first(is_mask_row[keep] & is_kept)
+    sizes = torch.cat([torch.stack([kept.sum(), (kept & is_mask_row).sum()]),
+                       layout_sizes(kept_counts[:num_slots], ends, ends)])
+    return Compacted(keep, ahead, x[keep], q1[keep], last_kept, logit_rows, sizes)
+
+
+def read_compacted(c: Compacted):
+    """The compaction's one host sync: the counts and the kept rows' layout, read together (only what picks the
+    second graph's bucket crosses to the host); after it only slices (views) remain. Returns compact_step's
+    tuple."""
+    num_kept, num_logits, *sizes = c.sizes.tolist()
+    return (c.keep[:num_kept], c.rows.sized(num_kept, sizes), c.x[:num_kept], c.q1[:num_kept], c.last_kept,
+            c.logit_rows[:num_logits])
 
 
 def early_layers(model, x, rows: Rows, cache):
@@ -466,9 +519,9 @@ def late_layers(model, x, rows: Rows, cache, q1):
     return model.decode_layers(x, rows, cache, 2, len(model.layers))
 
 
-def rightmost(rows: Rows, col, kept, num_slots: int):
+def rightmost(seq, col, kept, num_slots: int):
     """(S,) the block position of each sequence's last kept row (every row when kept is None); -1 where a
-    sequence has none."""
+    sequence has none. seq (T,): the rows' slots (slot num_slots, a graph's padding, is left out)."""
     c = col if kept is None else torch.where(kept, col, -1)
-    out = torch.full((num_slots,), -1, dtype=col.dtype, device=col.device)
-    return out.scatter_reduce(0, rows.seq, c, reduce="amax")
+    out = torch.full((num_slots + 1,), -1, dtype=col.dtype, device=col.device)
+    return out.scatter_reduce(0, seq, c, reduce="amax")[:num_slots]

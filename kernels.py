@@ -43,6 +43,7 @@ import functools
 import time
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -316,7 +317,8 @@ def graphed(fn, capture: bool = True, grid: str = "slots"):
     """fn(model, x, rows, cache, *extra) with CUDA graphs, on CUDA. rows is a model.Rows; cache a model.KVCache
     whose last slot is spare (no sequence uses it); x and the tensors among extra have one entry per row; the
     other values among extra (ints, strings), and the padded shapes, pick the graph. Returns what fn returns,
-    one entry per row: the graph's own buffers, valid until any graph of the same cache runs (they share one
+    one entry per row (an output wrapped in Whole is returned as it is: e.g. per slot, or a NamedTuple of
+    tensors): the graph's own buffers, valid until any graph of the same cache runs (they share one
     memory pool, so a graph captured later may hold its outputs where an earlier one keeps its scratch: copy
     what must outlive the next graph). Off CUDA, and for MoE models (their routing syncs with the host), fn
     runs as is. capture=False: the same padded buffers, run eagerly on any device (what a graph computes; for
@@ -441,8 +443,13 @@ class _Graph:
             with graph_shapes():
                 out = self.fn(self.model(), *self.args)
             out = (out,) if isinstance(out, torch.Tensor) else out
-        out = tuple(o[:rows.num_rows] for o in out)
+        out = tuple(o if isinstance(o, Whole) else o[:rows.num_rows] for o in out)
         return out[0] if len(out) == 1 else out
+
+
+class Whole(NamedTuple):
+    """A graphed function's output that is not one entry per row, returned whole (not cut to the rows)."""
+    value: object
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -326,6 +326,16 @@ def test_compact_gathers_kept_rows_in_order():
 
 
 @pytest.mark.parametrize("seed", range(6))
+def test_kept_first_is_a_stable_partition(seed):
+    """focus.kept_first (the compaction's order, by cumulative sums): the flagged rows ascending, then the rest
+    ascending, as two nonzero() calls give them."""
+    gen = torch.Generator().manual_seed(seed)
+    flags = torch.rand(int(torch.randint(1, 40, (1,), generator=gen)), generator=gen) < 0.4
+    want = torch.cat([flags.nonzero().squeeze(1), (~flags).nonzero().squeeze(1)])
+    assert focus.kept_first(flags).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_compact_step_is_the_plain_compaction(seed):
     """focus.compact_step lays out and gathers all T rows with the kept ones first, before its one host read,
     and slices after it: the same as taking the kept rows (kept.nonzero()) and building their Rows, each

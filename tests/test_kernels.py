@@ -300,26 +300,68 @@ def step_inputs(net, counts, num_slots, seed):
 
 @pytest.mark.parametrize("rank_by", [r for r in focus.RANKINGS if r != "random"])
 def test_selection_on_the_graph_grid_equals_the_ragged_one(net, rank_by):
-    """The first graph of a FOCUS step holds layers 0-1 and the whole selection on static shapes
-    (focus.early_layers_and_selection, the mask sets on the graph's padded grid): the same kept rows, hidden
-    states and queries as select_step on the ragged grid, for every ranking a graph runs."""
+    """The first graph of a FOCUS step holds layers 0-1, the whole selection and the compaction's device side on
+    static shapes (focus.early_layers_and_selection: the mask sets on the graph's padded grid, then all padded
+    rows compacted with the kept ones first): the same kept rows, hidden states and queries as select_step on the
+    ragged grid, for every ranking a graph runs, and after the read the same compaction as compact_step's, with
+    the selection's kept rows and with recorded ones (tools/replay.py). Some cases pad the rows (a bucket)."""
     num_slots = 5
-    for seed, counts in enumerate(([8, 3, 5, 8], [2, 7, 8, 1, 6], [8, 8, 8])):
+    for seed, counts in enumerate(([8, 3, 5, 8], [2, 7, 8, 1, 6], [8, 8, 8], [7, 2, 6], [8, 3, 5, 6])):
         rows, ids, col, is_mask, target, progress, confidence = step_inputs(net, counts, num_slots, seed)
+        block_start = 8 + 16 * torch.arange(num_slots)
         plain_cache = filled_cache(net.config, num_slots, 96, seed=5)
-        padded_cache = clone(plain_cache)
-        with torch.no_grad():
-            want = focus.select_step(net, ids, rows, plain_cache, is_mask, col, progress, target, rank_by,
-                                     confidence=confidence)
-            conf_row = confidence[rows.seq, col]
-            x, q1, kept = kernels.graphed(focus.early_layers_and_selection, capture=False)(
-                net, net.embed_tokens(ids), rows, padded_cache, is_mask, col, target[rows.seq], progress[rows.seq],
-                conf_row, rank_by, False)
-        assert want.kept.any() and not want.kept.all()  # the step really evicts
-        assert kept.tolist() == want.kept.tolist(), (counts, kept.tolist(), want.kept.tolist())
-        torch.testing.assert_close(x, want.x, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(q1, want.q1, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
+        recorded = torch.rand(rows.num_rows, generator=torch.Generator().manual_seed(seed)) < 0.5
+        for given in (None, recorded):
+            padded_cache = clone(plain_cache)
+            with torch.no_grad():
+                want = focus.select_step(net, ids, rows, plain_cache, is_mask, col, progress, target, rank_by,
+                                         confidence=confidence, recorded_kept=given)
+                conf_row = confidence[rows.seq, col]
+                x, q1, kept, compacted = kernels.graphed(focus.early_layers_and_selection, capture=False)(
+                    net, net.embed_tokens(ids), rows, padded_cache, is_mask, col, target[rows.seq],
+                    progress[rows.seq], conf_row, block_start[rows.seq], given, rank_by, False)
+            assert kernels._bucket(rows.num_rows) > rows.num_rows or counts != [7, 2, 6]  # padding rows ran
+            # the step really evicts (the padded cases' own selection may not; their recorded rows do)
+            assert want.kept.any() and (not want.kept.all() or (given is None and seed >= 3))
+            assert given is None or torch.equal(want.kept, given)
+            assert kept.tolist() == want.kept.tolist(), (counts, kept.tolist(), want.kept.tolist())
+            torch.testing.assert_close(x, want.x, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(q1, want.q1, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(padded_cache.k[:, :num_slots], plain_cache.k[:, :num_slots], atol=1e-5, rtol=0)
+            got = focus.read_compacted(compacted.value)
+            expected = focus.compact_step(want, want.kept, rows, is_mask, col, block_start)
+            for name, a, b in zip(("keep", "rows", "x", "q1", "last_kept", "logit_rows"), got, expected):
+                if name == "rows":
+                    for field in ("seq", "pos", "line", "place", "key_end", "active"):
+                        assert torch.equal(getattr(a, field), getattr(b, field)), (counts, field)
+                    for field in ("q_max", "kv_max", "all_slots", "dense", "key_end_per_seq"):
+                        assert getattr(a, field) == getattr(b, field), (counts, field)
+                elif name in ("x", "q1"):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+                else:
+                    assert a.tolist() == b.tolist(), (counts, name)
+
+
+@pytest.mark.slow
+def test_fused_compaction_equals_the_plain_one():
+    """The compaction's device side through torch.compile (what runs inside the first graph on CUDA) gives the
+    plain function's tensors, and one compilation serves every row count (no size depends on the data, so a
+    graph's buckets do not each compile it again: a recompilation here raises, and the fallback would warn)."""
+    fused = kernels.fused(focus.compaction)
+    for seed, counts in enumerate(([8, 3, 5, 8], [2, 7, 8, 1, 6], [7, 2, 6])):
+        gen = torch.Generator().manual_seed(seed)
+        rows = ragged_rows(counts, [8 + 16 * i for i in range(len(counts))], 5)
+        n = rows.num_rows
+        args = (torch.rand(n, generator=gen) < 0.5, rows.seq, rows.pos, torch.rand(n, generator=gen) < 0.7,
+                rows.pos % 8, (rows.pos // 16) * 16 + 8, torch.randn(n, 6, generator=gen),
+                torch.randn(n, 2, 3, generator=gen), 5)
+        want = focus.compaction(*args)
+        with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(error_on_recompile=seed > 0):
+            warnings.simplefilter("always")
+            got = fused(*args)
+        assert not [c for c in caught if "plain version" in str(c.message)], counts  # it really ran compiled
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            assert torch.equal(a, b), counts
 
 
 @pytest.mark.slow

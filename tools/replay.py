@@ -117,10 +117,11 @@ class ReplayDecoder(Decoder):
         if not o.focus or not plan.evicting:
             return super().forward(ids, plan, is_mask_row)
         rows, col = plan.rows, plan.col
-        selected = focus.select_step(self.model, ids, rows, self.cache, is_mask_row, col, self.progress, plan.target,
-                                     o.focus_rank, self.generator, o.compile, self.confidence)
         kept = self._now(self.kept_at)[rows.seq, col]
-        out = focus.finish_step(self.model, selected, kept, rows, self.cache, is_mask_row, col, self.block_start,
+        selected = focus.select_step(self.model, ids, rows, self.cache, is_mask_row, col, self.progress, plan.target,
+                                     o.focus_rank, self.generator, o.compile, self.confidence, self.block_start,
+                                     recorded_kept=kept)
+        out = focus.finish_step(self.model, selected, rows, self.cache, is_mask_row, col, self.block_start,
                                 o.compile)
         self.progress = torch.maximum(self.progress, out.rightmost_kept)
         return out.logits, out.logit_rows, out.kept

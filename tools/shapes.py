@@ -4,12 +4,14 @@ and tiny versions for quick checks; the probe that times one decode forward at s
 whole decode steps."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules, one folder up
 import focus
@@ -120,11 +122,15 @@ def step_probe(model, batch: int, context: int, device, graphs: bool = False) ->
     predicted = early_predicted + late_predicted
     # Its parts, timed apart: layers 0-1 with the selection (the first graph); the rest (compaction, the kept
     # rows' layout, the second graph, the logits); and the second graph alone, on inputs laid out once.
-    select = lambda: focus.select_step(model, ids, rows, cache, is_mask, col, progress, target, graphs=graphs)
+    select = lambda: focus.select_step(model, ids, rows, cache, is_mask, col, progress, target, graphs=graphs,
+                                       block_start=start)
     early_ms = time_it(select, device) * 1e3
+    # (the first graph's outputs, copied: each timed run of the second graph may overwrite the first's buffers)
     selected = select()
-    late_ms = time_it(lambda: focus.finish_step(model, selected, selected.kept, rows, cache, is_mask, col, start,
-                                                graphs), device) * 1e3
+    if selected.compacted is not None:
+        selected = dataclasses.replace(selected, compacted=pytree.tree_map(torch.clone, selected.compacted))
+    late_ms = time_it(lambda: focus.finish_step(model, selected, rows, cache, is_mask, col, start, graphs),
+                      device) * 1e3
     _, late_rows, x, q1, _, _ = focus.compact_step(selected, selected.kept, rows, is_mask, col, start)
     late = kernels.graphed(focus.late_layers) if graphs else focus.late_layers
     graph_ms = time_it(lambda: late(model, x, late_rows, cache, q1), device) * 1e3

@@ -28,6 +28,7 @@ CALLS = [(decoder.Decoder, "plan", "plan"), (decoder.Decoder, "finish_blocks", "
          (decoder.Decoder, "admit", "admit"), (replay.ReplayDecoder, "step", "step"),
          (replay.ReplayDecoder, "forward", "forward"), (replay.ReplayDecoder, "choose", "choose"),
          (focus, "select_in_graph", "select_in_graph"), (focus, "compact_step", "compact_step"),
+         (focus, "read_compacted", "read_compacted"),
          (model.SDAR, "logits", "logits"), (kernels._Graph, "fill", "graph inputs")]
 
 

@@ -485,7 +485,7 @@ def compaction(kept, seq, pos, is_mask_row, col, block_start_row, x, q1, num_slo
     logit_rows = kept_first(is_mask_row[keep] & is_kept)
     sizes = torch.cat([torch.stack([kept.sum(), (kept & is_mask_row).sum()]),
                        layout_sizes(kept_counts[:num_slots], ends, ends)])
-    return Compacted(keep, ahead, x[keep], q1[keep], last_kept, logit_rows, sizes)
+    return Compacted(keep, ahead, *compact(keep, x, q1), last_kept, logit_rows, sizes)
 
 
 def read_compacted(c: Compacted):

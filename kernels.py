@@ -15,9 +15,10 @@ option `compile`:
   buckets (rows in all, rows per sequence, keys per sequence) and one graph is captured per bucket, on first
   use, then replayed. Padding rows write their keys and values into a spare cache slot that no sequence reads. A
   plain step runs layers 0..L-1 as one graph. A FOCUS step runs two: layers 0-1 with the whole selection
-  (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid, fused by
-  torch.compile: fused(fn)), then, after the compaction, layer 1's attention and layers 2..L on the kept rows, as
-  the reference implementation splits it. The logits are computed outside, for the masked rows only. A small
+  (importance, delta, target rules, in focus.py's static-shape form on the graph's padded grid) and the
+  compaction's device side (focus.compaction), both fused by torch.compile (fused(fn)); then, after the host
+  reads the kept count, layer 1's attention and layers 2..L on the kept rows, as the reference implementation
+  splits it. The logits are computed outside, for the masked rows only. A small
   prefill (a few prompts refilling the slots of ended sequences) runs as a graph too, its attention grid with a
   line per prompt instead of one per cache slot (grid="sequences"), captured the second time its shape is met (a
   shape met once runs as it is).

@@ -477,14 +477,13 @@ def compaction(kept, seq, pos, is_mask_row, col, block_start_row, x, q1, num_slo
     last_kept = rightmost(seq, col, kept, num_slots)
     ends = torch.zeros(num_slots + 1, dtype=pos.dtype, device=pos.device).index_put_((seq,), block_start_row)
     ends = ends[:num_slots] + last_kept + 1                               # (S,) keys the kept rows attend to
-    kept_counts = torch.zeros(num_slots + 1, dtype=ends.dtype, device=ends.device).index_add_(0, seq, kept.long())
-    keep = kept_first(kept)                                              # (T,)
-    is_kept = torch.arange(len(keep), device=keep.device) < kept.sum()
+    keep, num_kept = kept_first(kept), kept.sum()                        # (T,), ()
+    is_kept = torch.arange(len(keep), device=keep.device) < num_kept
     kept_seq = torch.where(is_kept, seq[keep], num_slots)
     ahead = Rows.lay_out(kept_seq, pos[keep], ends[kept_seq.clamp(max=num_slots - 1)], num_slots)
     logit_rows = kept_first(is_mask_row[keep] & is_kept)
-    sizes = torch.cat([torch.stack([kept.sum(), (kept & is_mask_row).sum()]),
-                       layout_sizes(kept_counts[:num_slots], ends, ends)])
+    sizes = torch.cat([torch.stack([num_kept, (kept & is_mask_row).sum()]),
+                       layout_sizes(ahead.counts, ends, ends)])             # (ahead.counts: kept rows per slot)
     return Compacted(keep, ahead, *compact(keep, x, q1), last_kept, logit_rows, sizes)
 
 
